@@ -10,3 +10,6 @@ pub mod narinfo;
 pub mod nixbase32;
 pub mod signing;
 pub mod store_path;
+pub mod compression;
+pub mod store;
+pub mod cache;

@@ -1,0 +1,207 @@
+//! The compressions a cache can use, as Nix names them.
+//!
+//! | name  | NAR file        | encoder                                         |
+//! |-------|-----------------|-------------------------------------------------|
+//! | xz    | `.nar.xz`       | liblzma's multithreaded encoder, CRC64          |
+//! | bzip2 | `.nar.bz2`      | libbz2                                          |
+//! | zstd  | `.nar.zst`      | libzstd with workers                            |
+//! | none  | `.nar`          | -                                               |
+//!
+//! The xz and zstd encoders always run in their multithreaded mode, even with one thread:
+//! that mode's output does not depend on the thread count, so the bytes of a cache do not
+//! depend on `--jobs` or on the machine that pushed it.
+
+use std::fmt;
+use std::io::{self, BufRead, Read, Write};
+use std::str::FromStr;
+
+use thiserror::Error;
+
+/// A NAR compression.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
+pub enum Compression {
+    #[default]
+    Xz,
+    Bzip2,
+    Zstd,
+    None,
+}
+
+/// A compression name Nix does not know, or a level out of range.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CompressionError {
+    #[error("unknown compression {0:?} (expected xz, bzip2, zstd or none)")]
+    Unknown(String),
+    #[error("compression level {level} is out of range for {compression} ({min}..={max})")]
+    Level { compression: Compression, level: i32, min: i32, max: i32 },
+}
+
+impl Compression {
+    pub const ALL: [Compression; 4] =
+        [Compression::Xz, Compression::Bzip2, Compression::Zstd, Compression::None];
+
+    /// The narinfo `Compression:` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::Xz => "xz",
+            Compression::Bzip2 => "bzip2",
+            Compression::Zstd => "zstd",
+            Compression::None => "none",
+        }
+    }
+
+    /// The NAR file's suffix.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Compression::Xz => ".nar.xz",
+            Compression::Bzip2 => ".nar.bz2",
+            Compression::Zstd => ".nar.zst",
+            Compression::None => ".nar",
+        }
+    }
+
+    /// Valid levels and the default (Nix's defaults: xz 6, bzip2 9, zstd 3).
+    pub fn levels(self) -> (i32, i32, i32) {
+        match self {
+            Compression::Xz => (0, 9, 6),
+            Compression::Bzip2 => (1, 9, 9),
+            Compression::Zstd => (1, 19, 3),
+            Compression::None => (0, 0, 0),
+        }
+    }
+
+    /// Checks a level, or gives the default.
+    pub fn level(self, level: Option<i32>) -> Result<i32, CompressionError> {
+        let (min, max, default) = self.levels();
+        match level {
+            None => Ok(default),
+            Some(l) if (min..=max).contains(&l) => Ok(l),
+            Some(level) => Err(CompressionError::Level { compression: self, level, min, max }),
+        }
+    }
+
+    /// Starts compressing into `w` at `level` (checked by [`Compression::level`]) with
+    /// `threads` workers (at least one).
+    pub fn encoder<W: Write>(self, w: W, level: i32, threads: u32) -> io::Result<Encoder<W>> {
+        let threads = threads.max(1);
+        Ok(match self {
+            Compression::Xz => {
+                let stream = liblzma::stream::MtStreamBuilder::new()
+                    .threads(threads)
+                    .preset(level as u32)
+                    .check(liblzma::stream::Check::Crc64)
+                    .encoder()
+                    .map_err(io::Error::other)?;
+                Encoder::Xz(liblzma::write::XzEncoder::new_stream(w, stream))
+            }
+            Compression::Bzip2 => Encoder::Bzip2(bzip2::write::BzEncoder::new(
+                w,
+                bzip2::Compression::new(level as u32),
+            )),
+            Compression::Zstd => {
+                let mut e = zstd::stream::write::Encoder::new(w, level)?;
+                e.multithread(threads)?;
+                Encoder::Zstd(e)
+            }
+            Compression::None => Encoder::None(w),
+        })
+    }
+
+    /// Decompresses `r`.
+    pub fn decoder<'a, R: BufRead + 'a>(self, r: R) -> io::Result<Box<dyn Read + 'a>> {
+        Ok(match self {
+            Compression::Xz => Box::new(liblzma::bufread::XzDecoder::new_multi_decoder(r)),
+            Compression::Bzip2 => Box::new(bzip2::bufread::MultiBzDecoder::new(r)),
+            Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(r)?),
+            Compression::None => Box::new(r),
+        })
+    }
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Compression {
+    type Err = CompressionError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Compression::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| CompressionError::Unknown(s.to_owned()))
+    }
+}
+
+/// A running compressor; [`Encoder::finish`] writes the trailer and returns the output.
+pub enum Encoder<W: Write> {
+    Xz(liblzma::write::XzEncoder<W>),
+    Bzip2(bzip2::write::BzEncoder<W>),
+    Zstd(zstd::stream::write::Encoder<'static, W>),
+    None(W),
+}
+
+impl<W: Write> Encoder<W> {
+    pub fn finish(self) -> io::Result<W> {
+        match self {
+            Encoder::Xz(e) => e.finish(),
+            Encoder::Bzip2(e) => e.finish(),
+            Encoder::Zstd(e) => e.finish(),
+            Encoder::None(w) => Ok(w),
+        }
+    }
+}
+
+impl<W: Write> Write for Encoder<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Encoder::Xz(e) => e.write(buf),
+            Encoder::Bzip2(e) => e.write(buf),
+            Encoder::Zstd(e) => e.write(buf),
+            Encoder::None(w) => w.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Encoder::Xz(e) => e.flush(),
+            Encoder::Bzip2(e) => e.flush(),
+            Encoder::Zstd(e) => e.flush(),
+            Encoder::None(w) => w.flush(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn compress(c: Compression, data: &[u8], threads: u32) -> Vec<u8> {
+        let mut e = c.encoder(Vec::new(), c.level(None).unwrap(), threads).unwrap();
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[test]
+    fn round_trip_and_thread_independent() {
+        let data: Vec<u8> = (0..1_000_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        for c in Compression::ALL {
+            let one = compress(c, &data, 1);
+            assert_eq!(one, compress(c, &data, 3), "{c}: output depends on threads");
+            let mut back = Vec::new();
+            c.decoder(&one[..]).unwrap().read_to_end(&mut back).unwrap();
+            assert_eq!(back, data, "{c}");
+            assert_eq!(c.name().parse::<Compression>().unwrap(), c);
+        }
+    }
+
+    #[test]
+    fn levels() {
+        assert_eq!(Compression::Xz.level(None), Ok(6));
+        assert!(Compression::Xz.level(Some(10)).is_err());
+        assert!(Compression::Zstd.level(Some(19)).is_ok());
+        assert!("lz4".parse::<Compression>().is_err());
+    }
+}
