@@ -38,18 +38,30 @@ pub enum CacheError {
     #[error("{} does not exist", path.display())]
     Missing { path: PathBuf },
     #[error("cannot {action} {}", path.display())]
-    Io { action: &'static str, path: PathBuf, source: io::Error },
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
     #[error("{} is not a valid nix-cache-info: {reason}", path.display())]
     BadCacheInfo { path: PathBuf, reason: String },
     #[error(
         "the cache at {} is for store {found}, not {wanted}; use a separate cache directory per store directory",
         path.display()
     )]
-    StoreDirMismatch { path: PathBuf, found: String, wanted: String },
+    StoreDirMismatch {
+        path: PathBuf,
+        found: String,
+        wanted: String,
+    },
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CacheError + 'a {
-    move |source| CacheError::Io { action, path: path.to_owned(), source }
+    move |source| CacheError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// The contents of `nix-cache-info`.
@@ -77,16 +89,24 @@ impl FromStr for CacheInfo {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (mut store_dir, mut want_mass_query, mut priority) = (None, false, None);
         for line in s.lines().filter(|l| !l.trim().is_empty()) {
-            let (k, v) = line.split_once(':').ok_or_else(|| format!("line {line:?} is not 'Key: value'"))?;
+            let (k, v) = line
+                .split_once(':')
+                .ok_or_else(|| format!("line {line:?} is not 'Key: value'"))?;
             let v = v.trim();
             match k {
                 "StoreDir" => store_dir = Some(v.parse::<StoreDir>().map_err(|e| e.to_string())?),
                 "WantMassQuery" => want_mass_query = v == "1",
-                "Priority" => priority = Some(v.parse().map_err(|_| format!("bad Priority {v:?}"))?),
+                "Priority" => {
+                    priority = Some(v.parse().map_err(|_| format!("bad Priority {v:?}"))?)
+                }
                 _ => {}
             }
         }
-        Ok(CacheInfo { store_dir: store_dir.ok_or("no StoreDir line")?, want_mass_query, priority })
+        Ok(CacheInfo {
+            store_dir: store_dir.ok_or("no StoreDir line")?,
+            want_mass_query,
+            priority,
+        })
     }
 }
 
@@ -110,7 +130,9 @@ impl Cache {
     /// Opens `dir` for writing, creating it and its subdirectories when missing.
     pub fn create(dir: &Path) -> Result<Cache, CacheError> {
         if dir.exists() && !dir.is_dir() {
-            return Err(CacheError::NotADirectory { path: dir.to_owned() });
+            return Err(CacheError::NotADirectory {
+                path: dir.to_owned(),
+            });
         }
         for sub in ["", "nar", "log", "realisations"] {
             let p = dir.join(sub);
@@ -123,18 +145,28 @@ impl Cache {
                 return Err(CacheError::NotADirectory { path: p });
             }
         }
-        Ok(Cache { dir: dir.to_owned(), lock: None })
+        Ok(Cache {
+            dir: dir.to_owned(),
+            lock: None,
+        })
     }
 
     /// Opens an existing cache without changing it.
     pub fn open(dir: &Path) -> Result<Cache, CacheError> {
         if !dir.exists() {
-            return Err(CacheError::Missing { path: dir.to_owned() });
+            return Err(CacheError::Missing {
+                path: dir.to_owned(),
+            });
         }
         if !dir.is_dir() {
-            return Err(CacheError::NotADirectory { path: dir.to_owned() });
+            return Err(CacheError::NotADirectory {
+                path: dir.to_owned(),
+            });
         }
-        Ok(Cache { dir: dir.to_owned(), lock: None })
+        Ok(Cache {
+            dir: dir.to_owned(),
+            lock: None,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -192,15 +224,22 @@ impl Cache {
         if rel.split('/').any(|c| c == ".." || c.is_empty()) {
             return None;
         }
-        fs::metadata(self.path(rel)).ok().filter(|m| m.is_file()).map(|m| m.len())
+        fs::metadata(self.path(rel))
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
     }
 
     /// Sets a file's modification time to now: the record of when a push last included a
     /// path, which `gc` reads.
     pub fn touch(&self, rel: &str) -> Result<(), CacheError> {
         let path = self.path(rel);
-        let f = File::options().write(true).open(&path).map_err(io_err("open", &path))?;
-        f.set_modified(std::time::SystemTime::now()).map_err(io_err("set the time of", &path))
+        let f = File::options()
+            .write(true)
+            .open(&path)
+            .map_err(io_err("open", &path))?;
+        f.set_modified(std::time::SystemTime::now())
+            .map_err(io_err("set the time of", &path))
     }
 
     /// A new temporary file in the cache subdirectory `sub` ("" or "nar").
@@ -213,7 +252,10 @@ impl Cache {
             .create_new(true)
             .open(&path)
             .map_err(io_err("create", &path))?;
-        Ok(TempFile { path, file: Some(file) })
+        Ok(TempFile {
+            path,
+            file: Some(file),
+        })
     }
 
     /// Writes `data` to the cache-relative `rel` atomically.
@@ -347,8 +389,15 @@ mod tests {
 
     #[test]
     fn cache_info_round_trip() {
-        let ci = CacheInfo { store_dir: StoreDir::default(), want_mass_query: true, priority: Some(30) };
-        assert_eq!(ci.to_string(), "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n");
+        let ci = CacheInfo {
+            store_dir: StoreDir::default(),
+            want_mass_query: true,
+            priority: Some(30),
+        };
+        assert_eq!(
+            ci.to_string(),
+            "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n"
+        );
         assert_eq!(ci.to_string().parse::<CacheInfo>().unwrap(), ci);
         // What `nix copy --to file://` writes: no newline, no other fields.
         let nix: CacheInfo = "StoreDir: /nix/store".parse().unwrap();
@@ -375,13 +424,16 @@ mod tests {
     fn store_dir_mismatch_is_refused() {
         let t = tempfile::tempdir().unwrap();
         let c = Cache::create(t.path()).unwrap();
-        c.ensure_cache_info(&StoreDir::default(), None, None, 30).unwrap();
+        c.ensure_cache_info(&StoreDir::default(), None, None, 30)
+            .unwrap();
         let other: StoreDir = "/other/store".parse().unwrap();
         assert!(matches!(
             c.ensure_cache_info(&other, None, None, 30),
             Err(CacheError::StoreDirMismatch { .. })
         ));
-        let kept = c.ensure_cache_info(&StoreDir::default(), Some(false), None, 50).unwrap();
+        let kept = c
+            .ensure_cache_info(&StoreDir::default(), Some(false), None, 50)
+            .unwrap();
         assert_eq!((kept.want_mass_query, kept.priority), (false, Some(30)));
     }
 
@@ -390,6 +442,9 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let f = t.path().join("f");
         fs::write(&f, "").unwrap();
-        assert!(matches!(Cache::create(&f), Err(CacheError::NotADirectory { .. })));
+        assert!(matches!(
+            Cache::create(&f),
+            Err(CacheError::NotADirectory { .. })
+        ));
     }
 }

@@ -4,12 +4,28 @@
 //! [`nar`]) never touch the filesystem; [`store`] and [`cache`] are the I/O edges.
 #![forbid(unsafe_code)]
 
+pub mod cache;
+pub mod compression;
 pub mod hash;
 pub mod nar;
 pub mod narinfo;
 pub mod nixbase32;
+pub mod progress;
+pub mod push;
 pub mod signing;
-pub mod store_path;
-pub mod compression;
 pub mod store;
-pub mod cache;
+pub mod store_path;
+
+/// Formats an error with its sources: `outer: inner: innermost`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+pub mod cli;
+pub mod cmd;

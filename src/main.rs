@@ -1,3 +1,31 @@
-fn main() {
-    println!("Hello, world!");
+//! The nixcache command. Exit status: 0 success, 1 failure, 2 usage error (from clap).
+
+use std::io;
+use std::process::ExitCode;
+
+use clap::Parser;
+use nixcache::cli::{Cli, Command};
+use nixcache::cmd;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Push(a) => cmd::push::run(a),
+        Command::Keygen(a) => cmd::keygen::run(a).map(|()| true),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            // A closed pipe (`nixcache … | head`) is not a failure.
+            if e.chain().any(|c| {
+                c.downcast_ref::<io::Error>()
+                    .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+            }) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -1,0 +1,138 @@
+//! The command line, as clap derive types. Each subcommand has its own Args struct;
+//! commands turn them into the library's option types.
+
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::compression::Compression;
+use crate::store::{Source, StoreConfig};
+use crate::store_path::StoreDir;
+
+/// Turn Nix store paths into a static binary cache that Nix can substitute from.
+#[derive(Debug, Parser)]
+#[command(
+    name = "nixcache",
+    version,
+    about,
+    propagate_version = true,
+    max_term_width = 100
+)]
+#[command(
+    after_help = "Exit status: 0 on success, 1 when the command failed, 2 on a usage error \
+    (verify: 1 when problems were found, 2 when it could not run)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Push the closures of store paths into a cache directory.
+    Push(PushArgs),
+    /// Generate a signing key pair in Nix's format.
+    Keygen(KeygenArgs),
+}
+
+/// Where store paths and their metadata come from.
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// The logical Nix store directory, as written into narinfos.
+    #[arg(long, value_name = "DIR", default_value = "/nix/store", value_parser = clap::value_parser!(StoreDir))]
+    pub store_dir: StoreDir,
+    /// The root the store lives under, for a chroot store (as made by `nix copy --to /root`).
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub root: PathBuf,
+    /// The Nix database (db.sqlite) or state directory [default: ROOT/nix/var/nix/db/db.sqlite].
+    #[arg(long, value_name = "PATH", alias = "state-dir")]
+    pub db: Option<PathBuf>,
+    /// Where path metadata comes from: the database, `nix path-info`, or the database when it
+    /// can be opened and `nix path-info` otherwise.
+    #[arg(long, value_enum, default_value_t = Source::Auto, value_name = "SOURCE")]
+    pub metadata: Source,
+}
+
+impl StoreArgs {
+    pub fn config(&self) -> StoreConfig {
+        StoreConfig {
+            store_dir: self.store_dir.clone(),
+            root: self.root.clone(),
+            db: self.db.clone(),
+            source: self.metadata,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The cache directory; created if missing.
+    #[arg(long, short = 'd', value_name = "DIR")]
+    pub dest: PathBuf,
+    /// Store paths, or symlinks into the store such as ./result. Their closures are pushed.
+    #[arg(value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+    /// Also read store paths from standard input, one per line.
+    #[arg(long)]
+    pub stdin: bool,
+    /// Also push the built outputs of the derivations (.drv) in the closure.
+    #[arg(long)]
+    pub include_outputs: bool,
+    /// How to compress NARs.
+    #[arg(long, short = 'c', value_enum, default_value_t = Compression::Xz)]
+    pub compression: Compression,
+    /// Compression level [default: xz 6, bzip2 9, zstd 3].
+    #[arg(long, value_name = "N", allow_negative_numbers = false)]
+    pub compression_level: Option<i32>,
+    /// Sign narinfos with this secret key file (Nix's format); repeatable.
+    #[arg(
+        long = "secret-key",
+        visible_alias = "key-file",
+        short = 'k',
+        value_name = "FILE"
+    )]
+    pub secret_keys: Vec<PathBuf>,
+    /// How many paths to work on at once, and the thread budget [default: all cores].
+    #[arg(long, short = 'j', value_name = "N")]
+    pub jobs: Option<NonZeroUsize>,
+    /// Rewrite narinfos and NARs that already exist.
+    #[arg(long)]
+    pub force: bool,
+    /// The cache's priority in nix-cache-info (lower is preferred; cache.nixos.org is 40)
+    /// [default: keep, or 30 for a new cache].
+    #[arg(long, value_name = "N")]
+    pub priority: Option<u32>,
+    /// Let clients query many paths at once (WantMassQuery: 1) [default: keep, or on].
+    #[arg(long, overrides_with = "no_want_mass_query")]
+    pub want_mass_query: bool,
+    /// Set WantMassQuery: 0.
+    #[arg(long, overrides_with = "want_mass_query")]
+    pub no_want_mass_query: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Print nothing but errors.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+impl PushArgs {
+    /// The WantMassQuery the user asked for, if any.
+    pub fn want_mass_query(&self) -> Option<bool> {
+        match (self.want_mass_query, self.no_want_mass_query) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// The key's name, conventionally the cache's host name and a number: cache.example.org-1.
+    pub name: String,
+    /// Where to write the secret key (mode 0600). Refuses to overwrite.
+    pub secret_file: PathBuf,
+    /// Where to write the public key. Refuses to overwrite.
+    pub public_file: PathBuf,
+}

@@ -1,0 +1,129 @@
+//! `nixcache push`: resolve the arguments, read the closure, then run the pipeline.
+//!
+//! Everything that can be checked before the cache is touched (keys, paths, the closure) is
+//! checked first, so bad input leaves the destination as it was.
+
+use std::io::BufRead;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+
+use crate::cache::Cache;
+use crate::cli::PushArgs;
+use crate::progress::{self, Mode, Progress};
+use crate::push::{PushOptions, push};
+use crate::store::Store;
+
+/// nix-serve's default: ahead of cache.nixos.org (40) on clients that use both.
+const DEFAULT_PRIORITY: u32 = 30;
+
+pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
+    let started = Instant::now();
+    let keys = args
+        .secret_keys
+        .iter()
+        .map(|p| super::read_secret_key(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let level = args.compression.level(args.compression_level)?;
+    let jobs = args
+        .jobs
+        .map(usize::from)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+
+    let store = Store::open(&args.store.config()).context("cannot open the Nix store")?;
+    let mut args_paths = args.paths.clone();
+    if args.stdin {
+        for line in std::io::stdin().lock().lines() {
+            let line = line.context("cannot read paths from standard input")?;
+            let line = line.trim();
+            if !line.is_empty() {
+                args_paths.push(line.into());
+            }
+        }
+    }
+    if args_paths.is_empty() {
+        bail!("no store paths given (pass paths as arguments or with --stdin)");
+    }
+    let roots = args_paths
+        .iter()
+        .map(|p| store.resolve(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let infos = store
+        .closure(&roots, args.include_outputs)
+        .with_context(|| format!("cannot read the closure from the {}", store.source_name()))?;
+
+    let mut cache = Cache::create(&args.dest)?;
+    let mode = Mode::detect(args.quiet);
+    cache.lock(|| {
+        if mode != Mode::Quiet {
+            eprintln!(
+                "waiting for another nixcache writing to {} ...",
+                args.dest.display()
+            );
+        }
+    })?;
+    for p in cache.clean_temp_files()? {
+        if mode != Mode::Quiet {
+            eprintln!("removed {} left by an interrupted run", p.display());
+        }
+    }
+    cache.ensure_cache_info(
+        store.store_dir(),
+        args.want_mass_query(),
+        args.priority,
+        DEFAULT_PRIORITY,
+    )?;
+
+    let total: u64 = infos.iter().map(|i| i.nar_size).sum();
+    let progress = Progress::new(mode, "pushing", infos.len(), total);
+    let opts = PushOptions {
+        compression: args.compression,
+        level,
+        jobs,
+        force: args.force,
+        keys,
+    };
+    let report = push(&store.location(), &cache, &infos, &opts, &progress);
+    progress.finish();
+
+    if mode != Mode::Quiet {
+        let ratio = if report.nar_bytes > 0 {
+            format!(
+                " ({:.1}%)",
+                100.0 * report.file_bytes as f64 / report.nar_bytes as f64
+            )
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "{} paths: {} pushed, {} skipped, {} repaired, {} signed, {} failed; {} NAR -> {} {}{ratio} in {:.2}s",
+            infos.len(),
+            report.pushed,
+            report.skipped,
+            report.repaired,
+            report.signed,
+            report.failed.len(),
+            progress::bytes(report.nar_bytes),
+            progress::bytes(report.file_bytes),
+            args.compression,
+            started.elapsed().as_secs_f64(),
+        );
+    }
+    if !report.ok() {
+        for (p, e) in &report.failed {
+            if matches!(e, crate::push::PushError::Dependency { .. }) {
+                eprintln!(
+                    "error: {}: {}",
+                    store.store_dir().display(p),
+                    crate::error_chain(e)
+                );
+            }
+        }
+        eprintln!(
+            "error: {} of {} paths were not published; the cache is consistent, fix the errors above and push again",
+            report.failed.len(),
+            infos.len()
+        );
+    }
+    Ok(report.ok())
+}

@@ -1,0 +1,181 @@
+//! Progress display: bars on a terminal, one plain line per path otherwise (a systemd
+//! journal, a log file), nothing with `--quiet`. The pipeline gets a [`Progress`] handle and
+//! never prints by itself; log lines go through [`Progress::println`] so bars don't tear.
+
+use std::io::{self, IsTerminal, Write};
+use std::time::Duration;
+
+use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// How progress is shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Bars,
+    Lines,
+    Quiet,
+}
+
+impl Mode {
+    /// Bars when stderr is a terminal, lines otherwise, nothing when quiet.
+    pub fn detect(quiet: bool) -> Mode {
+        if quiet {
+            Mode::Quiet
+        } else if io::stderr().is_terminal() {
+            Mode::Bars
+        } else {
+            Mode::Lines
+        }
+    }
+}
+
+/// The whole run's display.
+pub struct Progress {
+    mode: Mode,
+    multi: MultiProgress,
+    total: Option<ProgressBar>,
+}
+
+impl Progress {
+    /// `total_bytes` is the sum of the NAR sizes that will be read.
+    pub fn new(mode: Mode, verb: &str, total_paths: usize, total_bytes: u64) -> Progress {
+        let multi = MultiProgress::with_draw_target(match mode {
+            Mode::Bars => ProgressDrawTarget::stderr(),
+            _ => ProgressDrawTarget::hidden(),
+        });
+        let total = (mode == Mode::Bars && total_bytes > 0).then(|| {
+            let bar = multi.add(ProgressBar::new(total_bytes));
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{prefix:>8} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(verb.to_owned());
+            bar.set_message(format!("0/{total_paths} paths"));
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        Progress { mode, multi, total }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Prints a line above the bars (or plainly), unless quiet.
+    pub fn println(&self, line: &str) {
+        match self.mode {
+            Mode::Bars => {
+                let _ = self.multi.println(line);
+            }
+            Mode::Lines => {
+                let _ = writeln!(io::stderr().lock(), "{line}");
+            }
+            Mode::Quiet => {}
+        }
+    }
+
+    /// Prints a warning or error even when quiet.
+    pub fn warn(&self, line: &str) {
+        match self.mode {
+            Mode::Bars => {
+                let _ = self.multi.println(line);
+            }
+            _ => {
+                let _ = writeln!(io::stderr().lock(), "{line}");
+            }
+        }
+    }
+
+    /// A bar for one path of `size` NAR bytes.
+    pub fn path(&self, name: &str, size: u64) -> PathProgress {
+        let bar = (self.mode == Mode::Bars && size > 0).then(|| {
+            let bar = self.multi.insert_from_back(0, ProgressBar::new(size));
+            bar.set_style(
+                ProgressStyle::with_template("  {bar:20} {bytes:>10}/{total_bytes:<10} {msg}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            bar.set_message(name.to_owned());
+            bar
+        });
+        PathProgress {
+            bar,
+            total: self.total.clone(),
+        }
+    }
+
+    /// Counts one finished path in the overall bar.
+    pub fn path_done(&self, done: usize, of: usize) {
+        if let Some(t) = &self.total {
+            t.set_message(format!("{done}/{of} paths"));
+        }
+    }
+
+    /// Removes the bars; the summary goes after this.
+    pub fn finish(&self) {
+        if let Some(t) = &self.total {
+            t.finish_and_clear();
+        }
+        let _ = self.multi.clear();
+    }
+}
+
+/// One path's bar, fed by the bytes that flow through the pipeline.
+pub struct PathProgress {
+    bar: Option<ProgressBar>,
+    total: Option<ProgressBar>,
+}
+
+impl PathProgress {
+    pub fn inc(&self, n: u64) {
+        if let Some(b) = &self.bar {
+            b.inc(n);
+        }
+        if let Some(t) = &self.total {
+            t.inc(n);
+        }
+    }
+}
+
+impl Drop for PathProgress {
+    fn drop(&mut self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// A `Write` that reports the bytes written through it.
+pub struct ProgressWriter<'a, W> {
+    inner: W,
+    progress: &'a PathProgress,
+}
+
+impl<'a, W: Write> ProgressWriter<'a, W> {
+    pub fn new(inner: W, progress: &'a PathProgress) -> Self {
+        ProgressWriter { inner, progress }
+    }
+
+    pub fn into_inner(self) -> W {
+        self.inner
+    }
+}
+
+impl<W: Write> Write for ProgressWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.progress.inc(n as u64);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Formats a byte count for summaries.
+pub fn bytes(n: u64) -> String {
+    HumanBytes(n).to_string()
+}
