@@ -289,14 +289,14 @@ impl Cache {
         default_priority: u32,
     ) -> Result<CacheInfo, CacheError> {
         let existing = self.cache_info()?;
-        if let Some(e) = &existing {
-            if &e.store_dir != store_dir {
-                return Err(CacheError::StoreDirMismatch {
-                    path: self.dir.clone(),
-                    found: e.store_dir.to_string(),
-                    wanted: store_dir.to_string(),
-                });
-            }
+        if let Some(e) = &existing
+            && &e.store_dir != store_dir
+        {
+            return Err(CacheError::StoreDirMismatch {
+                path: self.dir.clone(),
+                found: e.store_dir.to_string(),
+                wanted: store_dir.to_string(),
+            });
         }
         let info = CacheInfo {
             store_dir: store_dir.clone(),

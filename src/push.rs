@@ -125,10 +125,10 @@ impl<'a> Publisher<'a> {
         let mut referrers = vec![Vec::new(); infos.len()];
         for (i, info) in infos.iter().enumerate() {
             for r in &info.references {
-                if let Some(&j) = index.get(r) {
-                    if j != i {
-                        referrers[j].push(i);
-                    }
+                if let Some(&j) = index.get(r)
+                    && j != i
+                {
+                    referrers[j].push(i);
                 }
             }
         }

@@ -283,10 +283,10 @@ impl Store {
                     );
                     if include_outputs && p.is_derivation() {
                         for o in q.outputs(id).map_err(db)? {
-                            if let Ok(op) = self.store_dir.parse_path(&o) {
-                                if q.valid(&o).map_err(db)? {
-                                    queue.push_back(op);
-                                }
+                            if let Ok(op) = self.store_dir.parse_path(&o)
+                                && q.valid(&o).map_err(db)?
+                            {
+                                queue.push_back(op);
                             }
                         }
                     }
