@@ -7,7 +7,7 @@
 //! list in older Nix and an object keyed by path in newer Nix.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -304,26 +304,35 @@ impl Store {
                     args.extend(["--store".to_owned(), s.clone()]);
                 }
                 args.extend(abs);
-                let listed = run("nix-store", &args, None)?;
+                let listed = run("nix-store", &args)?;
                 let paths: Vec<&str> = listed.lines().filter(|l| !l.is_empty()).collect();
-                let mut args = vec![
-                    "--extra-experimental-features".to_owned(),
-                    "nix-command".to_owned(),
-                    "path-info".to_owned(),
-                    "--json".to_owned(),
-                    "--stdin".to_owned(),
-                ];
-                if let Some(s) = store_arg {
-                    args.extend(["--store".to_owned(), s.clone()]);
+                let mut out = Vec::with_capacity(paths.len());
+                // Nix 2.8's path-info has no --stdin; chunks keep argv well under ARG_MAX.
+                for chunk in paths.chunks(2000) {
+                    let mut args: Vec<String> = [
+                        "--extra-experimental-features",
+                        "nix-command",
+                        "path-info",
+                        "--json",
+                    ]
+                    .map(str::to_owned)
+                    .to_vec();
+                    if let Some(s) = store_arg {
+                        args.extend(["--store".to_owned(), s.clone()]);
+                    }
+                    args.extend(chunk.iter().map(|p| p.to_string()));
+                    let json = run("nix", &args)?;
+                    out.extend(parse_path_info_json(&self.store_dir, &json).map_err(
+                        |e| match e {
+                            JsonError::Json(source) => StoreError::Json {
+                                command: "nix path-info --json".into(),
+                                source,
+                            },
+                            JsonError::Store(e) => e,
+                        },
+                    )?);
                 }
-                let json = run("nix", &args, Some(paths.join("\n")))?;
-                parse_path_info_json(&self.store_dir, &json).map_err(|e| match e {
-                    JsonError::Json(source) => StoreError::Json {
-                        command: "nix path-info --json".into(),
-                        source,
-                    },
-                    JsonError::Store(e) => e,
-                })
+                Ok(out)
             }
         }
     }
@@ -450,29 +459,12 @@ fn parse_sigs<'a>(it: impl Iterator<Item = &'a str>) -> Vec<Signature> {
     it.filter_map(|s| s.parse().ok()).collect()
 }
 
-fn run(program: &str, args: &[String], stdin: Option<String>) -> Result<String, StoreError> {
+fn run(program: &str, args: &[String]) -> Result<String, StoreError> {
     let command = format!("{program} {}", args.join(" "));
-    let mut child = Command::new(program)
+    let out = Command::new(program)
         .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|source| StoreError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
-    if let Some(input) = stdin {
-        let mut pipe = child.stdin.take().expect("piped");
-        // A writer thread, so a child that fills stdout before reading stdin cannot deadlock.
-        std::thread::spawn(move || pipe.write_all(input.as_bytes()));
-    }
-    let out = child
-        .wait_with_output()
+        .stdin(Stdio::null())
+        .output()
         .map_err(|source| StoreError::Spawn {
             command: command.clone(),
             source,

@@ -1,0 +1,271 @@
+//! Bad input: one clear error line, a non-zero exit, no panic, nothing half-written.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::helpers::*;
+
+/// A cache directory is untouched or holds only complete, restorable narinfos.
+fn assert_consistent(cache: &Path) {
+    for (p, _) in tree(cache) {
+        let s = p.to_string_lossy();
+        assert!(!s.contains(".nixcache-tmp-"), "temporary file left: {s}");
+        if s.ends_with(".narinfo") {
+            let ni: nixcache::narinfo::NarInfo = std::fs::read_to_string(cache.join(&p))
+                .unwrap()
+                .parse()
+                .unwrap();
+            let size = std::fs::metadata(cache.join(&ni.url)).map(|m| m.len()).ok();
+            assert_eq!(size, ni.file_size, "{s} points at a missing or partial NAR");
+        }
+    }
+}
+
+fn failed_cleanly(out: &std::process::Output) -> String {
+    let e = stderr(out);
+    assert!(!e.contains("panicked"), "{e}");
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    e
+}
+
+/// A fresh copy of the fixtures that a test may damage, deleted afterwards.
+struct Scratch {
+    top: String,
+    closure: Vec<String>,
+}
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let salt = format!(
+            "{tag}-{}-{:?}",
+            std::process::id(),
+            std::time::SystemTime::now()
+        );
+        let top = build_fixtures(&salt);
+        let closure = requisites(&top);
+        Scratch { top, closure }
+    }
+
+    fn path(&self, name: &str) -> &str {
+        self.closure.iter().find(|p| p.ends_with(name)).unwrap()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        for p in &self.closure {
+            let _ = Command::new("chmod").args(["-R", "u+rw", p]).status();
+        }
+        let _ = nix_cmd("nix-store")
+            .arg("--delete")
+            .args(&self.closure)
+            .output();
+    }
+}
+
+#[test]
+fn missing_and_outside_paths() {
+    let t = tmp();
+    let cache = t.path().join("cache");
+    let missing = "/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-missing";
+    let out = fails(nixcache().args(["push", "--dest"]).arg(&cache).arg(missing));
+    assert!(failed_cleanly(&out).contains(missing), "{}", stderr(&out));
+    let outside = t.path().join("file");
+    std::fs::write(&outside, "x").unwrap();
+    let out = fails(
+        nixcache()
+            .args(["push", "--dest"])
+            .arg(&cache)
+            .arg(&outside),
+    );
+    assert!(
+        failed_cleanly(&out).contains("is not in the Nix store"),
+        "{}",
+        stderr(&out)
+    );
+    let out = fails(
+        nixcache()
+            .args(["push", "--dest"])
+            .arg(&cache)
+            .arg(t.path().join("nope")),
+    );
+    assert!(
+        failed_cleanly(&out).contains("no such file"),
+        "{}",
+        stderr(&out)
+    );
+    let out = fails(nixcache().args(["push", "--dest"]).arg(&cache));
+    assert!(failed_cleanly(&out).contains("no store paths given"));
+    assert!(!cache.exists(), "bad input must not create the cache");
+}
+
+#[test]
+fn bad_keys_and_options() {
+    let f = fixtures();
+    let t = tmp();
+    let cache = t.path().join("cache");
+    let garbage = t.path().join("garbage.key");
+    std::fs::write(&garbage, "this is not a key\n").unwrap();
+    let out = fails(
+        nixcache()
+            .args(["push", "-k"])
+            .arg(&garbage)
+            .arg("--dest")
+            .arg(&cache)
+            .arg(&f.top),
+    );
+    let e = failed_cleanly(&out);
+    assert!(
+        e.contains("is not a Nix secret key") && e.contains("garbage.key"),
+        "{e}"
+    );
+    let out = fails(
+        nixcache()
+            .args(["push", "-k", "/nonexistent/key", "--dest"])
+            .arg(&cache)
+            .arg(&f.top),
+    );
+    assert!(failed_cleanly(&out).contains("cannot read secret key file /nonexistent/key"));
+    // A public key where the secret one belongs.
+    let public = t.path().join("pub.key");
+    std::fs::write(&public, PUBLIC).unwrap();
+    let out = fails(
+        nixcache()
+            .args(["push", "-k"])
+            .arg(&public)
+            .arg("--dest")
+            .arg(&cache)
+            .arg(&f.top),
+    );
+    assert!(failed_cleanly(&out).contains("64"), "{}", stderr(&out));
+    let out = fails(
+        nixcache()
+            .args(["push", "--compression-level", "12", "--dest"])
+            .arg(&cache)
+            .arg(&f.top),
+    );
+    assert!(failed_cleanly(&out).contains("out of range"));
+    let out = fails(
+        nixcache()
+            .args(["push", "-c", "lz4", "--dest"])
+            .arg(&cache)
+            .arg(&f.top),
+    );
+    assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
+    assert!(!cache.exists());
+}
+
+#[test]
+fn dest_that_is_a_file() {
+    let f = fixtures();
+    let t = tmp();
+    let file = t.path().join("file");
+    std::fs::write(&file, "x").unwrap();
+    let out = fails(nixcache().args(["push", "--dest"]).arg(&file).arg(&f.top));
+    assert!(
+        failed_cleanly(&out).contains("is not a directory"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"x");
+}
+
+#[test]
+fn corrupt_store_path_is_refused_with_its_dependents() {
+    let s = Scratch::new("corrupt");
+    let dep = s.path("edge-dep").to_owned();
+    let file = format!("{dep}/bin/dep");
+    ok(Command::new("chmod").args(["u+w", &file]));
+    std::fs::write(&file, "#!/bin/sh\necho tampered\n").unwrap();
+    let t = tmp();
+    let cache = t.path().join("cache");
+    let out = fails(
+        nixcache()
+            .args(["push", "-k", SECRET, "--dest"])
+            .arg(&cache)
+            .arg(&s.top),
+    );
+    let e = failed_cleanly(&out);
+    assert!(e.contains(&dep) && e.contains("corrupt"), "{e}");
+    assert!(
+        e.contains("nix-store --verify --check-contents --repair"),
+        "{e}"
+    );
+    // Nothing that depends on it is published; what doesn't is.
+    for name in ["edge-dep", "edge-tree", "edge-symlink", "edge-top"] {
+        assert!(
+            !cache
+                .join(format!("{}.narinfo", hash_part(s.path(name))))
+                .exists(),
+            "{name} published"
+        );
+        if name != "edge-dep" {
+            assert!(e.contains(s.path(name)), "{name} not reported: {e}");
+        }
+    }
+    for name in ["edge-single-file", "edge-text-ca"] {
+        assert!(
+            cache
+                .join(format!("{}.narinfo", hash_part(s.path(name))))
+                .exists(),
+            "{name} missing"
+        );
+    }
+    assert_consistent(&cache);
+}
+
+#[test]
+fn unreadable_file_is_named() {
+    let s = Scratch::new("unreadable");
+    let file = format!("{}/exe", s.path("edge-tree"));
+    ok(Command::new("chmod").args(["000", &file]));
+    let t = tmp();
+    let cache = t.path().join("cache");
+    // Root reads anything; drop the capabilities that let it.
+    let out = fails(
+        Command::new("setpriv")
+            .args([
+                "--bounding-set=-dac_override,-dac_read_search",
+                env!("CARGO_BIN_EXE_nixcache"),
+                "push",
+                "--dest",
+            ])
+            .arg(&cache)
+            .arg(&s.top)
+            .env(
+                "NIX_CONFIG",
+                "substituters =\nexperimental-features = nix-command\n",
+            ),
+    );
+    let e = failed_cleanly(&out);
+    assert!(e.contains(&file) && e.contains("Permission denied"), "{e}");
+    assert_consistent(&cache);
+}
+
+#[test]
+fn full_disk_fails_cleanly() {
+    let f = fixtures();
+    let t = tmp();
+    let cache = t.path().join("small");
+    std::fs::create_dir(&cache).unwrap();
+    // A 256 KiB filesystem: the fixtures' 1.3 MB of NARs cannot fit uncompressed.
+    ok(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(&cache));
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _u = Unmount(&cache);
+    let out = fails(
+        nixcache()
+            .args(["push", "-c", "none", "--dest"])
+            .arg(&cache)
+            .arg(&f.top),
+    );
+    let e = failed_cleanly(&out);
+    assert!(e.contains("No space left on device"), "{e}");
+    assert_consistent(&cache);
+}

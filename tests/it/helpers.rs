@@ -1,0 +1,224 @@
+//! Shared helpers: the binary, Nix commands, fixtures and restores.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use nixcache::compression::Compression;
+use nixcache::narinfo::NarInfo;
+
+pub const SECRET: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/test-1.secret");
+pub const PUBLIC: &str = "test-1:Fc8Yn1bFNVbmKCO0IZp2PQHah/AV6MrB0hAzmo5+Pys=";
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures.nix");
+
+/// Settings for every Nix command here: no network substituters, the nix command enabled.
+const NIX_CONFIG: &str = "substituters =\nexperimental-features = nix-command\n";
+
+fn with_env(mut c: Command) -> Command {
+    c.env("NIX_CONFIG", NIX_CONFIG);
+    c
+}
+
+/// The built binary.
+pub fn nixcache() -> Command {
+    with_env(Command::new(env!("CARGO_BIN_EXE_nixcache")))
+}
+
+/// A Nix command (`nix`, `nix-store`, `nix-build`…). Panics when Nix is missing: the tests
+/// must not pass without it.
+pub fn nix_cmd(program: &str) -> Command {
+    static CHECK: OnceLock<()> = OnceLock::new();
+    CHECK.get_or_init(|| {
+        let ok = Command::new("nix-store")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            ok,
+            "Nix is required for the integration tests: apt-get install -y nix-bin"
+        );
+    });
+    with_env(Command::new(program))
+}
+
+/// Runs a command, panicking with its stderr unless it succeeds; returns stdout.
+pub fn ok(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a command expected to fail; returns its output.
+pub fn fails(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        !out.status.success(),
+        "{cmd:?} should have failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Builds `tests/fixtures.nix` with `salt`; returns the top path.
+pub fn build_fixtures(salt: &str) -> String {
+    build_fixtures_with(salt, 0)
+}
+
+/// Builds the fixtures with `extra` bulk paths of 4 MB random bytes each.
+pub fn build_fixtures_with(salt: &str, extra: u32) -> String {
+    let extra = extra.to_string();
+    ok(nix_cmd("nix-build").args([
+        FIXTURES,
+        "--no-out-link",
+        "--argstr",
+        "salt",
+        salt,
+        "--arg",
+        "extra",
+        &extra,
+    ]))
+    .trim()
+    .to_owned()
+}
+
+pub struct Fixtures {
+    pub top: String,
+    pub closure: Vec<String>,
+}
+
+impl Fixtures {
+    pub fn path(&self, name: &str) -> &str {
+        self.closure
+            .iter()
+            .find(|p| p.ends_with(name))
+            .unwrap_or_else(|| panic!("no fixture {name}"))
+    }
+}
+
+/// The shared fixture closure, built once.
+pub fn fixtures() -> &'static Fixtures {
+    static F: OnceLock<Fixtures> = OnceLock::new();
+    F.get_or_init(|| {
+        let top = build_fixtures("shared");
+        let closure = requisites(&top);
+        Fixtures { top, closure }
+    })
+}
+
+pub fn requisites(path: &str) -> Vec<String> {
+    ok(nix_cmd("nix-store").args(["--query", "--requisites", path]))
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+pub fn hash_part(path: &str) -> &str {
+    &path.rsplit('/').next().unwrap()[..32]
+}
+
+pub fn narinfo(cache: &Path, path: &str) -> NarInfo {
+    let f = cache.join(format!("{}.narinfo", hash_part(path)));
+    std::fs::read_to_string(&f)
+        .unwrap_or_else(|e| panic!("{}: {e}", f.display()))
+        .parse()
+        .unwrap()
+}
+
+/// The uncompressed NAR the cache holds for `path`.
+pub fn cached_nar(cache: &Path, path: &str) -> Vec<u8> {
+    let ni = narinfo(cache, path);
+    let c: Compression = ni.compression.parse().unwrap();
+    let f = std::fs::File::open(cache.join(&ni.url)).unwrap();
+    let mut out = Vec::new();
+    c.decoder(std::io::BufReader::new(f))
+        .unwrap()
+        .read_to_end(&mut out)
+        .unwrap();
+    out
+}
+
+pub fn dump(path: &str) -> Vec<u8> {
+    let out = nix_cmd("nix-store")
+        .args(["--dump", path])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    out.stdout
+}
+
+/// Restores `paths` from `url` into a fresh chroot store at `root`, requiring signatures by
+/// `PUBLIC` (or `key`).
+pub fn restore_cmd(url: &str, root: &Path, key: &str, paths: &[&str]) -> Command {
+    let mut c = nix_cmd("nix");
+    c.args(["copy", "--from", url, "--to"])
+        .arg(root)
+        .args([
+            "--option",
+            "trusted-public-keys",
+            key,
+            "--option",
+            "require-sigs",
+            "true",
+        ])
+        .args(paths);
+    c
+}
+
+pub fn restore(url: &str, root: &Path, paths: &[&str]) {
+    ok(&mut restore_cmd(url, root, PUBLIC, paths));
+}
+
+/// Checks that every path restored into `root` has the original's NAR.
+pub fn assert_restored_identical(root: &Path, paths: &[String]) {
+    for p in paths {
+        let restored = root.join(p.trim_start_matches('/'));
+        assert_eq!(
+            dump(restored.to_str().unwrap()),
+            dump(p),
+            "restored {p} differs from the original"
+        );
+    }
+}
+
+pub fn file_url(dir: &Path) -> String {
+    format!("file://{}", dir.display())
+}
+
+pub fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+/// All files under `dir` (relative), sorted, for comparing caches.
+pub fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(base, &p, out);
+            } else {
+                out.push((
+                    p.strip_prefix(base).unwrap().to_owned(),
+                    std::fs::read(&p).unwrap(),
+                ));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
