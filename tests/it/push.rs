@@ -405,3 +405,75 @@ fn killed_push_leaves_a_usable_cache_and_rerun_completes() {
     restore(&file_url(&cache), &root, &[&top]);
     assert_restored_identical(&root, &closure);
 }
+
+#[test]
+fn cache_info_settings_and_database_fallback() {
+    let f = fixtures();
+    let t = tmp();
+    let cache = t.path().join("cache");
+    // An unreadable database falls back to `nix path-info` in the default (auto) mode.
+    let out = nixcache()
+        .args([
+            "push",
+            "--db",
+            "/nonexistent/db.sqlite",
+            "--priority",
+            "10",
+            "--no-want-mass-query",
+            "--dest",
+        ])
+        .arg(&cache)
+        .arg(f.path("edge-single-file"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let info = |c: &std::path::Path| std::fs::read_to_string(c.join("nix-cache-info")).unwrap();
+    assert_eq!(
+        info(&cache),
+        "StoreDir: /nix/store\nWantMassQuery: 0\nPriority: 10\n"
+    );
+    // Later pushes keep the settings unless told otherwise.
+    ok(nixcache()
+        .args(["push", "-q", "--dest"])
+        .arg(&cache)
+        .arg(f.path("edge-single-file")));
+    assert_eq!(
+        info(&cache),
+        "StoreDir: /nix/store\nWantMassQuery: 0\nPriority: 10\n"
+    );
+    ok(nixcache()
+        .args(["push", "-q", "--want-mass-query", "--dest"])
+        .arg(&cache)
+        .arg(f.path("edge-single-file")));
+    assert_eq!(
+        info(&cache),
+        "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 10\n"
+    );
+    // With --metadata db there is no fallback.
+    let out = fails(
+        nixcache()
+            .args([
+                "push",
+                "--metadata",
+                "db",
+                "--db",
+                "/nonexistent/db.sqlite",
+                "--dest",
+            ])
+            .arg(&cache)
+            .arg(&f.top),
+    );
+    assert!(
+        stderr(&out).contains("/nonexistent/db.sqlite"),
+        "{}",
+        stderr(&out)
+    );
+    // A cache made for another store directory is refused.
+    std::fs::write(cache.join("nix-cache-info"), "StoreDir: /gnu/store\n").unwrap();
+    let out = fails(nixcache().args(["push", "--dest"]).arg(&cache).arg(&f.top));
+    assert!(
+        stderr(&out).contains("is for store /gnu/store"),
+        "{}",
+        stderr(&out)
+    );
+}
