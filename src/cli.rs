@@ -12,17 +12,9 @@ use crate::store_path::StoreDir;
 
 /// Turn Nix store paths into a static binary cache that Nix can substitute from.
 #[derive(Debug, Parser)]
-#[command(
-    name = "nixcache",
-    version,
-    about,
-    propagate_version = true,
-    max_term_width = 100
-)]
-#[command(
-    after_help = "Exit status: 0 on success, 1 when the command failed, 2 on a usage error \
-    (verify: 1 when problems were found, 2 when it could not run)."
-)]
+#[command(name = "nixcache", version, about, propagate_version = true, max_term_width = 100)]
+#[command(after_help = "Exit status: 0 on success, 1 when the command failed, 2 on a usage error \
+    (verify: 1 when problems were found, 2 when it could not run).")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -34,6 +26,12 @@ pub enum Command {
     Push(PushArgs),
     /// Generate a signing key pair in Nix's format.
     Keygen(KeygenArgs),
+    /// Check every narinfo, NAR and signature in a cache, without changing it.
+    Verify(VerifyArgs),
+    /// Add a signature to narinfos that lack one, without touching NARs.
+    Sign(SignArgs),
+    /// Remove paths no recent push included, keeping every remaining closure whole.
+    Gc(GcArgs),
 }
 
 /// Where store paths and their metadata come from.
@@ -86,12 +84,7 @@ pub struct PushArgs {
     #[arg(long, value_name = "N", allow_negative_numbers = false)]
     pub compression_level: Option<i32>,
     /// Sign narinfos with this secret key file (Nix's format); repeatable.
-    #[arg(
-        long = "secret-key",
-        visible_alias = "key-file",
-        short = 'k',
-        value_name = "FILE"
-    )]
+    #[arg(long = "secret-key", visible_alias = "key-file", short = 'k', value_name = "FILE")]
     pub secret_keys: Vec<PathBuf>,
     /// How many paths to work on at once, and the thread budget [default: all cores].
     #[arg(long, short = 'j', value_name = "N")]
@@ -99,6 +92,13 @@ pub struct PushArgs {
     /// Rewrite narinfos and NARs that already exist.
     #[arg(long)]
     pub force: bool,
+    /// Write <hashpart>.ls NAR listings, as Nix's write-nar-listing=true.
+    #[arg(long)]
+    pub nar_listing: bool,
+    /// Index debug files under lib/debug/.build-id/ in debuginfo/, as Nix's
+    /// index-debug-info=true (for NARs written in this run; --force indexes existing ones).
+    #[arg(long)]
+    pub index_debug_info: bool,
     /// The cache's priority in nix-cache-info (lower is preferred; cache.nixos.org is 40)
     /// [default: keep, or 30 for a new cache].
     #[arg(long, value_name = "N")]
@@ -135,4 +135,59 @@ pub struct KeygenArgs {
     pub secret_file: PathBuf,
     /// Where to write the public key. Refuses to overwrite.
     pub public_file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The cache directory.
+    #[arg(long, short = 'd', value_name = "DIR")]
+    pub dest: PathBuf,
+    /// Require a valid signature by one of these keys (NAME:BASE64, as in
+    /// trusted-public-keys; or a file holding one); repeatable.
+    #[arg(long = "trusted-public-key", value_name = "KEY")]
+    pub trusted_public_keys: Vec<String>,
+    /// Print the report as JSON on standard output.
+    #[arg(long)]
+    pub json: bool,
+    /// Threads [default: all cores].
+    #[arg(long, short = 'j', value_name = "N")]
+    pub jobs: Option<NonZeroUsize>,
+    /// Print nothing but problems.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SignArgs {
+    /// The cache directory.
+    #[arg(long, short = 'd', value_name = "DIR")]
+    pub dest: PathBuf,
+    /// The secret key file to sign with.
+    #[arg(long = "secret-key", visible_alias = "key-file", short = 'k', value_name = "FILE")]
+    pub secret_key: PathBuf,
+    /// Sign only the closures of these store paths (as found in the cache) [default: all].
+    #[arg(value_name = "PATH")]
+    pub paths: Vec<String>,
+    /// Print nothing but errors.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// The cache directory.
+    #[arg(long, short = 'd', value_name = "DIR")]
+    pub dest: PathBuf,
+    /// Keep paths a push named or walked within this long: 90s, 30m, 36h, 14d, 2w.
+    #[arg(long, value_name = "DURATION", value_parser = crate::gc::parse_duration)]
+    pub older_than: std::time::Duration,
+    /// Also keep the closure of this store path; repeatable.
+    #[arg(long, value_name = "PATH")]
+    pub keep: Vec<String>,
+    /// List what would be removed and the bytes it would free; remove nothing.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
+    /// Print only the summary and errors.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
 }

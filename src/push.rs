@@ -16,7 +16,8 @@ use thiserror::Error;
 use crate::cache::{Cache, CacheError, Lookup};
 use crate::compression::Compression;
 use crate::hash::{HashingWriter, NixHash};
-use crate::nar::dump::{DumpError, dump};
+use crate::nar::dump::{DumpError, dump_listing};
+use crate::nar::listing::{Entry, debuginfo_json};
 use crate::narinfo::NarInfo;
 use crate::progress::{Progress, ProgressWriter};
 use crate::signing::SecretKey;
@@ -35,6 +36,10 @@ pub struct PushOptions {
     /// Rewrite narinfos and NARs that are already there.
     pub force: bool,
     pub keys: Vec<SecretKey>,
+    /// Write `<hashpart>.ls` NAR listings.
+    pub nar_listing: bool,
+    /// Write `debuginfo/<build-id>.debug` links for NARs written in this run.
+    pub index_debug_info: bool,
 }
 
 /// Why one path was not pushed.
@@ -45,13 +50,7 @@ pub enum PushError {
     #[error(
         "{path} is corrupt in the store: its contents hash to {actual} ({actual_size} bytes) but the Nix database records {expected} ({expected_size} bytes); repair it with `nix-store --verify --check-contents --repair`"
     )]
-    Corrupt {
-        path: String,
-        expected: NixHash,
-        actual: NixHash,
-        expected_size: u64,
-        actual_size: u64,
-    },
+    Corrupt { path: String, expected: NixHash, actual: NixHash, expected_size: u64, actual_size: u64 },
     #[error("cannot write the NAR of {path}")]
     Write { path: String, source: io::Error },
     #[error(transparent)]
@@ -117,11 +116,7 @@ struct PubState {
 
 impl<'a> Publisher<'a> {
     fn new(cache: &'a Cache, infos: &'a [PathInfo]) -> Self {
-        let index: HashMap<&StorePath, usize> = infos
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (&p.path, i))
-            .collect();
+        let index: HashMap<&StorePath, usize> = infos.iter().enumerate().map(|(i, p)| (&p.path, i)).collect();
         let mut referrers = vec![Vec::new(); infos.len()];
         for (i, info) in infos.iter().enumerate() {
             for r in &info.references {
@@ -132,27 +127,15 @@ impl<'a> Publisher<'a> {
                 }
             }
         }
-        let state = PubState {
-            published: vec![false; infos.len()],
-            ..Default::default()
-        };
-        Publisher {
-            cache,
-            infos,
-            index,
-            referrers,
-            state: Mutex::new(state),
-        }
+        let state = PubState { published: vec![false; infos.len()], ..Default::default() };
+        Publisher { cache, infos, index, referrers, state: Mutex::new(state) }
     }
 
     fn ready(&self, st: &PubState, i: usize) -> bool {
-        self.infos[i]
-            .references
-            .iter()
-            .all(|r| match self.index.get(r) {
-                Some(&j) => j == i || st.published[j],
-                None => true,
-            })
+        self.infos[i].references.iter().all(|r| match self.index.get(r) {
+            Some(&j) => j == i || st.published[j],
+            None => true,
+        })
     }
 
     /// Records a finished path and publishes everything that became ready.
@@ -169,18 +152,14 @@ impl<'a> Publisher<'a> {
             let rel = Cache::narinfo_rel(&self.infos[k].path);
             let written = match done.outcome {
                 Outcome::Skipped => self.cache.touch(&rel),
-                _ => self
-                    .cache
-                    .write_atomic(&rel, done.narinfo.to_string().as_bytes()),
+                _ => self.cache.write_atomic(&rel, done.narinfo.to_string().as_bytes()),
             };
             if let Err(e) = written {
                 // Report against the path itself; its dependents stay unpublished.
                 if k == i {
                     first_err = Some(e);
                 } else {
-                    st.report
-                        .failed
-                        .push((self.infos[k].path.clone(), e.into()));
+                    st.report.failed.push((self.infos[k].path.clone(), e.into()));
                 }
                 continue;
             }
@@ -218,17 +197,10 @@ impl<'a> Publisher<'a> {
             let dependency = self.infos[k]
                 .references
                 .iter()
-                .find(|r| {
-                    self.index
-                        .get(r)
-                        .is_some_and(|&j| j != k && !st.published[j])
-                })
+                .find(|r| self.index.get(r).is_some_and(|&j| j != k && !st.published[j]))
                 .cloned()
                 .expect("a waiting path has an unpublished reference");
-            st.report.failed.push((
-                self.infos[k].path.clone(),
-                PushError::Dependency { dependency },
-            ));
+            st.report.failed.push((self.infos[k].path.clone(), PushError::Dependency { dependency }));
         }
         st.report
     }
@@ -305,9 +277,7 @@ fn process(
     let abs = sd.display(&info.path);
     let existing = cache.lookup(&info.path)?;
     let outcome = match existing {
-        Lookup::Found(ni)
-            if !opts.force && ni.nar_hash == info.nar_hash && nar_present(cache, &ni) =>
-        {
+        Lookup::Found(ni) if !opts.force && ni.nar_hash == info.nar_hash && nar_present(cache, &ni) => {
             let mut narinfo = *ni;
             let mut added = false;
             for k in &opts.keys {
@@ -315,63 +285,46 @@ fn process(
                     added |= narinfo.add_signature(k);
                 }
             }
-            let outcome = if added {
-                Outcome::Signed
-            } else {
-                Outcome::Skipped
-            };
+            if opts.nar_listing && cache.file_size(&listing_rel(&info.path)).is_none() {
+                // Listing missing for a path that is otherwise there: list it from the store.
+                let (sink, listing) =
+                    dump_listing(&store.real_path(&info.path), HashingWriter::new(io::sink()), true)?;
+                let (_, nar_size, nar_hash) = sink.finish();
+                check_hash(&abs, info, nar_hash, nar_size)?;
+                write_side_files(cache, info, &narinfo.url, listing.as_ref(), opts)?;
+            }
+            let outcome = if added { Outcome::Signed } else { Outcome::Skipped };
             if outcome == Outcome::Signed {
                 progress.println(&format!("signed {abs}"));
             }
-            return Ok(Done {
-                narinfo,
-                outcome,
-                nar_bytes: 0,
-                file_bytes: 0,
-            });
+            return Ok(Done { narinfo, outcome, nar_bytes: 0, file_bytes: 0 });
         }
         Lookup::Found(_) | Lookup::Invalid(_) if !opts.force => Outcome::Repaired,
         _ => Outcome::Pushed,
     };
 
-    let threads = if info.nar_size >= LARGE_NAR {
-        jobs as u32
-    } else {
-        1
-    };
+    let threads = if info.nar_size >= LARGE_NAR { jobs as u32 } else { 1 };
     let ext = opts.compression.extension();
     let bar = progress.path(info.path.as_str(), info.nar_size);
     let mut tmp = cache.temp_file("nar", ext)?;
-    let write_err = |source| PushError::Write {
-        path: abs.clone(),
-        source,
-    };
-    let (nar_size, nar_hash, file_size, file_hash) = {
+    let write_err = |source| PushError::Write { path: abs.clone(), source };
+    let (nar_size, nar_hash, file_size, file_hash, listing) = {
         let file = HashingWriter::new(BufWriter::with_capacity(1 << 20, tmp.file()));
-        let encoder = opts
-            .compression
-            .encoder(file, opts.level, threads)
-            .map_err(write_err)?;
+        let encoder = opts.compression.encoder(file, opts.level, threads).map_err(write_err)?;
         let nar = HashingWriter::new(ProgressWriter::new(encoder, &bar));
-        let nar = dump(&store.real_path(&info.path), nar)?;
+        let want_listing = opts.nar_listing || opts.index_debug_info;
+        let (nar, listing) = dump_listing(&store.real_path(&info.path), nar, want_listing)?;
         let (shown, nar_size, nar_hash) = nar.finish();
         let file = shown.into_inner().finish().map_err(write_err)?;
         let (mut buffered, file_size, file_hash) = file.finish();
         buffered.flush().map_err(write_err)?;
-        (nar_size, nar_hash, file_size, file_hash)
+        (nar_size, nar_hash, file_size, file_hash, listing)
     };
     drop(bar);
-    if nar_hash != info.nar_hash || (info.nar_size != 0 && nar_size != info.nar_size) {
-        return Err(PushError::Corrupt {
-            path: abs,
-            expected: info.nar_hash,
-            actual: nar_hash,
-            expected_size: info.nar_size,
-            actual_size: nar_size,
-        });
-    }
+    check_hash(&abs, info, nar_hash, nar_size)?;
     let url = format!("nar/{}{ext}", file_hash.to_nix32());
     tmp.persist(&cache.path(&url))?;
+    write_side_files(cache, info, &url, listing.as_ref(), opts)?;
 
     let mut narinfo = NarInfo {
         store_dir: sd.clone(),
@@ -394,18 +347,51 @@ fn process(
     }
     progress.println(&format!(
         "{} {abs} ({} -> {})",
-        if outcome == Outcome::Repaired {
-            "repaired"
-        } else {
-            "pushed"
-        },
+        if outcome == Outcome::Repaired { "repaired" } else { "pushed" },
         crate::progress::bytes(nar_size),
         crate::progress::bytes(file_size)
     ));
-    Ok(Done {
-        narinfo,
-        outcome,
-        nar_bytes: nar_size,
-        file_bytes: file_size,
-    })
+    Ok(Done { narinfo, outcome, nar_bytes: nar_size, file_bytes: file_size })
+}
+
+fn listing_rel(p: &StorePath) -> String {
+    format!("{}.ls", p.hash_part())
+}
+
+/// The NAR made from the store must be the one Nix registered.
+fn check_hash(abs: &str, info: &PathInfo, nar_hash: NixHash, nar_size: u64) -> Result<(), PushError> {
+    if nar_hash != info.nar_hash || (info.nar_size != 0 && nar_size != info.nar_size) {
+        return Err(PushError::Corrupt {
+            path: abs.to_owned(),
+            expected: info.nar_hash,
+            actual: nar_hash,
+            expected_size: info.nar_size,
+            actual_size: nar_size,
+        });
+    }
+    Ok(())
+}
+
+/// The listing and debug-info links, written after the NAR and before the narinfo.
+fn write_side_files(
+    cache: &Cache,
+    info: &PathInfo,
+    url: &str,
+    listing: Option<&Entry>,
+    opts: &PushOptions,
+) -> Result<(), PushError> {
+    let Some(listing) = listing else { return Ok(()) };
+    if opts.nar_listing {
+        cache.write_atomic(&listing_rel(&info.path), &listing.to_listing_json())?;
+    }
+    if opts.index_debug_info {
+        for (key, member) in listing.debug_files() {
+            let rel = format!("debuginfo/{key}");
+            // Like Nix: the first NAR that provides a build id keeps it.
+            if cache.file_size(&rel).is_none() {
+                cache.write_atomic(&rel, &debuginfo_json(url, &member))?;
+            }
+        }
+    }
+    Ok(())
 }

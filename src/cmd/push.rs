@@ -19,11 +19,8 @@ const DEFAULT_PRIORITY: u32 = 30;
 
 pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     let started = Instant::now();
-    let keys = args
-        .secret_keys
-        .iter()
-        .map(|p| super::read_secret_key(p))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let keys =
+        args.secret_keys.iter().map(|p| super::read_secret_key(p)).collect::<anyhow::Result<Vec<_>>>()?;
     let level = args.compression.level(args.compression_level)?;
     let jobs = args
         .jobs
@@ -44,10 +41,7 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     if args_paths.is_empty() {
         bail!("no store paths given (pass paths as arguments or with --stdin)");
     }
-    let roots = args_paths
-        .iter()
-        .map(|p| store.resolve(p))
-        .collect::<Result<Vec<_>, _>>()?;
+    let roots = args_paths.iter().map(|p| store.resolve(p)).collect::<Result<Vec<_>, _>>()?;
     let infos = store
         .closure(&roots, args.include_outputs)
         .with_context(|| format!("cannot read the closure from the {}", store.source_name()))?;
@@ -56,10 +50,7 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     let mode = Mode::detect(args.quiet);
     cache.lock(|| {
         if mode != Mode::Quiet {
-            eprintln!(
-                "waiting for another nixcache writing to {} ...",
-                args.dest.display()
-            );
+            eprintln!("waiting for another nixcache writing to {} ...", args.dest.display());
         }
     })?;
     for p in cache.clean_temp_files()? {
@@ -67,31 +58,29 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
             eprintln!("removed {} left by an interrupted run", p.display());
         }
     }
-    cache.ensure_cache_info(
-        store.store_dir(),
-        args.want_mass_query(),
-        args.priority,
-        DEFAULT_PRIORITY,
-    )?;
+    cache.ensure_cache_info(store.store_dir(), args.want_mass_query(), args.priority, DEFAULT_PRIORITY)?;
 
     let total: u64 = infos.iter().map(|i| i.nar_size).sum();
     let progress = Progress::new(mode, "pushing", infos.len(), total);
+    if args.index_debug_info {
+        std::fs::create_dir_all(cache.path("debuginfo"))
+            .with_context(|| format!("cannot create {}", cache.path("debuginfo").display()))?;
+    }
     let opts = PushOptions {
         compression: args.compression,
         level,
         jobs,
         force: args.force,
         keys,
+        nar_listing: args.nar_listing,
+        index_debug_info: args.index_debug_info,
     };
     let report = push(&store.location(), &cache, &infos, &opts, &progress);
     progress.finish();
 
     if mode != Mode::Quiet {
         let ratio = if report.nar_bytes > 0 {
-            format!(
-                " ({:.1}%)",
-                100.0 * report.file_bytes as f64 / report.nar_bytes as f64
-            )
+            format!(" ({:.1}%)", 100.0 * report.file_bytes as f64 / report.nar_bytes as f64)
         } else {
             String::new()
         };
@@ -112,11 +101,7 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     if !report.ok() {
         for (p, e) in &report.failed {
             if matches!(e, crate::push::PushError::Dependency { .. }) {
-                eprintln!(
-                    "error: {}: {}",
-                    store.store_dir().display(p),
-                    crate::error_chain(e)
-                );
+                eprintln!("error: {}: {}", store.store_dir().display(p), crate::error_chain(e));
             }
         }
         eprintln!(

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+use super::listing::Entry;
 use super::writer::{NarWriter, Node};
 
 /// A filesystem object that could not be serialized.
@@ -24,33 +25,37 @@ pub struct DumpError {
 }
 
 fn at(path: &Path) -> impl FnOnce(io::Error) -> DumpError + '_ {
-    move |source| DumpError {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| DumpError { path: path.to_owned(), source }
 }
 
 /// Writes the NAR of `path` to `w`. Returns the writer.
 pub fn dump<W: Write>(path: &Path, w: W) -> Result<W, DumpError> {
-    let mut nar = NarWriter::new(w);
-    let root = nar.root().map_err(at(path))?;
-    dump_node(path, root)?;
-    Ok(nar.into_inner())
+    dump_listing(path, w, false).map(|(w, _)| w)
 }
 
-fn dump_node<W: Write>(path: &Path, node: Node<'_, W>) -> Result<(), DumpError> {
+/// Writes the NAR of `path` to `w`, and records its listing when `listing` is set (its
+/// memory grows with the number of files, so only on request).
+pub fn dump_listing<W: Write>(path: &Path, w: W, listing: bool) -> Result<(W, Option<Entry>), DumpError> {
+    let mut nar = NarWriter::new(w);
+    let root = nar.root().map_err(at(path))?;
+    let entry = dump_node(path, root, listing)?;
+    Ok((nar.into_inner(), entry))
+}
+
+fn dump_node<W: Write>(path: &Path, node: Node<'_, W>, listing: bool) -> Result<Option<Entry>, DumpError> {
     let meta = fs::symlink_metadata(path).map_err(at(path))?;
     let ft = meta.file_type();
     if ft.is_symlink() {
         let target = fs::read_link(path).map_err(at(path))?;
-        node.symlink(target.as_os_str().as_bytes())
-            .map_err(at(path))
+        let target = target.as_os_str().as_bytes();
+        node.symlink(target).map_err(at(path))?;
+        Ok(listing.then(|| Entry::Symlink { target: target.to_vec() }))
     } else if ft.is_file() {
         let executable = meta.permissions().mode() & 0o100 != 0;
         let mut f = File::open(path).map_err(at(path))?;
-        node.file(executable, meta.len(), &mut f)
-            .map_err(at(path))?;
-        Ok(())
+        let size = meta.len();
+        let nar_offset = node.file(executable, size, &mut f).map_err(at(path))?;
+        Ok(listing.then_some(Entry::Regular { size, executable, nar_offset }))
     } else if ft.is_dir() {
         let mut names: Vec<_> = fs::read_dir(path)
             .map_err(at(path))?
@@ -59,12 +64,16 @@ fn dump_node<W: Write>(path: &Path, node: Node<'_, W>) -> Result<(), DumpError> 
             .map_err(at(path))?;
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         let mut dir = node.directory().map_err(at(path))?;
+        let mut entries = Vec::new();
         for name in names {
             let child = path.join(&name);
             let entry = dir.entry(name.as_bytes()).map_err(at(&child))?;
-            dump_node(&child, entry)?;
+            if let Some(e) = dump_node(&child, entry, listing)? {
+                entries.push((name.as_bytes().to_vec(), e));
+            }
         }
-        dir.close().map_err(at(path))
+        dir.close().map_err(at(path))?;
+        Ok(listing.then_some(Entry::Directory(entries)))
     } else {
         Err(DumpError {
             path: path.to_owned(),

@@ -13,9 +13,10 @@
 //!
 //! Directory entries are sorted by the bytes of their names, with no duplicates and no `/`,
 //! NUL, `.` or `..`. [`writer`] enforces this grammar in its types; [`dump`] feeds it from the
-//! filesystem.
+//! filesystem; [`listing`] is the `.ls` listing recorded while a NAR is written.
 
 pub mod dump;
+pub mod listing;
 pub mod writer;
 
 /// Wire tokens, each a complete padded string as it appears in the stream.

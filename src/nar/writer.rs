@@ -22,11 +22,7 @@ pub struct NarWriter<W> {
 
 impl<W: Write> NarWriter<W> {
     pub fn new(w: W) -> Self {
-        NarWriter {
-            w,
-            pos: 0,
-            started: false,
-        }
+        NarWriter { w, pos: 0, started: false }
     }
 
     /// Writes the magic and returns the root node. Call once.
@@ -108,9 +104,7 @@ impl<'a, W: Write> Node<'a, W> {
             left -= n as u64;
         }
         if contents.read(&mut buf[..1])? != 0 {
-            return Err(invalid(format!(
-                "file has more than {size} bytes (changed while being read)"
-            )));
+            return Err(invalid(format!("file has more than {size} bytes (changed while being read)")));
         }
         o.padding(size)?;
         o.raw(&wire::CLOSE)?;
@@ -120,10 +114,7 @@ impl<'a, W: Write> Node<'a, W> {
     /// Writes a symlink.
     pub fn symlink(self, target: &[u8]) -> io::Result<()> {
         if target.is_empty() || target.contains(&0) {
-            return Err(invalid(format!(
-                "invalid symlink target {:?}",
-                String::from_utf8_lossy(target)
-            )));
+            return Err(invalid(format!("invalid symlink target {:?}", String::from_utf8_lossy(target))));
         }
         let o = self.out;
         o.raw(&wire::OPEN)?;
@@ -154,16 +145,10 @@ pub struct Directory<'a, W> {
 impl<W: Write> Directory<'_, W> {
     /// Starts the entry `name`; the returned node must be written before the next entry.
     pub fn entry(&mut self, name: &[u8]) -> io::Result<Node<'_, W>> {
-        let bad = name.is_empty()
-            || name == b"."
-            || name == b".."
-            || name.contains(&b'/')
-            || name.contains(&0);
+        let bad =
+            name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0);
         if bad {
-            return Err(invalid(format!(
-                "invalid NAR entry name {:?}",
-                String::from_utf8_lossy(name)
-            )));
+            return Err(invalid(format!("invalid NAR entry name {:?}", String::from_utf8_lossy(name))));
         }
         match &self.prev {
             Some(p) if p.as_slice() >= name => {
@@ -243,10 +228,7 @@ mod tests {
         d.entry(b"a").unwrap().symlink(b"/x").unwrap();
         let sub = d.entry(b"b").unwrap().directory().unwrap();
         sub.close().unwrap();
-        d.entry(b"c")
-            .unwrap()
-            .file(false, 0, &mut &b""[..])
-            .unwrap();
+        d.entry(b"c").unwrap().file(false, 0, &mut &b""[..]).unwrap();
         d.close().unwrap();
         let want = expect(&[
             b"nix-archive-1",
