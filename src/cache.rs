@@ -38,30 +38,18 @@ pub enum CacheError {
     #[error("{} does not exist", path.display())]
     Missing { path: PathBuf },
     #[error("cannot {action} {}", path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    Io { action: &'static str, path: PathBuf, source: io::Error },
     #[error("{} is not a valid nix-cache-info: {reason}", path.display())]
     BadCacheInfo { path: PathBuf, reason: String },
     #[error(
         "the cache at {} is for store {found}, not {wanted}; use a separate cache directory per store directory",
         path.display()
     )]
-    StoreDirMismatch {
-        path: PathBuf,
-        found: String,
-        wanted: String,
-    },
+    StoreDirMismatch { path: PathBuf, found: String, wanted: String },
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CacheError + 'a {
-    move |source| CacheError::Io {
-        action,
-        path: path.to_owned(),
-        source,
-    }
+    move |source| CacheError::Io { action, path: path.to_owned(), source }
 }
 
 /// The contents of `nix-cache-info`.
@@ -89,24 +77,16 @@ impl FromStr for CacheInfo {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (mut store_dir, mut want_mass_query, mut priority) = (None, false, None);
         for line in s.lines().filter(|l| !l.trim().is_empty()) {
-            let (k, v) = line
-                .split_once(':')
-                .ok_or_else(|| format!("line {line:?} is not 'Key: value'"))?;
+            let (k, v) = line.split_once(':').ok_or_else(|| format!("line {line:?} is not 'Key: value'"))?;
             let v = v.trim();
             match k {
                 "StoreDir" => store_dir = Some(v.parse::<StoreDir>().map_err(|e| e.to_string())?),
                 "WantMassQuery" => want_mass_query = v == "1",
-                "Priority" => {
-                    priority = Some(v.parse().map_err(|_| format!("bad Priority {v:?}"))?)
-                }
+                "Priority" => priority = Some(v.parse().map_err(|_| format!("bad Priority {v:?}"))?),
                 _ => {}
             }
         }
-        Ok(CacheInfo {
-            store_dir: store_dir.ok_or("no StoreDir line")?,
-            want_mass_query,
-            priority,
-        })
+        Ok(CacheInfo { store_dir: store_dir.ok_or("no StoreDir line")?, want_mass_query, priority })
     }
 }
 
@@ -130,9 +110,7 @@ impl Cache {
     /// Opens `dir` for writing, creating it and its subdirectories when missing.
     pub fn create(dir: &Path) -> Result<Cache, CacheError> {
         if dir.exists() && !dir.is_dir() {
-            return Err(CacheError::NotADirectory {
-                path: dir.to_owned(),
-            });
+            return Err(CacheError::NotADirectory { path: dir.to_owned() });
         }
         for sub in ["", "nar", "log", "realisations"] {
             let p = dir.join(sub);
@@ -145,28 +123,18 @@ impl Cache {
                 return Err(CacheError::NotADirectory { path: p });
             }
         }
-        Ok(Cache {
-            dir: dir.to_owned(),
-            lock: None,
-        })
+        Ok(Cache { dir: dir.to_owned(), lock: None })
     }
 
     /// Opens an existing cache without changing it.
     pub fn open(dir: &Path) -> Result<Cache, CacheError> {
         if !dir.exists() {
-            return Err(CacheError::Missing {
-                path: dir.to_owned(),
-            });
+            return Err(CacheError::Missing { path: dir.to_owned() });
         }
         if !dir.is_dir() {
-            return Err(CacheError::NotADirectory {
-                path: dir.to_owned(),
-            });
+            return Err(CacheError::NotADirectory { path: dir.to_owned() });
         }
-        Ok(Cache {
-            dir: dir.to_owned(),
-            lock: None,
-        })
+        Ok(Cache { dir: dir.to_owned(), lock: None })
     }
 
     pub fn dir(&self) -> &Path {
@@ -188,6 +156,24 @@ impl Cache {
             Err(fs::TryLockError::WouldBlock) => {
                 on_wait();
                 f.lock().map_err(io_err("lock", &path))?;
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io_err("lock", &path)(e)),
+        }
+        self.lock = Some(f);
+        Ok(())
+    }
+
+    /// Takes the lock shared, for readers, when the lock file exists and can be opened:
+    /// a reader then waits for a writer to finish. On read-only media there is no writer
+    /// to wait for, and no lock is taken.
+    pub fn lock_shared(&mut self, on_wait: impl FnOnce()) -> Result<(), CacheError> {
+        let path = self.dir.join(LOCK_FILE);
+        let Ok(f) = File::open(&path) else { return Ok(()) };
+        match f.try_lock_shared() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                on_wait();
+                f.lock_shared().map_err(io_err("lock", &path))?;
             }
             Err(fs::TryLockError::Error(e)) => return Err(io_err("lock", &path)(e)),
         }
@@ -224,22 +210,15 @@ impl Cache {
         if rel.split('/').any(|c| c == ".." || c.is_empty()) {
             return None;
         }
-        fs::metadata(self.path(rel))
-            .ok()
-            .filter(|m| m.is_file())
-            .map(|m| m.len())
+        fs::metadata(self.path(rel)).ok().filter(|m| m.is_file()).map(|m| m.len())
     }
 
     /// Sets a file's modification time to now: the record of when a push last included a
     /// path, which `gc` reads.
     pub fn touch(&self, rel: &str) -> Result<(), CacheError> {
         let path = self.path(rel);
-        let f = File::options()
-            .write(true)
-            .open(&path)
-            .map_err(io_err("open", &path))?;
-        f.set_modified(std::time::SystemTime::now())
-            .map_err(io_err("set the time of", &path))
+        let f = File::options().write(true).open(&path).map_err(io_err("open", &path))?;
+        f.set_modified(std::time::SystemTime::now()).map_err(io_err("set the time of", &path))
     }
 
     /// A new temporary file in the cache subdirectory `sub` ("" or "nar").
@@ -247,15 +226,9 @@ impl Cache {
         let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = format!("{TEMP_PREFIX}{}-{n}{suffix}", std::process::id());
         let path = self.dir.join(sub).join(name);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(io_err("create", &path))?;
-        Ok(TempFile {
-            path,
-            file: Some(file),
-        })
+        let file =
+            OpenOptions::new().write(true).create_new(true).open(&path).map_err(io_err("create", &path))?;
+        Ok(TempFile { path, file: Some(file) })
     }
 
     /// Writes `data` to the cache-relative `rel` atomically.
@@ -266,14 +239,22 @@ impl Cache {
         t.persist(&self.path(rel))
     }
 
+    /// Rewrites a narinfo atomically, keeping its modification time: a change that is not a
+    /// push (adding a signature) must not make gc think a push included the path.
+    pub fn rewrite_narinfo(&self, ni: &NarInfo, modified: std::time::SystemTime) -> Result<(), CacheError> {
+        let rel = ni.file_name();
+        let sub = "";
+        let mut t = self.temp_file(sub, ".part")?;
+        t.file().write_all(ni.to_string().as_bytes()).map_err(io_err("write", &t.path))?;
+        t.file().set_modified(modified).map_err(io_err("set the time of", &t.path))?;
+        t.persist(&self.path(&rel))
+    }
+
     /// Reads `nix-cache-info`, if present.
     pub fn cache_info(&self) -> Result<Option<CacheInfo>, CacheError> {
         let path = self.path(CACHE_INFO);
         match fs::read_to_string(&path) {
-            Ok(s) => s
-                .parse()
-                .map(Some)
-                .map_err(|reason| CacheError::BadCacheInfo { path, reason }),
+            Ok(s) => s.parse().map(Some).map_err(|reason| CacheError::BadCacheInfo { path, reason }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_err("read", &path)(e)),
         }
@@ -300,12 +281,8 @@ impl Cache {
         }
         let info = CacheInfo {
             store_dir: store_dir.clone(),
-            want_mass_query: want_mass_query
-                .or(existing.as_ref().map(|e| e.want_mass_query))
-                .unwrap_or(true),
-            priority: priority
-                .or(existing.as_ref().and_then(|e| e.priority))
-                .or(Some(default_priority)),
+            want_mass_query: want_mass_query.or(existing.as_ref().map(|e| e.want_mass_query)).unwrap_or(true),
+            priority: priority.or(existing.as_ref().and_then(|e| e.priority)).or(Some(default_priority)),
         };
         if existing.as_ref() != Some(&info) {
             self.write_atomic(CACHE_INFO, info.to_string().as_bytes())?;
@@ -323,22 +300,48 @@ impl Cache {
         Ok(removed)
     }
 
+    /// The narinfo file names at the top of the cache, sorted.
+    pub fn narinfo_files(&self) -> Result<Vec<String>, CacheError> {
+        self.list("", |n| n.ends_with(".narinfo") && !n.starts_with(TEMP_PREFIX))
+    }
+
+    /// The NAR files, as cache-relative names (`nar/….nar.xz`), sorted.
+    pub fn nar_files(&self) -> Result<Vec<String>, CacheError> {
+        Ok(self
+            .list("nar", |n| !n.starts_with(TEMP_PREFIX))?
+            .into_iter()
+            .map(|n| format!("nar/{n}"))
+            .collect())
+    }
+
+    /// File names in the cache subdirectory `sub` that `keep` accepts; none if it is missing.
+    pub fn list(&self, sub: &str, keep: impl Fn(&str) -> bool) -> Result<Vec<String>, CacheError> {
+        let d = self.dir.join(sub);
+        let entries = match fs::read_dir(&d) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err("list", &d)(e)),
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            let e = e.map_err(io_err("list", &d))?;
+            if let Ok(name) = e.file_name().into_string()
+                && keep(&name)
+                && e.file_type().is_ok_and(|t| t.is_file())
+            {
+                out.push(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// Temporary files present in the cache.
     pub fn temp_files(&self) -> Result<Vec<PathBuf>, CacheError> {
         let mut found = Vec::new();
-        for sub in ["", "nar"] {
-            let d = self.dir.join(sub);
-            let entries = match fs::read_dir(&d) {
-                Ok(e) => e,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err("list", &d)(e)),
-            };
-            for e in entries {
-                let e = e.map_err(io_err("list", &d))?;
-                if e.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
-                    found.push(e.path());
-                }
-            }
+        for sub in ["", "nar", "debuginfo"] {
+            let names = self.list(sub, |n| n.starts_with(TEMP_PREFIX))?;
+            found.extend(names.into_iter().map(|n| self.dir.join(sub).join(n)));
         }
         found.sort();
         Ok(found)
@@ -367,9 +370,7 @@ impl TempFile {
         drop(f);
         fs::rename(&self.path, dest).map_err(io_err("rename into place", dest))?;
         if let Some(dir) = dest.parent() {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_err("sync directory", dir))?;
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("sync directory", dir))?;
         }
         Ok(())
     }
@@ -389,15 +390,8 @@ mod tests {
 
     #[test]
     fn cache_info_round_trip() {
-        let ci = CacheInfo {
-            store_dir: StoreDir::default(),
-            want_mass_query: true,
-            priority: Some(30),
-        };
-        assert_eq!(
-            ci.to_string(),
-            "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n"
-        );
+        let ci = CacheInfo { store_dir: StoreDir::default(), want_mass_query: true, priority: Some(30) };
+        assert_eq!(ci.to_string(), "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n");
         assert_eq!(ci.to_string().parse::<CacheInfo>().unwrap(), ci);
         // What `nix copy --to file://` writes: no newline, no other fields.
         let nix: CacheInfo = "StoreDir: /nix/store".parse().unwrap();
@@ -424,16 +418,13 @@ mod tests {
     fn store_dir_mismatch_is_refused() {
         let t = tempfile::tempdir().unwrap();
         let c = Cache::create(t.path()).unwrap();
-        c.ensure_cache_info(&StoreDir::default(), None, None, 30)
-            .unwrap();
+        c.ensure_cache_info(&StoreDir::default(), None, None, 30).unwrap();
         let other: StoreDir = "/other/store".parse().unwrap();
         assert!(matches!(
             c.ensure_cache_info(&other, None, None, 30),
             Err(CacheError::StoreDirMismatch { .. })
         ));
-        let kept = c
-            .ensure_cache_info(&StoreDir::default(), Some(false), None, 50)
-            .unwrap();
+        let kept = c.ensure_cache_info(&StoreDir::default(), Some(false), None, 50).unwrap();
         assert_eq!((kept.want_mass_query, kept.priority), (false, Some(30)));
     }
 
@@ -442,9 +433,6 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let f = t.path().join("f");
         fs::write(&f, "").unwrap();
-        assert!(matches!(
-            Cache::create(&f),
-            Err(CacheError::NotADirectory { .. })
-        ));
+        assert!(matches!(Cache::create(&f), Err(CacheError::NotADirectory { .. })));
     }
 }

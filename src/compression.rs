@@ -33,21 +33,12 @@ pub enum CompressionError {
     #[error("unknown compression {0:?} (expected xz, bzip2, zstd or none)")]
     Unknown(String),
     #[error("compression level {level} is out of range for {compression} ({min}..={max})")]
-    Level {
-        compression: Compression,
-        level: i32,
-        min: i32,
-        max: i32,
-    },
+    Level { compression: Compression, level: i32, min: i32, max: i32 },
 }
 
 impl Compression {
-    pub const ALL: [Compression; 4] = [
-        Compression::Xz,
-        Compression::Bzip2,
-        Compression::Zstd,
-        Compression::None,
-    ];
+    pub const ALL: [Compression; 4] =
+        [Compression::Xz, Compression::Bzip2, Compression::Zstd, Compression::None];
 
     /// The narinfo `Compression:` value.
     pub fn name(self) -> &'static str {
@@ -85,12 +76,7 @@ impl Compression {
         match level {
             None => Ok(default),
             Some(l) if (min..=max).contains(&l) => Ok(l),
-            Some(level) => Err(CompressionError::Level {
-                compression: self,
-                level,
-                min,
-                max,
-            }),
+            Some(level) => Err(CompressionError::Level { compression: self, level, min, max }),
         }
     }
 
@@ -108,10 +94,9 @@ impl Compression {
                     .map_err(io::Error::other)?;
                 Encoder::Xz(liblzma::write::XzEncoder::new_stream(w, stream))
             }
-            Compression::Bzip2 => Encoder::Bzip2(bzip2::write::BzEncoder::new(
-                w,
-                bzip2::Compression::new(level as u32),
-            )),
+            Compression::Bzip2 => {
+                Encoder::Bzip2(bzip2::write::BzEncoder::new(w, bzip2::Compression::new(level as u32)))
+            }
             Compression::Zstd => {
                 let mut e = zstd::stream::write::Encoder::new(w, level)?;
                 e.multithread(threads)?;
@@ -193,18 +178,14 @@ mod tests {
     use super::*;
 
     fn compress(c: Compression, data: &[u8], threads: u32) -> Vec<u8> {
-        let mut e = c
-            .encoder(Vec::new(), c.level(None).unwrap(), threads)
-            .unwrap();
+        let mut e = c.encoder(Vec::new(), c.level(None).unwrap(), threads).unwrap();
         e.write_all(data).unwrap();
         e.finish().unwrap()
     }
 
     #[test]
     fn round_trip_and_thread_independent() {
-        let data: Vec<u8> = (0..1_000_000u32)
-            .flat_map(|i| (i % 251).to_le_bytes())
-            .collect();
+        let data: Vec<u8> = (0..1_000_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
         for c in Compression::ALL {
             let one = compress(c, &data, 1);
             assert_eq!(one, compress(c, &data, 3), "{c}: output depends on threads");

@@ -102,11 +102,7 @@ pub struct HashingWriter<W> {
 
 impl<W: Write> HashingWriter<W> {
     pub fn new(inner: W) -> Self {
-        HashingWriter {
-            inner,
-            hasher: Sha256::new(),
-            count: 0,
-        }
+        HashingWriter { inner, hasher: Sha256::new(), count: 0 }
     }
 
     /// Bytes written so far.
@@ -120,11 +116,7 @@ impl<W: Write> HashingWriter<W> {
 
     /// Returns the inner writer, the byte count and the hash.
     pub fn finish(self) -> (W, u64, NixHash) {
-        (
-            self.inner,
-            self.count,
-            NixHash(self.hasher.finalize().into()),
-        )
+        (self.inner, self.count, NixHash(self.hasher.finalize().into()))
     }
 }
 
@@ -138,6 +130,38 @@ impl<W: Write> Write for HashingWriter<W> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+/// A `Read` that counts and hashes the bytes read through it.
+pub struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    count: u64,
+}
+
+impl<R: io::Read> HashingReader<R> {
+    pub fn new(inner: R) -> Self {
+        HashingReader { inner, hasher: Sha256::new(), count: 0 }
+    }
+
+    /// Bytes read so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Returns the byte count and the hash.
+    pub fn finish(self) -> (u64, NixHash) {
+        (self.count, NixHash(self.hasher.finalize().into()))
+    }
+}
+
+impl<R: io::Read> io::Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
     }
 }
 
@@ -160,14 +184,8 @@ mod tests {
 
     #[test]
     fn rejects() {
-        assert!(matches!(
-            "md5:abc".parse::<NixHash>(),
-            Err(HashError::Algorithm(_))
-        ));
-        assert!(matches!(
-            "sha256:abc".parse::<NixHash>(),
-            Err(HashError::Digest(_))
-        ));
+        assert!(matches!("md5:abc".parse::<NixHash>(), Err(HashError::Algorithm(_))));
+        assert!(matches!("sha256:abc".parse::<NixHash>(), Err(HashError::Digest(_))));
     }
 
     #[test]
@@ -176,9 +194,6 @@ mod tests {
         w.write_all(b"ab").unwrap();
         w.write_all(b"c").unwrap();
         let (inner, n, h) = w.finish();
-        assert_eq!(
-            (inner.as_slice(), n, h),
-            (&b"abc"[..], 3, NixHash::digest(b"abc"))
-        );
+        assert_eq!((inner.as_slice(), n, h), (&b"abc"[..], 3, NixHash::digest(b"abc")));
     }
 }

@@ -6,7 +6,10 @@
 
 pub mod cache;
 pub mod compression;
+pub mod content_address;
+pub mod gc;
 pub mod hash;
+pub mod index;
 pub mod nar;
 pub mod narinfo;
 pub mod nixbase32;
@@ -15,6 +18,7 @@ pub mod push;
 pub mod signing;
 pub mod store;
 pub mod store_path;
+pub mod verify;
 
 /// Formats an error with its sources: `outer: inner: innermost`.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

@@ -12,16 +12,18 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Push(a) => cmd::push::run(a),
         Command::Keygen(a) => cmd::keygen::run(a).map(|()| true),
+        Command::Sign(a) => cmd::sign::run(a),
+        Command::Gc(a) => cmd::gc::run(a),
+        Command::Verify(a) => return cmd::verify::run(a),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
             // A closed pipe (`nixcache … | head`) is not a failure.
-            if e.chain().any(|c| {
-                c.downcast_ref::<io::Error>()
-                    .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
-            }) {
+            if e.chain()
+                .any(|c| c.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe))
+            {
                 return ExitCode::SUCCESS;
             }
             eprintln!("error: {e:#}");

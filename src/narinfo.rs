@@ -33,11 +33,7 @@ pub enum NarInfoError {
     #[error("line {line}: expected 'Key: value', found {text:?}")]
     Line { line: usize, text: String },
     #[error("line {line}: bad {key} value {value:?}")]
-    Value {
-        line: usize,
-        key: &'static str,
-        value: String,
-    },
+    Value { line: usize, key: &'static str, value: String },
     #[error("missing field {0}")]
     Missing(&'static str),
     #[error("field {0} appears twice")]
@@ -67,11 +63,7 @@ pub struct NarInfo {
 impl NarInfo {
     /// The text a signature covers.
     pub fn fingerprint(&self) -> String {
-        let refs: Vec<String> = self
-            .references
-            .iter()
-            .map(|r| self.store_dir.display(r))
-            .collect();
+        let refs: Vec<String> = self.references.iter().map(|r| self.store_dir.display(r)).collect();
         signing::fingerprint(
             &self.store_dir.display(&self.store_path),
             &self.nar_hash,
@@ -100,9 +92,7 @@ impl NarInfo {
     /// True when some signature verifies with one of `keys`.
     pub fn verified_by(&self, keys: &[PublicKey]) -> bool {
         let fp = self.fingerprint();
-        self.sigs
-            .iter()
-            .any(|s| keys.iter().any(|k| k.verify(&fp, s)))
+        self.sigs.iter().any(|s| keys.iter().any(|k| k.verify(&fp, s)))
     }
 
     /// The narinfo's file name in a cache: `<hashpart>.narinfo`.
@@ -170,41 +160,22 @@ impl FromStr for NarInfo {
             let (key, value) = text
                 .split_once(": ")
                 .or_else(|| text.strip_suffix(':').map(|k| (k, "")))
-                .ok_or_else(|| NarInfoError::Line {
-                    line,
-                    text: text.to_owned(),
-                })?;
+                .ok_or_else(|| NarInfoError::Line { line, text: text.to_owned() })?;
             macro_rules! parse {
                 ($name:literal, $e:expr) => {
-                    $e.map_err(|_| NarInfoError::Value {
-                        line,
-                        key: $name,
-                        value: value.to_owned(),
-                    })?
+                    $e.map_err(|_| NarInfoError::Value { line, key: $name, value: value.to_owned() })?
                 };
             }
             match key {
                 "StorePath" => {
                     let (dir, base) = parse!("StorePath", value.rsplit_once('/').ok_or(()));
                     let dir: StoreDir = parse!("StorePath", dir.parse());
-                    set(
-                        &mut path,
-                        "StorePath",
-                        (dir, parse!("StorePath", base.parse())),
-                    )?
+                    set(&mut path, "StorePath", (dir, parse!("StorePath", base.parse())))?
                 }
                 "URL" => set(&mut url, "URL", value.to_owned())?,
                 "Compression" => set(&mut compression, "Compression", value.to_owned())?,
-                "FileHash" => set(
-                    &mut file_hash,
-                    "FileHash",
-                    parse!("FileHash", value.parse()),
-                )?,
-                "FileSize" => set(
-                    &mut file_size,
-                    "FileSize",
-                    parse!("FileSize", value.parse()),
-                )?,
+                "FileHash" => set(&mut file_hash, "FileHash", parse!("FileHash", value.parse()))?,
+                "FileSize" => set(&mut file_size, "FileSize", parse!("FileSize", value.parse()))?,
                 "NarHash" => set(&mut nar_hash, "NarHash", parse!("NarHash", value.parse()))?,
                 "NarSize" => set(&mut nar_size, "NarSize", parse!("NarSize", value.parse()))?,
                 "References" => {
@@ -262,27 +233,16 @@ mod tests {
     fn nix_signature_verifies_and_ours_matches() {
         let ni: NarInfo = NIX_NARINFO.parse().unwrap();
         let pk: PublicKey = PK.parse().unwrap();
-        assert!(
-            ni.verified_by(std::slice::from_ref(&pk)),
-            "{}",
-            ni.fingerprint()
-        );
+        assert!(ni.verified_by(std::slice::from_ref(&pk)), "{}", ni.fingerprint());
         // ed25519 is deterministic: our signature must equal the one Nix made.
         let sk: SecretKey = include_str!("../tests/data/test-1.secret").parse().unwrap();
         let mut ours = ni.clone();
-        assert!(
-            !ours.add_signature(&sk),
-            "same key, same fingerprint: nothing to add"
-        );
+        assert!(!ours.add_signature(&sk), "same key, same fingerprint: nothing to add");
         ours.sigs.clear();
         assert!(ours.add_signature(&sk));
         assert_eq!(
             ours.sigs,
-            ni.sigs
-                .iter()
-                .filter(|s| s.key_name() == "test-1")
-                .cloned()
-                .collect::<Vec<_>>()
+            ni.sigs.iter().filter(|s| s.key_name() == "test-1").cloned().collect::<Vec<_>>()
         );
         // A changed NarSize breaks it.
         let mut bad = ni;
@@ -301,18 +261,9 @@ mod tests {
 
     #[test]
     fn rejects() {
-        assert!(matches!(
-            "garbage".parse::<NarInfo>(),
-            Err(NarInfoError::Line { line: 1, .. })
-        ));
-        assert!(matches!(
-            "URL: x\n".parse::<NarInfo>(),
-            Err(NarInfoError::Missing("StorePath"))
-        ));
+        assert!(matches!("garbage".parse::<NarInfo>(), Err(NarInfoError::Line { line: 1, .. })));
+        assert!(matches!("URL: x\n".parse::<NarInfo>(), Err(NarInfoError::Missing("StorePath"))));
         let bad_hash = NIX_NARINFO.replace("NarHash: sha256:", "NarHash: md5:");
-        assert!(matches!(
-            bad_hash.parse::<NarInfo>(),
-            Err(NarInfoError::Value { key: "NarHash", .. })
-        ));
+        assert!(matches!(bad_hash.parse::<NarInfo>(), Err(NarInfoError::Value { key: "NarHash", .. })));
     }
 }

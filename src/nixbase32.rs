@@ -44,21 +44,14 @@ pub fn encode(bytes: &[u8]) -> String {
 }
 
 fn digit(c: u8) -> Result<u8, DecodeError> {
-    ALPHABET
-        .iter()
-        .position(|&a| a == c)
-        .map(|p| p as u8)
-        .ok_or(DecodeError::Character(c as char))
+    ALPHABET.iter().position(|&a| a == c).map(|p| p as u8).ok_or(DecodeError::Character(c as char))
 }
 
 /// Decodes a nix32 string into exactly `N` bytes.
 pub fn decode<const N: usize>(s: &str) -> Result<[u8; N], DecodeError> {
     let s = s.as_bytes();
     if s.len() != encoded_len(N) {
-        return Err(DecodeError::Length {
-            got: s.len(),
-            expected: encoded_len(N),
-        });
+        return Err(DecodeError::Length { got: s.len(), expected: encoded_len(N) });
     }
     let mut out = [0u8; N];
     for (n, &c) in s.iter().rev().enumerate() {
@@ -99,40 +92,24 @@ mod tests {
 
     #[test]
     fn golden() {
-        assert_eq!(
-            encode(&unhex(SHA256_EMPTY)),
-            "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73"
-        );
-        assert_eq!(
-            encode(&unhex(SHA256_ABC)),
-            "1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s"
-        );
+        assert_eq!(encode(&unhex(SHA256_EMPTY)), "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73");
+        assert_eq!(encode(&unhex(SHA256_ABC)), "1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s");
     }
 
     #[test]
     fn round_trip() {
         for seed in 0u8..=255 {
-            let bytes: [u8; 20] =
-                std::array::from_fn(|i| seed.wrapping_mul(31).wrapping_add(i as u8 * 7));
+            let bytes: [u8; 20] = std::array::from_fn(|i| seed.wrapping_mul(31).wrapping_add(i as u8 * 7));
             let s = encode(&bytes);
             assert_eq!(s.len(), 32);
             assert_eq!(decode::<20>(&s).unwrap(), bytes);
         }
-        assert_eq!(
-            decode::<32>(&encode(&unhex(SHA256_ABC))).unwrap(),
-            unhex(SHA256_ABC)
-        );
+        assert_eq!(decode::<32>(&encode(&unhex(SHA256_ABC))).unwrap(), unhex(SHA256_ABC));
     }
 
     #[test]
     fn rejects() {
-        assert_eq!(
-            decode::<20>("e").unwrap_err(),
-            DecodeError::Length {
-                got: 1,
-                expected: 32
-            }
-        );
+        assert_eq!(decode::<20>("e").unwrap_err(), DecodeError::Length { got: 1, expected: 32 });
         let bad = "0000000000000000000000000000000e";
         assert_eq!(decode::<20>(bad).unwrap_err(), DecodeError::Character('e'));
         // The top digit of a 32-byte hash has only one meaningful bit.

@@ -100,9 +100,13 @@ impl Progress {
             bar.set_message(name.to_owned());
             bar
         });
-        PathProgress {
-            bar,
-            total: self.total.clone(),
+        PathProgress { bar, total: self.total.clone() }
+    }
+
+    /// Adds bytes to the overall bar, for work not fed through a [`PathProgress`].
+    pub fn advance(&self, bytes: u64) {
+        if let Some(t) = &self.total {
+            t.inc(bytes);
         }
     }
 

@@ -35,10 +35,7 @@ pub enum KeyError {
 }
 
 fn split(s: &str) -> Result<(&str, Vec<u8>), KeyError> {
-    let (name, data) = s
-        .trim_end_matches(['\n', '\r'])
-        .split_once(':')
-        .ok_or(KeyError::Shape)?;
+    let (name, data) = s.trim_end_matches(['\n', '\r']).split_once(':').ok_or(KeyError::Shape)?;
     if name.is_empty() {
         return Err(KeyError::EmptyName);
     }
@@ -48,8 +45,7 @@ fn split(s: &str) -> Result<(&str, Vec<u8>), KeyError> {
 
 fn fixed<const N: usize>(v: Vec<u8>) -> Result<[u8; N], KeyError> {
     let got = v.len();
-    v.try_into()
-        .map_err(|_| KeyError::Length { got, expected: N })
+    v.try_into().map_err(|_| KeyError::Length { got, expected: N })
 }
 
 /// A named ed25519 secret key. Debug is redacted; the key is wiped on drop by ed25519-dalek.
@@ -64,10 +60,7 @@ impl SecretKey {
         if name.is_empty() {
             return Err(KeyError::EmptyName);
         }
-        Ok(SecretKey {
-            name: name.to_owned(),
-            key: SigningKey::from_bytes(seed),
-        })
+        Ok(SecretKey { name: name.to_owned(), key: SigningKey::from_bytes(seed) })
     }
 
     pub fn name(&self) -> &str {
@@ -75,19 +68,13 @@ impl SecretKey {
     }
 
     pub fn public_key(&self) -> PublicKey {
-        PublicKey {
-            name: self.name.clone(),
-            key: self.key.verifying_key(),
-        }
+        PublicKey { name: self.name.clone(), key: self.key.verifying_key() }
     }
 
     /// Signs a fingerprint.
     pub fn sign(&self, fingerprint: &str) -> Signature {
         let sig = self.key.sign(fingerprint.as_bytes());
-        Signature {
-            name: self.name.clone(),
-            bytes: sig.to_bytes(),
-        }
+        Signature { name: self.name.clone(), bytes: sig.to_bytes() }
     }
 }
 
@@ -100,22 +87,14 @@ impl FromStr for SecretKey {
         // from_keypair_bytes checks that the public half belongs to the seed.
         let key = SigningKey::from_keypair_bytes(&bytes).map_err(|_| KeyError::Mismatch);
         bytes.fill(0);
-        Ok(SecretKey {
-            name: name.to_owned(),
-            key: key?,
-        })
+        Ok(SecretKey { name: name.to_owned(), key: key? })
     }
 }
 
 impl fmt::Display for SecretKey {
     /// The key file's content, as `nix-store --generate-binary-cache-key` writes it.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}",
-            self.name,
-            STANDARD.encode(self.key.to_keypair_bytes())
-        )
+        write!(f, "{}:{}", self.name, STANDARD.encode(self.key.to_keypair_bytes()))
     }
 }
 
@@ -142,10 +121,7 @@ impl PublicKey {
         sig.name == self.name
             && self
                 .key
-                .verify_strict(
-                    fingerprint.as_bytes(),
-                    &ed25519_dalek::Signature::from_bytes(&sig.bytes),
-                )
+                .verify_strict(fingerprint.as_bytes(), &ed25519_dalek::Signature::from_bytes(&sig.bytes))
                 .is_ok()
     }
 }
@@ -156,10 +132,7 @@ impl FromStr for PublicKey {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (name, bytes) = split(s.trim())?;
         let key = VerifyingKey::from_bytes(&fixed(bytes)?).map_err(|_| KeyError::Point)?;
-        Ok(PublicKey {
-            name: name.to_owned(),
-            key,
-        })
+        Ok(PublicKey { name: name.to_owned(), key })
     }
 }
 
@@ -194,10 +167,7 @@ impl FromStr for Signature {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (name, bytes) = split(s)?;
-        Ok(Signature {
-            name: name.to_owned(),
-            bytes: fixed(bytes)?,
-        })
+        Ok(Signature { name: name.to_owned(), bytes: fixed(bytes)? })
     }
 }
 
@@ -232,7 +202,8 @@ mod tests {
     use super::*;
 
     // Made by `nix-store --generate-binary-cache-key test-1 sk pk` (Nix 2.8).
-    const SK: &str = "test-1:DaVAtE34wRiYlkhMVRJG5spv2VArFiUHISv+7i+jdY4VzxifVsU1VuYoI7QhmnY9AdqH8BXoysHSEDOajn4/Kw==";
+    const SK: &str =
+        "test-1:DaVAtE34wRiYlkhMVRJG5spv2VArFiUHISv+7i+jdY4VzxifVsU1VuYoI7QhmnY9AdqH8BXoysHSEDOajn4/Kw==";
     const PK: &str = "test-1:Fc8Yn1bFNVbmKCO0IZp2PQHah/AV6MrB0hAzmo5+Pys=";
 
     #[test]
@@ -247,18 +218,9 @@ mod tests {
     #[test]
     fn rejects_bad_keys() {
         assert_eq!("garbage".parse::<SecretKey>().unwrap_err(), KeyError::Shape);
-        assert_eq!(
-            ":AAAA".parse::<SecretKey>().unwrap_err(),
-            KeyError::EmptyName
-        );
+        assert_eq!(":AAAA".parse::<SecretKey>().unwrap_err(), KeyError::EmptyName);
         assert_eq!("a:!!".parse::<SecretKey>().unwrap_err(), KeyError::Base64);
-        assert_eq!(
-            PK.parse::<SecretKey>().unwrap_err(),
-            KeyError::Length {
-                got: 32,
-                expected: 64
-            }
-        );
+        assert_eq!(PK.parse::<SecretKey>().unwrap_err(), KeyError::Length { got: 32, expected: 64 });
         // A seed with someone else's public half.
         let mut bytes = STANDARD.decode(&SK[7..]).unwrap();
         bytes[40] ^= 1;

@@ -51,30 +51,18 @@ pub enum StoreError {
     NotInStore { path: PathBuf, store_dir: String },
     #[error(transparent)]
     BadPath(#[from] StorePathError),
-    #[error(
-        "{0} is not a valid store path (not registered in the Nix database; build or realise it first)"
-    )]
+    #[error("{0} is not a valid store path (not registered in the Nix database; build or realise it first)")]
     NotValid(String),
     #[error("cannot read the Nix database {}", db.display())]
-    Db {
-        db: PathBuf,
-        source: rusqlite::Error,
-    },
+    Db { db: PathBuf, source: rusqlite::Error },
     #[error("the Nix database has a bad {what} for {path}: {value:?}")]
-    BadRow {
-        path: String,
-        what: &'static str,
-        value: String,
-    },
+    BadRow { path: String, what: &'static str, value: String },
     #[error("cannot run `{command}` (is Nix installed and on PATH?)")]
     Spawn { command: String, source: io::Error },
     #[error("`{command}` failed: {stderr}")]
     Command { command: String, stderr: String },
     #[error("cannot parse the output of `{command}`")]
-    Json {
-        command: String,
-        source: serde_json::Error,
-    },
+    Json { command: String, source: serde_json::Error },
 }
 
 /// How to find a store.
@@ -157,23 +145,13 @@ impl Store {
         let store_arg = (config.root != Path::new("/")).then(|| config.root.display().to_string());
         let backend = match config.source {
             Source::Nix => Backend::Nix { store_arg },
-            Source::Db => Backend::Db {
-                conn: open_db(&db_path)?,
-                path: db_path,
-            },
+            Source::Db => Backend::Db { conn: open_db(&db_path)?, path: db_path },
             Source::Auto => match open_db(&db_path) {
-                Ok(conn) => Backend::Db {
-                    conn,
-                    path: db_path,
-                },
+                Ok(conn) => Backend::Db { conn, path: db_path },
                 Err(_) => Backend::Nix { store_arg },
             },
         };
-        Ok(Store {
-            store_dir: config.store_dir.clone(),
-            real_dir,
-            backend,
-        })
+        Ok(Store { store_dir: config.store_dir.clone(), real_dir, backend })
     }
 
     pub fn store_dir(&self) -> &StoreDir {
@@ -182,10 +160,7 @@ impl Store {
 
     /// The filesystem side of the store, which can be shared between threads.
     pub fn location(&self) -> StoreLocation {
-        StoreLocation {
-            store_dir: self.store_dir.clone(),
-            real_dir: self.real_dir.clone(),
-        }
+        StoreLocation { store_dir: self.store_dir.clone(), real_dir: self.real_dir.clone() }
     }
 
     /// Where the path's files are on this machine.
@@ -210,8 +185,7 @@ impl Store {
         };
         let sp: StorePath = first.to_string_lossy().parse()?;
         let real = self.real_path(&sp);
-        std::fs::symlink_metadata(&real)
-            .map_err(|source| StoreError::NotFound { path: real, source })?;
+        std::fs::symlink_metadata(&real).map_err(|source| StoreError::NotFound { path: real, source })?;
         Ok(Some(sp))
     }
 
@@ -219,10 +193,7 @@ impl Store {
     /// into the store such as `./result`) into a store path. Never follows a symlink that is
     /// itself inside the store: a store path may be a symlink.
     pub fn resolve(&self, arg: &Path) -> Result<StorePath, StoreError> {
-        let not_found = |source| StoreError::NotFound {
-            path: arg.to_owned(),
-            source,
-        };
+        let not_found = |source| StoreError::NotFound { path: arg.to_owned(), source };
         let mut p = normalize(&std::path::absolute(arg).map_err(not_found)?);
         for _ in 0..64 {
             if let Some(sp) = self.in_store(&p)? {
@@ -242,26 +213,16 @@ impl Store {
             let target = std::fs::read_link(&q).map_err(not_found)?;
             p = normalize(&q.parent().unwrap_or(Path::new("/")).join(target));
         }
-        Err(StoreError::NotInStore {
-            path: arg.to_owned(),
-            store_dir: self.store_dir.to_string(),
-        })
+        Err(StoreError::NotInStore { path: arg.to_owned(), store_dir: self.store_dir.to_string() })
     }
 
     /// The closure of `roots`, references before referrers is not promised: callers order.
     /// With `include_outputs`, the valid outputs of every derivation in the closure (and
     /// their closures) are included too.
-    pub fn closure(
-        &self,
-        roots: &[StorePath],
-        include_outputs: bool,
-    ) -> Result<Vec<PathInfo>, StoreError> {
+    pub fn closure(&self, roots: &[StorePath], include_outputs: bool) -> Result<Vec<PathInfo>, StoreError> {
         match &self.backend {
             Backend::Db { conn, path } => {
-                let db = |source| StoreError::Db {
-                    db: path.clone(),
-                    source,
-                };
+                let db = |source| StoreError::Db { db: path.clone(), source };
                 let mut q = DbQueries::new(conn).map_err(db)?;
                 let mut seen: HashMap<StorePath, ()> = HashMap::new();
                 let mut queue: VecDeque<StorePath> = roots.iter().cloned().collect();
@@ -275,12 +236,7 @@ impl Store {
                         QueryError::Sql(e) => db(e),
                         QueryError::Store(e) => e,
                     })?;
-                    queue.extend(
-                        info.references
-                            .iter()
-                            .filter(|r| !seen.contains_key(*r))
-                            .cloned(),
-                    );
+                    queue.extend(info.references.iter().filter(|r| !seen.contains_key(*r)).cloned());
                     if include_outputs && p.is_derivation() {
                         for o in q.outputs(id).map_err(db)? {
                             if let Ok(op) = self.store_dir.parse_path(&o)
@@ -309,28 +265,21 @@ impl Store {
                 let mut out = Vec::with_capacity(paths.len());
                 // Nix 2.8's path-info has no --stdin; chunks keep argv well under ARG_MAX.
                 for chunk in paths.chunks(2000) {
-                    let mut args: Vec<String> = [
-                        "--extra-experimental-features",
-                        "nix-command",
-                        "path-info",
-                        "--json",
-                    ]
-                    .map(str::to_owned)
-                    .to_vec();
+                    let mut args: Vec<String> =
+                        ["--extra-experimental-features", "nix-command", "path-info", "--json"]
+                            .map(str::to_owned)
+                            .to_vec();
                     if let Some(s) = store_arg {
                         args.extend(["--store".to_owned(), s.clone()]);
                     }
                     args.extend(chunk.iter().map(|p| p.to_string()));
                     let json = run("nix", &args)?;
-                    out.extend(parse_path_info_json(&self.store_dir, &json).map_err(
-                        |e| match e {
-                            JsonError::Json(source) => StoreError::Json {
-                                command: "nix path-info --json".into(),
-                                source,
-                            },
-                            JsonError::Store(e) => e,
-                        },
-                    )?);
+                    out.extend(parse_path_info_json(&self.store_dir, &json).map_err(|e| match e {
+                        JsonError::Json(source) => {
+                            StoreError::Json { command: "nix path-info --json".into(), source }
+                        }
+                        JsonError::Store(e) => e,
+                    })?);
                 }
                 Ok(out)
             }
@@ -339,22 +288,13 @@ impl Store {
 }
 
 fn open_db(path: &Path) -> Result<Connection, StoreError> {
-    let db = |source| StoreError::Db {
-        db: path.to_owned(),
-        source,
-    };
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(db)?;
-    conn.busy_timeout(std::time::Duration::from_secs(60))
-        .map_err(db)?;
+    let db = |source| StoreError::Db { db: path.to_owned(), source };
+    let conn =
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .map_err(db)?;
+    conn.busy_timeout(std::time::Duration::from_secs(60)).map_err(db)?;
     // Opening is lazy: make it fail now if the file is not readable or not Nix's.
-    conn.query_row("SELECT count(*) FROM ValidPaths WHERE id = 0", [], |_| {
-        Ok(())
-    })
-    .map_err(db)?;
+    conn.query_row("SELECT count(*) FROM ValidPaths WHERE id = 0", [], |_| Ok(())).map_err(db)?;
     Ok(conn)
 }
 
@@ -378,9 +318,8 @@ struct DbQueries<'c> {
 impl<'c> DbQueries<'c> {
     fn new(conn: &'c Connection) -> rusqlite::Result<Self> {
         Ok(DbQueries {
-            info: conn.prepare(
-                "SELECT id, hash, deriver, narSize, sigs, ca FROM ValidPaths WHERE path = ?1",
-            )?,
+            info: conn
+                .prepare("SELECT id, hash, deriver, narSize, sigs, ca FROM ValidPaths WHERE path = ?1")?,
             refs: conn.prepare(
                 "SELECT p.path FROM Refs r JOIN ValidPaths p ON r.reference = p.id WHERE r.referrer = ?1",
             )?,
@@ -396,42 +335,16 @@ impl<'c> DbQueries<'c> {
         self.outputs.query_map([id], |r| r.get(0))?.collect()
     }
 
-    fn info(
-        &mut self,
-        sd: &StoreDir,
-        p: &StorePath,
-        abs: &str,
-    ) -> Result<(PathInfo, i64), QueryError> {
-        type Row = (
-            i64,
-            String,
-            Option<String>,
-            Option<i64>,
-            Option<String>,
-            Option<String>,
-        );
+    fn info(&mut self, sd: &StoreDir, p: &StorePath, abs: &str) -> Result<(PathInfo, i64), QueryError> {
+        type Row = (i64, String, Option<String>, Option<i64>, Option<String>, Option<String>);
         let row: Option<Row> = self
             .info
-            .query_row([abs], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                ))
-            })
+            .query_row([abs], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
             .optional()?;
         let (id, hash, deriver, nar_size, sigs, ca) =
             row.ok_or_else(|| QueryError::Store(StoreError::NotValid(abs.to_owned())))?;
-        let bad = |what, value: String| {
-            QueryError::Store(StoreError::BadRow {
-                path: abs.to_owned(),
-                what,
-                value,
-            })
-        };
+        let bad =
+            |what, value: String| QueryError::Store(StoreError::BadRow { path: abs.to_owned(), what, value });
         let nar_hash: NixHash = hash.parse().map_err(|_| bad("hash", hash.clone()))?;
         let mut references = Vec::new();
         for r in self.refs.query_map([id], |r| r.get::<_, String>(0))? {
@@ -444,9 +357,7 @@ impl<'c> DbQueries<'c> {
             nar_hash,
             nar_size: nar_size.unwrap_or(0).max(0) as u64,
             references,
-            deriver: deriver
-                .filter(|d| !d.is_empty())
-                .and_then(|d| sd.parse_path(&d).ok()),
+            deriver: deriver.filter(|d| !d.is_empty()).and_then(|d| sd.parse_path(&d).ok()),
             sigs: parse_sigs(sigs.as_deref().unwrap_or("").split_ascii_whitespace()),
             ca: ca.filter(|c| !c.is_empty()),
         };
@@ -465,10 +376,7 @@ fn run(program: &str, args: &[String]) -> Result<String, StoreError> {
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| StoreError::Spawn {
-            command: command.clone(),
-            source,
-        })?;
+        .map_err(|source| StoreError::Spawn { command: command.clone(), source })?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
         return Err(StoreError::Command { command, stderr });
@@ -511,30 +419,15 @@ fn parse_path_info_json(sd: &StoreDir, json: &str) -> Result<Vec<PathInfo>, Json
             .map_err(JsonError::Json)?,
         serde_json::Value::Object(map) => map
             .into_iter()
-            .map(|(k, v)| {
-                Ok((
-                    k,
-                    if v.is_null() {
-                        None
-                    } else {
-                        Some(serde_json::from_value(v)?)
-                    },
-                ))
-            })
+            .map(|(k, v)| Ok((k, if v.is_null() { None } else { Some(serde_json::from_value(v)?) })))
             .collect::<Result<_, serde_json::Error>>()
             .map_err(JsonError::Json)?,
         _ => {
-            return Err(JsonError::Json(serde::de::Error::custom(
-                "expected a list or an object",
-            )));
+            return Err(JsonError::Json(serde::de::Error::custom("expected a list or an object")));
         }
     };
     let path_of = |s: &str| -> Result<StorePath, StoreError> {
-        if s.contains('/') {
-            Ok(sd.parse_path(s)?)
-        } else {
-            Ok(s.parse()?)
-        }
+        if s.contains('/') { Ok(sd.parse_path(s)?) } else { Ok(s.parse()?) }
     };
     let mut out = Vec::new();
     for (abs, info) in entries {
@@ -542,13 +435,8 @@ fn parse_path_info_json(sd: &StoreDir, json: &str) -> Result<Vec<PathInfo>, Json
             Some(i) if i.valid != Some(false) && i.nar_hash.is_some() => i,
             _ => return Err(JsonError::Store(StoreError::NotValid(abs))),
         };
-        let bad = |what, value: String| {
-            JsonError::Store(StoreError::BadRow {
-                path: abs.clone(),
-                what,
-                value,
-            })
-        };
+        let bad =
+            |what, value: String| JsonError::Store(StoreError::BadRow { path: abs.clone(), what, value });
         let hash = info.nar_hash.unwrap_or_default();
         let mut references: Vec<StorePath> = info
             .references
@@ -586,16 +474,11 @@ mod tests {
         let json = format!(
             r#"[{{"path":"/nix/store/{B}","narHash":"{HASH}","narSize":576,"references":["/nix/store/{B}","/nix/store/{A}"],"deriver":"/nix/store/srj3m15bg07lhs08w5aq3gbar0i1qry2-fixture-b.drv","registrationTime":1,"signatures":["test-1:6zmDME6EPhzi59KmnIiTUK9mNi+qZN6uXnxQGeKGMnqZxgUpWtm0u9oQpeHHEZumc4jrJ39qckFHDI12Xv0bCg=="],"valid":true}}]"#
         );
-        let infos = parse_path_info_json(&StoreDir::default(), &json)
-            .ok()
-            .unwrap();
+        let infos = parse_path_info_json(&StoreDir::default(), &json).ok().unwrap();
         assert_eq!(infos.len(), 1);
         let i = &infos[0];
         assert_eq!(i.path.as_str(), B);
-        assert_eq!(
-            i.references.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
-            [A, B]
-        );
+        assert_eq!(i.references.iter().map(|r| r.as_str()).collect::<Vec<_>>(), [A, B]);
         assert_eq!(i.nar_size, 576);
         assert_eq!(i.sigs.len(), 1);
         assert!(i.deriver.is_some());
@@ -607,9 +490,7 @@ mod tests {
         let json = format!(
             r#"{{"/nix/store/{A}":{{"narHash":"sha256-ungWv48Bz+pBQUDeXa4iI7ADYaOWF3qctBD/YfIAFa0=","narSize":8,"references":[],"deriver":null,"signatures":[],"ca":null}}}}"#
         );
-        let infos = parse_path_info_json(&StoreDir::default(), &json)
-            .ok()
-            .unwrap();
+        let infos = parse_path_info_json(&StoreDir::default(), &json).ok().unwrap();
         assert_eq!(infos[0].path.as_str(), A);
         assert_eq!(infos[0].nar_hash, NixHash::digest(b"abc"));
         let invalid = format!(r#"{{"/nix/store/{A}":null}}"#);

@@ -21,9 +21,7 @@ pub enum StorePathError {
     Shape(String),
     #[error("store path {0:?} has an invalid hash part")]
     Hash(String),
-    #[error(
-        "store path {0:?} has an invalid name (allowed: A-Z a-z 0-9 +-._?=, not starting with '.')"
-    )]
+    #[error("store path {0:?} has an invalid name (allowed: A-Z a-z 0-9 +-._?=, not starting with '.')")]
     Name(String),
     #[error("{path:?} is not in the store {store_dir:?}")]
     NotInStore { path: String, store_dir: String },
@@ -76,9 +74,7 @@ impl FromStr for StorePath {
         }
         let name_ok = name.len() <= MAX_NAME_LEN
             && !name.starts_with('.')
-            && name
-                .bytes()
-                .all(|c| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c));
+            && name.bytes().all(|c| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c));
         if !name_ok {
             return Err(StorePathError::Name(s.to_owned()));
         }
@@ -120,14 +116,8 @@ impl StoreDir {
 
     /// Parses an absolute store path, which must sit directly in this store directory.
     pub fn parse_path(&self, abs: &str) -> Result<StorePath, StorePathError> {
-        let not_in_store = || StorePathError::NotInStore {
-            path: abs.to_owned(),
-            store_dir: self.0.clone(),
-        };
-        let base = abs
-            .strip_prefix(&self.0)
-            .and_then(|r| r.strip_prefix('/'))
-            .ok_or_else(not_in_store)?;
+        let not_in_store = || StorePathError::NotInStore { path: abs.to_owned(), store_dir: self.0.clone() };
+        let base = abs.strip_prefix(&self.0).and_then(|r| r.strip_prefix('/')).ok_or_else(not_in_store)?;
         if base.contains('/') {
             return Err(not_in_store());
         }
@@ -171,30 +161,15 @@ mod tests {
 
     #[test]
     fn rejects() {
-        assert!(matches!(
-            "foo".parse::<StorePath>(),
-            Err(StorePathError::Shape(_))
-        ));
+        assert!(matches!("foo".parse::<StorePath>(), Err(StorePathError::Shape(_))));
         let e = "00bgd045z0d4icpbc2yyz4gx48ak44le-x";
-        assert!(matches!(
-            e.parse::<StorePath>(),
-            Err(StorePathError::Hash(_))
-        ));
+        assert!(matches!(e.parse::<StorePath>(), Err(StorePathError::Hash(_))));
         let n = "00bgd045z0d4icpbc2yyz4gx48ak44la-a b";
-        assert!(matches!(
-            n.parse::<StorePath>(),
-            Err(StorePathError::Name(_))
-        ));
+        assert!(matches!(n.parse::<StorePath>(), Err(StorePathError::Name(_))));
         let dot = "00bgd045z0d4icpbc2yyz4gx48ak44la-.x";
-        assert!(matches!(
-            dot.parse::<StorePath>(),
-            Err(StorePathError::Name(_))
-        ));
+        assert!(matches!(dot.parse::<StorePath>(), Err(StorePathError::Name(_))));
         let sd = StoreDir::default();
-        assert!(matches!(
-            sd.parse_path("/tmp/x"),
-            Err(StorePathError::NotInStore { .. })
-        ));
+        assert!(matches!(sd.parse_path("/tmp/x"), Err(StorePathError::NotInStore { .. })));
         assert!(matches!(
             sd.parse_path(&format!("/nix/store/{P}/bin")),
             Err(StorePathError::NotInStore { .. })

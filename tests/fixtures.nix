@@ -45,9 +45,19 @@ let
     ln -s ${dep}/bin/dep $out
   '';
   text = builtins.toFile "edge-text-ca" "a content-addressed text file\n";
+  source = builtins.path { path = ./fixture-src; name = "edge-source-ca"; };
+  debug = mk "edge-debug" ''
+    d=$out/lib/debug/.build-id
+    mkdir -p $d/ab $d/cd $d/xx
+    echo one > $d/ab/0123456789abcdef0123456789abcdef012345.debug
+    echo two > $d/cd/00112233445566778899aabbccddeeff001122.debug
+    echo not-indexed > $d/ab/notes.txt
+    echo not-indexed > $d/xx/0123456789abcdef0123456789abcdef012345.debug
+    ln -s ../cd/00112233445566778899aabbccddeeff001122.debug $d/ab/ffffffffffffffffffffffffffffffffffffff.debug
+  '';
   # Optional bulk: paths of 4 MB of random bytes each, slow to compress.
   bulk = builtins.genList (i: mk "bulk-${toString i}" "head -c 4000000 /dev/urandom > $out") extra;
 in mk "edge-top" ''
   mkdir -p $out
-  for p in ${tree} ${single-file} ${symlink} ${text} ${toString bulk}; do echo $p; done > $out/closure
+  for p in ${tree} ${single-file} ${symlink} ${text} ${source} ${debug} ${toString bulk}; do echo $p; done > $out/closure
 ''

@@ -24,19 +24,12 @@ fn write_new(path: &Path, mode: u32, text: &str) -> anyhow::Result<()> {
 }
 
 pub fn run(args: &KeygenArgs) -> anyhow::Result<()> {
-    if args.name.is_empty() || args.name.contains(':') || args.name.chars().any(char::is_whitespace)
-    {
-        bail!(
-            "key name {:?} must be non-empty, without ':' or spaces (e.g. cache.example.org-1)",
-            args.name
-        );
+    if args.name.is_empty() || args.name.contains(':') || args.name.chars().any(char::is_whitespace) {
+        bail!("key name {:?} must be non-empty, without ':' or spaces (e.g. cache.example.org-1)", args.name);
     }
     for p in [&args.secret_file, &args.public_file] {
         if p.symlink_metadata().is_ok() {
-            bail!(
-                "{} already exists; refusing to overwrite a key",
-                p.display()
-            );
+            bail!("{} already exists; refusing to overwrite a key", p.display());
         }
     }
     let mut seed = [0u8; 32];

@@ -11,10 +11,8 @@ fn assert_consistent(cache: &Path) {
         let s = p.to_string_lossy();
         assert!(!s.contains(".nixcache-tmp-"), "temporary file left: {s}");
         if s.ends_with(".narinfo") {
-            let ni: nixcache::narinfo::NarInfo = std::fs::read_to_string(cache.join(&p))
-                .unwrap()
-                .parse()
-                .unwrap();
+            let ni: nixcache::narinfo::NarInfo =
+                std::fs::read_to_string(cache.join(&p)).unwrap().parse().unwrap();
             let size = std::fs::metadata(cache.join(&ni.url)).map(|m| m.len()).ok();
             assert_eq!(size, ni.file_size, "{s} points at a missing or partial NAR");
         }
@@ -36,11 +34,7 @@ struct Scratch {
 
 impl Scratch {
     fn new(tag: &str) -> Scratch {
-        let salt = format!(
-            "{tag}-{}-{:?}",
-            std::process::id(),
-            std::time::SystemTime::now()
-        );
+        let salt = format!("{tag}-{}-{:?}", std::process::id(), std::time::SystemTime::now());
         let top = build_fixtures(&salt);
         let closure = requisites(&top);
         Scratch { top, closure }
@@ -56,10 +50,7 @@ impl Drop for Scratch {
         for p in &self.closure {
             let _ = Command::new("chmod").args(["-R", "u+rw", p]).status();
         }
-        let _ = nix_cmd("nix-store")
-            .arg("--delete")
-            .args(&self.closure)
-            .output();
+        let _ = nix_cmd("nix-store").arg("--delete").args(&self.closure).output();
     }
 }
 
@@ -72,28 +63,10 @@ fn missing_and_outside_paths() {
     assert!(failed_cleanly(&out).contains(missing), "{}", stderr(&out));
     let outside = t.path().join("file");
     std::fs::write(&outside, "x").unwrap();
-    let out = fails(
-        nixcache()
-            .args(["push", "--dest"])
-            .arg(&cache)
-            .arg(&outside),
-    );
-    assert!(
-        failed_cleanly(&out).contains("is not in the Nix store"),
-        "{}",
-        stderr(&out)
-    );
-    let out = fails(
-        nixcache()
-            .args(["push", "--dest"])
-            .arg(&cache)
-            .arg(t.path().join("nope")),
-    );
-    assert!(
-        failed_cleanly(&out).contains("no such file"),
-        "{}",
-        stderr(&out)
-    );
+    let out = fails(nixcache().args(["push", "--dest"]).arg(&cache).arg(&outside));
+    assert!(failed_cleanly(&out).contains("is not in the Nix store"), "{}", stderr(&out));
+    let out = fails(nixcache().args(["push", "--dest"]).arg(&cache).arg(t.path().join("nope")));
+    assert!(failed_cleanly(&out).contains("no such file"), "{}", stderr(&out));
     let out = fails(nixcache().args(["push", "--dest"]).arg(&cache));
     assert!(failed_cleanly(&out).contains("no store paths given"));
     assert!(!cache.exists(), "bad input must not create the cache");
@@ -106,51 +79,19 @@ fn bad_keys_and_options() {
     let cache = t.path().join("cache");
     let garbage = t.path().join("garbage.key");
     std::fs::write(&garbage, "this is not a key\n").unwrap();
-    let out = fails(
-        nixcache()
-            .args(["push", "-k"])
-            .arg(&garbage)
-            .arg("--dest")
-            .arg(&cache)
-            .arg(&f.top),
-    );
+    let out = fails(nixcache().args(["push", "-k"]).arg(&garbage).arg("--dest").arg(&cache).arg(&f.top));
     let e = failed_cleanly(&out);
-    assert!(
-        e.contains("is not a Nix secret key") && e.contains("garbage.key"),
-        "{e}"
-    );
-    let out = fails(
-        nixcache()
-            .args(["push", "-k", "/nonexistent/key", "--dest"])
-            .arg(&cache)
-            .arg(&f.top),
-    );
+    assert!(e.contains("is not a Nix secret key") && e.contains("garbage.key"), "{e}");
+    let out = fails(nixcache().args(["push", "-k", "/nonexistent/key", "--dest"]).arg(&cache).arg(&f.top));
     assert!(failed_cleanly(&out).contains("cannot read secret key file /nonexistent/key"));
     // A public key where the secret one belongs.
     let public = t.path().join("pub.key");
     std::fs::write(&public, PUBLIC).unwrap();
-    let out = fails(
-        nixcache()
-            .args(["push", "-k"])
-            .arg(&public)
-            .arg("--dest")
-            .arg(&cache)
-            .arg(&f.top),
-    );
+    let out = fails(nixcache().args(["push", "-k"]).arg(&public).arg("--dest").arg(&cache).arg(&f.top));
     assert!(failed_cleanly(&out).contains("64"), "{}", stderr(&out));
-    let out = fails(
-        nixcache()
-            .args(["push", "--compression-level", "12", "--dest"])
-            .arg(&cache)
-            .arg(&f.top),
-    );
+    let out = fails(nixcache().args(["push", "--compression-level", "12", "--dest"]).arg(&cache).arg(&f.top));
     assert!(failed_cleanly(&out).contains("out of range"));
-    let out = fails(
-        nixcache()
-            .args(["push", "-c", "lz4", "--dest"])
-            .arg(&cache)
-            .arg(&f.top),
-    );
+    let out = fails(nixcache().args(["push", "-c", "lz4", "--dest"]).arg(&cache).arg(&f.top));
     assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
     assert!(!cache.exists());
 }
@@ -162,11 +103,7 @@ fn dest_that_is_a_file() {
     let file = t.path().join("file");
     std::fs::write(&file, "x").unwrap();
     let out = fails(nixcache().args(["push", "--dest"]).arg(&file).arg(&f.top));
-    assert!(
-        failed_cleanly(&out).contains("is not a directory"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(failed_cleanly(&out).contains("is not a directory"), "{}", stderr(&out));
     assert_eq!(std::fs::read(&file).unwrap(), b"x");
 }
 
@@ -179,37 +116,19 @@ fn corrupt_store_path_is_refused_with_its_dependents() {
     std::fs::write(&file, "#!/bin/sh\necho tampered\n").unwrap();
     let t = tmp();
     let cache = t.path().join("cache");
-    let out = fails(
-        nixcache()
-            .args(["push", "-k", SECRET, "--dest"])
-            .arg(&cache)
-            .arg(&s.top),
-    );
+    let out = fails(nixcache().args(["push", "-k", SECRET, "--dest"]).arg(&cache).arg(&s.top));
     let e = failed_cleanly(&out);
     assert!(e.contains(&dep) && e.contains("corrupt"), "{e}");
-    assert!(
-        e.contains("nix-store --verify --check-contents --repair"),
-        "{e}"
-    );
+    assert!(e.contains("nix-store --verify --check-contents --repair"), "{e}");
     // Nothing that depends on it is published; what doesn't is.
     for name in ["edge-dep", "edge-tree", "edge-symlink", "edge-top"] {
-        assert!(
-            !cache
-                .join(format!("{}.narinfo", hash_part(s.path(name))))
-                .exists(),
-            "{name} published"
-        );
+        assert!(!cache.join(format!("{}.narinfo", hash_part(s.path(name)))).exists(), "{name} published");
         if name != "edge-dep" {
             assert!(e.contains(s.path(name)), "{name} not reported: {e}");
         }
     }
     for name in ["edge-single-file", "edge-text-ca"] {
-        assert!(
-            cache
-                .join(format!("{}.narinfo", hash_part(s.path(name))))
-                .exists(),
-            "{name} missing"
-        );
+        assert!(cache.join(format!("{}.narinfo", hash_part(s.path(name)))).exists(), "{name} missing");
     }
     assert_consistent(&cache);
 }
@@ -232,10 +151,7 @@ fn unreadable_file_is_named() {
             ])
             .arg(&cache)
             .arg(&s.top)
-            .env(
-                "NIX_CONFIG",
-                "substituters =\nexperimental-features = nix-command\n",
-            ),
+            .env("NIX_CONFIG", "substituters =\nexperimental-features = nix-command\n"),
     );
     let e = failed_cleanly(&out);
     assert!(e.contains(&file) && e.contains("Permission denied"), "{e}");
@@ -249,9 +165,7 @@ fn full_disk_fails_cleanly() {
     let cache = t.path().join("small");
     std::fs::create_dir(&cache).unwrap();
     // A 256 KiB filesystem: the fixtures' 1.3 MB of NARs cannot fit uncompressed.
-    ok(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
-        .arg(&cache));
+    ok(Command::new("mount").args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"]).arg(&cache));
     struct Unmount<'a>(&'a Path);
     impl Drop for Unmount<'_> {
         fn drop(&mut self) {
@@ -259,12 +173,7 @@ fn full_disk_fails_cleanly() {
         }
     }
     let _u = Unmount(&cache);
-    let out = fails(
-        nixcache()
-            .args(["push", "-c", "none", "--dest"])
-            .arg(&cache)
-            .arg(&f.top),
-    );
+    let out = fails(nixcache().args(["push", "-c", "none", "--dest"]).arg(&cache).arg(&f.top));
     let e = failed_cleanly(&out);
     assert!(e.contains("No space left on device"), "{e}");
     assert_consistent(&cache);

@@ -30,23 +30,15 @@ pub fn nixcache() -> Command {
 pub fn nix_cmd(program: &str) -> Command {
     static CHECK: OnceLock<()> = OnceLock::new();
     CHECK.get_or_init(|| {
-        let ok = Command::new("nix-store")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        assert!(
-            ok,
-            "Nix is required for the integration tests: apt-get install -y nix-bin"
-        );
+        let ok = Command::new("nix-store").arg("--version").output().is_ok_and(|o| o.status.success());
+        assert!(ok, "Nix is required for the integration tests: apt-get install -y nix-bin");
     });
     with_env(Command::new(program))
 }
 
 /// Runs a command, panicking with its stderr unless it succeeds; returns stdout.
 pub fn ok(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}):\n{}",
@@ -58,14 +50,8 @@ pub fn ok(cmd: &mut Command) -> String {
 
 /// Runs a command expected to fail; returns its output.
 pub fn fails(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        !out.status.success(),
-        "{cmd:?} should have failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(!out.status.success(), "{cmd:?} should have failed:\n{}", String::from_utf8_lossy(&out.stderr));
     out
 }
 
@@ -102,10 +88,7 @@ pub struct Fixtures {
 
 impl Fixtures {
     pub fn path(&self, name: &str) -> &str {
-        self.closure
-            .iter()
-            .find(|p| p.ends_with(name))
-            .unwrap_or_else(|| panic!("no fixture {name}"))
+        self.closure.iter().find(|p| p.ends_with(name)).unwrap_or_else(|| panic!("no fixture {name}"))
     }
 }
 
@@ -120,10 +103,7 @@ pub fn fixtures() -> &'static Fixtures {
 }
 
 pub fn requisites(path: &str) -> Vec<String> {
-    ok(nix_cmd("nix-store").args(["--query", "--requisites", path]))
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    ok(nix_cmd("nix-store").args(["--query", "--requisites", path])).lines().map(str::to_owned).collect()
 }
 
 pub fn hash_part(path: &str) -> &str {
@@ -132,10 +112,7 @@ pub fn hash_part(path: &str) -> &str {
 
 pub fn narinfo(cache: &Path, path: &str) -> NarInfo {
     let f = cache.join(format!("{}.narinfo", hash_part(path)));
-    std::fs::read_to_string(&f)
-        .unwrap_or_else(|e| panic!("{}: {e}", f.display()))
-        .parse()
-        .unwrap()
+    std::fs::read_to_string(&f).unwrap_or_else(|e| panic!("{}: {e}", f.display())).parse().unwrap()
 }
 
 /// The uncompressed NAR the cache holds for `path`.
@@ -144,18 +121,12 @@ pub fn cached_nar(cache: &Path, path: &str) -> Vec<u8> {
     let c: Compression = ni.compression.parse().unwrap();
     let f = std::fs::File::open(cache.join(&ni.url)).unwrap();
     let mut out = Vec::new();
-    c.decoder(std::io::BufReader::new(f))
-        .unwrap()
-        .read_to_end(&mut out)
-        .unwrap();
+    c.decoder(std::io::BufReader::new(f)).unwrap().read_to_end(&mut out).unwrap();
     out
 }
 
 pub fn dump(path: &str) -> Vec<u8> {
-    let out = nix_cmd("nix-store")
-        .args(["--dump", path])
-        .output()
-        .unwrap();
+    let out = nix_cmd("nix-store").args(["--dump", path]).output().unwrap();
     assert!(out.status.success());
     out.stdout
 }
@@ -166,14 +137,7 @@ pub fn restore_cmd(url: &str, root: &Path, key: &str, paths: &[&str]) -> Command
     let mut c = nix_cmd("nix");
     c.args(["copy", "--from", url, "--to"])
         .arg(root)
-        .args([
-            "--option",
-            "trusted-public-keys",
-            key,
-            "--option",
-            "require-sigs",
-            "true",
-        ])
+        .args(["--option", "trusted-public-keys", key, "--option", "require-sigs", "true"])
         .args(paths);
     c
 }
@@ -186,11 +150,7 @@ pub fn restore(url: &str, root: &Path, paths: &[&str]) {
 pub fn assert_restored_identical(root: &Path, paths: &[String]) {
     for p in paths {
         let restored = root.join(p.trim_start_matches('/'));
-        assert_eq!(
-            dump(restored.to_str().unwrap()),
-            dump(p),
-            "restored {p} differs from the original"
-        );
+        assert_eq!(dump(restored.to_str().unwrap()), dump(p), "restored {p} differs from the original");
     }
 }
 
@@ -210,10 +170,7 @@ pub fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
             if p.is_dir() {
                 walk(base, &p, out);
             } else {
-                out.push((
-                    p.strip_prefix(base).unwrap().to_owned(),
-                    std::fs::read(&p).unwrap(),
-                ));
+                out.push((p.strip_prefix(base).unwrap().to_owned(), std::fs::read(&p).unwrap()));
             }
         }
     }

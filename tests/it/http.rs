@@ -29,22 +29,16 @@ fn serve(dir: PathBuf) -> u16 {
                 let mut parts = request.split_whitespace();
                 let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
                 let rel = path.trim_start_matches('/');
-                let body = (!rel.contains(".."))
-                    .then(|| std::fs::read(dir.join(rel)).ok())
-                    .flatten();
+                let body = (!rel.contains("..")).then(|| std::fs::read(dir.join(rel)).ok()).flatten();
                 let _ = match body {
                     Some(b) => {
                         let head = format!(
                             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                             b.len()
                         );
-                        stream.write_all(head.as_bytes()).and_then(|()| {
-                            if method == "HEAD" {
-                                Ok(())
-                            } else {
-                                stream.write_all(&b)
-                            }
-                        })
+                        stream
+                            .write_all(head.as_bytes())
+                            .and_then(|()| if method == "HEAD" { Ok(()) } else { stream.write_all(&b) })
                     }
                     None => stream.write_all(
                         b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
@@ -61,10 +55,7 @@ fn restores_over_http() {
     let f = fixtures();
     let t = tmp();
     let cache = t.path().join("cache");
-    ok(nixcache()
-        .args(["push", "-q", "-c", "zstd", "-k", SECRET, "--dest"])
-        .arg(&cache)
-        .arg(&f.top));
+    ok(nixcache().args(["push", "-q", "-c", "zstd", "-k", SECRET, "--dest"]).arg(&cache).arg(&f.top));
     let port = serve(cache);
     let root = t.path().join("root");
     restore(&format!("http://127.0.0.1:{port}"), &root, &[&f.top]);

@@ -8,4 +8,5 @@ mod errors;
 mod helpers;
 mod http;
 mod keys;
+mod maintenance;
 mod push;

@@ -14,31 +14,16 @@ fn every_compression_restores_with_nix_and_matches_dump() {
         let t = tmp();
         let cache = t.path().join("cache");
         ok(nixcache()
-            .args([
-                "push",
-                "--quiet",
-                "--compression",
-                c,
-                "--secret-key",
-                SECRET,
-                "--dest",
-            ])
+            .args(["push", "--quiet", "--compression", c, "--secret-key", SECRET, "--dest"])
             .arg(&cache)
             .arg(&f.top));
         for p in &f.closure {
             let ni = narinfo(&cache, p);
             assert_eq!(ni.compression, c);
-            let ext = nixcache::compression::Compression::ALL
-                .iter()
-                .find(|x| x.name() == c)
-                .unwrap()
-                .extension();
+            let ext =
+                nixcache::compression::Compression::ALL.iter().find(|x| x.name() == c).unwrap().extension();
             assert!(ni.url.ends_with(ext), "{}", ni.url);
-            assert_eq!(
-                cached_nar(&cache, p),
-                dump(p),
-                "{c}: NAR of {p} differs from nix-store --dump"
-            );
+            assert_eq!(cached_nar(&cache, p), dump(p), "{c}: NAR of {p} differs from nix-store --dump");
         }
         let root = t.path().join("root");
         restore(&file_url(&cache), &root, &[&f.top]);
@@ -51,17 +36,10 @@ fn narinfo_metadata_equals_nix_path_info() {
     let f = fixtures();
     let t = tmp();
     let cache = t.path().join("cache");
-    ok(nixcache()
-        .args(["push", "-q", "-k", SECRET, "--dest"])
-        .arg(&cache)
-        .arg(&f.top));
-    let json: serde_json::Value = serde_json::from_str(&ok(nix_cmd("nix").args([
-        "path-info",
-        "--json",
-        "--recursive",
-        &f.top,
-    ])))
-    .unwrap();
+    ok(nixcache().args(["push", "-q", "-k", SECRET, "--dest"]).arg(&cache).arg(&f.top));
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(nix_cmd("nix").args(["path-info", "--json", "--recursive", &f.top])))
+            .unwrap();
     let infos = json.as_array().unwrap();
     assert_eq!(infos.len(), f.closure.len());
     for info in infos {
@@ -79,23 +57,12 @@ fn narinfo_metadata_equals_nix_path_info() {
             .map(|r| r.as_str().unwrap().rsplit('/').next().unwrap().to_owned())
             .collect();
         let got: Vec<String> = ni.references.iter().map(StorePath::to_string).collect();
-        assert_eq!(
-            got,
-            want.into_iter().collect::<Vec<_>>(),
-            "{path}: references sorted and complete"
-        );
+        assert_eq!(got, want.into_iter().collect::<Vec<_>>(), "{path}: references sorted and complete");
         match info.get("deriver").and_then(|d| d.as_str()) {
-            Some(d) => assert_eq!(
-                ni.deriver.as_ref().unwrap().to_string(),
-                d.rsplit('/').next().unwrap()
-            ),
+            Some(d) => assert_eq!(ni.deriver.as_ref().unwrap().to_string(), d.rsplit('/').next().unwrap()),
             None => assert!(ni.deriver.is_none()),
         }
-        assert_eq!(
-            ni.ca.as_deref(),
-            info.get("ca").and_then(|c| c.as_str()),
-            "{path}"
-        );
+        assert_eq!(ni.ca.as_deref(), info.get("ca").and_then(|c| c.as_str()), "{path}");
         assert!(ni.signed_by("test-1"));
     }
     // The text file made by builtins.toFile is content-addressed and has no deriver.
@@ -105,10 +72,7 @@ fn narinfo_metadata_equals_nix_path_info() {
     let tree = narinfo(&cache, f.path("edge-tree"));
     assert!(tree.references.contains(&tree.store_path));
     let cache_info = std::fs::read_to_string(cache.join("nix-cache-info")).unwrap();
-    assert_eq!(
-        cache_info,
-        "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n"
-    );
+    assert_eq!(cache_info, "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n");
     for d in ["nar", "log", "realisations"] {
         assert!(cache.join(d).is_dir(), "{d}/ is pre-created");
     }
@@ -120,37 +84,15 @@ fn db_and_path_info_sources_write_identical_caches() {
     let t = tmp();
     let (a, b) = (t.path().join("db"), t.path().join("nix"));
     ok(nixcache()
-        .args([
-            "push",
-            "-q",
-            "-c",
-            "zstd",
-            "-k",
-            SECRET,
-            "--metadata",
-            "db",
-            "--dest",
-        ])
+        .args(["push", "-q", "-c", "zstd", "-k", SECRET, "--metadata", "db", "--dest"])
         .arg(&a)
         .arg(&f.top));
     ok(nixcache()
-        .args([
-            "push",
-            "-q",
-            "-c",
-            "zstd",
-            "-k",
-            SECRET,
-            "--metadata",
-            "nix",
-            "--dest",
-        ])
+        .args(["push", "-q", "-c", "zstd", "-k", SECRET, "--metadata", "nix", "--dest"])
         .arg(&b)
         .arg(&f.top));
     let strip_lock = |v: Vec<(std::path::PathBuf, Vec<u8>)>| {
-        v.into_iter()
-            .filter(|(p, _)| !p.ends_with(".nixcache.lock"))
-            .collect::<Vec<_>>()
+        v.into_iter().filter(|(p, _)| !p.ends_with(".nixcache.lock")).collect::<Vec<_>>()
     };
     assert_eq!(strip_lock(tree(&a)), strip_lock(tree(&b)));
 }
@@ -160,18 +102,9 @@ fn output_does_not_depend_on_jobs() {
     let f = fixtures();
     let t = tmp();
     for c in ["xz", "zstd"] {
-        let (a, b) = (
-            t.path().join(format!("{c}1")),
-            t.path().join(format!("{c}2")),
-        );
-        ok(nixcache()
-            .args(["push", "-q", "-j", "1", "-c", c, "-k", SECRET, "--dest"])
-            .arg(&a)
-            .arg(&f.top));
-        ok(nixcache()
-            .args(["push", "-q", "-j", "3", "-c", c, "-k", SECRET, "--dest"])
-            .arg(&b)
-            .arg(&f.top));
+        let (a, b) = (t.path().join(format!("{c}1")), t.path().join(format!("{c}2")));
+        ok(nixcache().args(["push", "-q", "-j", "1", "-c", c, "-k", SECRET, "--dest"]).arg(&a).arg(&f.top));
+        ok(nixcache().args(["push", "-q", "-j", "3", "-c", c, "-k", SECRET, "--dest"]).arg(&b).arg(&f.top));
         assert_eq!(tree(&a), tree(&b), "{c}: bytes depend on --jobs");
     }
 }
@@ -195,61 +128,28 @@ fn symlinks_stdin_and_paths_inside_store_paths_resolve() {
     use std::io::Write;
     let single = f.path("edge-single-file").to_owned();
     let sym = format!("{}\n", f.path("edge-symlink"));
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{single}/\n\n{sym}").as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(format!("{single}/\n\n{sym}").as_bytes()).unwrap();
     assert!(child.wait().unwrap().success());
     for p in ["edge-tree", "edge-dep", "edge-single-file", "edge-symlink"] {
-        assert!(
-            cache
-                .join(format!("{}.narinfo", hash_part(f.path(p))))
-                .exists(),
-            "{p}"
-        );
+        assert!(cache.join(format!("{}.narinfo", hash_part(f.path(p)))).exists(), "{p}");
     }
-    assert!(
-        !cache
-            .join(format!("{}.narinfo", hash_part(&f.top)))
-            .exists()
-    );
+    assert!(!cache.join(format!("{}.narinfo", hash_part(&f.top))).exists());
     // A store path that is itself a symlink is pushed as the symlink, not its target.
-    assert_eq!(
-        cached_nar(&cache, f.path("edge-symlink")),
-        dump(f.path("edge-symlink"))
-    );
+    assert_eq!(cached_nar(&cache, f.path("edge-symlink")), dump(f.path("edge-symlink")));
 }
 
 #[test]
 fn include_outputs_pushes_derivations_and_their_outputs() {
     let f = fixtures();
-    let drv = ok(nix_cmd("nix-store").args(["--query", "--deriver", &f.top]))
-        .trim()
-        .to_owned();
+    let drv = ok(nix_cmd("nix-store").args(["--query", "--deriver", &f.top])).trim().to_owned();
     let t = tmp();
     let (plain, with) = (t.path().join("plain"), t.path().join("with"));
-    ok(nixcache()
-        .args(["push", "-q", "--dest"])
-        .arg(&plain)
-        .arg(&drv));
+    ok(nixcache().args(["push", "-q", "--dest"]).arg(&plain).arg(&drv));
     assert!(plain.join(format!("{}.narinfo", hash_part(&drv))).exists());
-    assert!(
-        !plain
-            .join(format!("{}.narinfo", hash_part(&f.top)))
-            .exists(),
-        "outputs only on request"
-    );
-    ok(nixcache()
-        .args(["push", "-q", "-k", SECRET, "--include-outputs", "--dest"])
-        .arg(&with)
-        .arg(&drv));
+    assert!(!plain.join(format!("{}.narinfo", hash_part(&f.top))).exists(), "outputs only on request");
+    ok(nixcache().args(["push", "-q", "-k", SECRET, "--include-outputs", "--dest"]).arg(&with).arg(&drv));
     for p in &f.closure {
-        assert!(
-            with.join(format!("{}.narinfo", hash_part(p))).exists(),
-            "{p}"
-        );
+        assert!(with.join(format!("{}.narinfo", hash_part(p))).exists(), "{p}");
     }
     let root = t.path().join("root");
     restore(&file_url(&with), &root, &[&f.top, &drv]);
@@ -261,35 +161,18 @@ fn rerun_skips_repairs_and_adds_signatures() {
     let t = tmp();
     let cache = t.path().join("cache");
     // Unsigned first.
-    ok(nixcache()
-        .args(["push", "-q", "--dest"])
-        .arg(&cache)
-        .arg(&f.top));
+    ok(nixcache().args(["push", "-q", "--dest"]).arg(&cache).arg(&f.top));
     let before = tree(&cache);
-    let out = nixcache()
-        .args(["push", "--dest"])
-        .arg(&cache)
-        .arg(&f.top)
-        .output()
-        .unwrap();
+    let out = nixcache().args(["push", "--dest"]).arg(&cache).arg(&f.top).output().unwrap();
     assert!(out.status.success());
     let n = f.closure.len();
-    assert!(
-        stderr(&out).contains(&format!("{n} paths: 0 pushed, {n} skipped")),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains(&format!("{n} paths: 0 pushed, {n} skipped")), "{}", stderr(&out));
     assert_eq!(tree(&cache), before, "a re-run changes no bytes");
 
     // Signing an unsigned cache adds Sig lines without recompressing.
     let nar_files = |c: &std::path::Path| std::fs::read_dir(c.join("nar")).unwrap().count();
     let nars = nar_files(&cache);
-    let out = nixcache()
-        .args(["push", "-k", SECRET, "--dest"])
-        .arg(&cache)
-        .arg(&f.top)
-        .output()
-        .unwrap();
+    let out = nixcache().args(["push", "-k", SECRET, "--dest"]).arg(&cache).arg(&f.top).output().unwrap();
     assert!(
         stderr(&out).contains(&format!("0 pushed, 0 skipped, 0 repaired, {n} signed")),
         "{}",
@@ -303,17 +186,9 @@ fn rerun_skips_repairs_and_adds_signatures() {
     std::fs::remove_file(cache.join(&tree_ni.url)).unwrap();
     let dep_ni = narinfo(&cache, f.path("edge-dep"));
     std::fs::write(cache.join(&dep_ni.url), b"short").unwrap();
-    let out = nixcache()
-        .args(["push", "-k", SECRET, "--dest"])
-        .arg(&cache)
-        .arg(&f.top)
-        .output()
-        .unwrap();
+    let out = nixcache().args(["push", "-k", SECRET, "--dest"]).arg(&cache).arg(&f.top).output().unwrap();
     assert!(stderr(&out).contains("2 repaired"), "{}", stderr(&out));
-    assert_eq!(
-        cached_nar(&cache, f.path("edge-tree")),
-        dump(f.path("edge-tree"))
-    );
+    assert_eq!(cached_nar(&cache, f.path("edge-tree")), dump(f.path("edge-tree")));
     restore(&file_url(&cache), &t.path().join("root2"), &[&f.top]);
 }
 
@@ -344,26 +219,10 @@ fn killed_push_leaves_a_usable_cache_and_rerun_completes() {
     let t = tmp();
     let cache = t.path().join("cache");
     let published = |cache: &std::path::Path| -> Vec<String> {
-        closure
-            .iter()
-            .filter(|p| cache.join(format!("{}.narinfo", hash_part(p))).exists())
-            .cloned()
-            .collect()
+        closure.iter().filter(|p| cache.join(format!("{}.narinfo", hash_part(p))).exists()).cloned().collect()
     };
     let mut child = nixcache()
-        .args([
-            "push",
-            "-q",
-            "-j",
-            "1",
-            "-c",
-            "xz",
-            "--compression-level",
-            "9",
-            "-k",
-            SECRET,
-            "--dest",
-        ])
+        .args(["push", "-q", "-j", "1", "-c", "xz", "--compression-level", "9", "-k", SECRET, "--dest"])
         .arg(&cache)
         .arg(&top)
         .spawn()
@@ -373,10 +232,7 @@ fn killed_push_leaves_a_usable_cache_and_rerun_completes() {
         std::thread::sleep(Duration::from_millis(1));
     }
     child.kill().unwrap();
-    assert!(
-        !child.wait().unwrap().success(),
-        "the push finished before it could be killed"
-    );
+    assert!(!child.wait().unwrap().success(), "the push finished before it could be killed");
     let seen = published(&cache);
     assert!(
         !seen.is_empty() && seen.len() < closure.len(),
@@ -388,12 +244,7 @@ fn killed_push_leaves_a_usable_cache_and_rerun_completes() {
     let paths: Vec<&str> = seen.iter().map(String::as_str).collect();
     restore(&file_url(&cache), &t.path().join("partial"), &paths);
 
-    let out = nixcache()
-        .args(["push", "-k", SECRET, "--dest"])
-        .arg(&cache)
-        .arg(&top)
-        .output()
-        .unwrap();
+    let out = nixcache().args(["push", "-k", SECRET, "--dest"]).arg(&cache).arg(&top).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let leftovers: Vec<_> = tree(&cache)
         .into_iter()
@@ -428,52 +279,25 @@ fn cache_info_settings_and_database_fallback() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let info = |c: &std::path::Path| std::fs::read_to_string(c.join("nix-cache-info")).unwrap();
-    assert_eq!(
-        info(&cache),
-        "StoreDir: /nix/store\nWantMassQuery: 0\nPriority: 10\n"
-    );
+    assert_eq!(info(&cache), "StoreDir: /nix/store\nWantMassQuery: 0\nPriority: 10\n");
     // Later pushes keep the settings unless told otherwise.
-    ok(nixcache()
-        .args(["push", "-q", "--dest"])
-        .arg(&cache)
-        .arg(f.path("edge-single-file")));
-    assert_eq!(
-        info(&cache),
-        "StoreDir: /nix/store\nWantMassQuery: 0\nPriority: 10\n"
-    );
+    ok(nixcache().args(["push", "-q", "--dest"]).arg(&cache).arg(f.path("edge-single-file")));
+    assert_eq!(info(&cache), "StoreDir: /nix/store\nWantMassQuery: 0\nPriority: 10\n");
     ok(nixcache()
         .args(["push", "-q", "--want-mass-query", "--dest"])
         .arg(&cache)
         .arg(f.path("edge-single-file")));
-    assert_eq!(
-        info(&cache),
-        "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 10\n"
-    );
+    assert_eq!(info(&cache), "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 10\n");
     // With --metadata db there is no fallback.
     let out = fails(
         nixcache()
-            .args([
-                "push",
-                "--metadata",
-                "db",
-                "--db",
-                "/nonexistent/db.sqlite",
-                "--dest",
-            ])
+            .args(["push", "--metadata", "db", "--db", "/nonexistent/db.sqlite", "--dest"])
             .arg(&cache)
             .arg(&f.top),
     );
-    assert!(
-        stderr(&out).contains("/nonexistent/db.sqlite"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("/nonexistent/db.sqlite"), "{}", stderr(&out));
     // A cache made for another store directory is refused.
     std::fs::write(cache.join("nix-cache-info"), "StoreDir: /gnu/store\n").unwrap();
     let out = fails(nixcache().args(["push", "--dest"]).arg(&cache).arg(&f.top));
-    assert!(
-        stderr(&out).contains("is for store /gnu/store"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("is for store /gnu/store"), "{}", stderr(&out));
 }

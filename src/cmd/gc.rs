@@ -1,0 +1,42 @@
+//! `nixcache gc`: under the writers' lock, so a push racing a gc loses nothing.
+
+use std::time::SystemTime;
+
+use crate::cache::Cache;
+use crate::cli::GcArgs;
+use crate::gc::{Reason, gc};
+use crate::progress::bytes;
+
+pub fn run(args: &GcArgs) -> anyhow::Result<bool> {
+    let mut cache = Cache::open(&args.dest)?;
+    cache.lock(|| {
+        if !args.quiet {
+            eprintln!("waiting for another nixcache writing to {} ...", args.dest.display());
+        }
+    })?;
+    let report = gc(&cache, args.older_than, &args.keep, SystemTime::now(), args.dry_run)?;
+    if !args.quiet {
+        let verb = if args.dry_run { "would remove" } else { "removed" };
+        for r in &report.removals {
+            let why = match r.reason {
+                Some(Reason::Old) => " (not pushed recently)",
+                Some(Reason::Incomplete) => " (incomplete: NAR or reference missing)",
+                Some(Reason::Unparsable) => " (does not parse)",
+                None => "",
+            };
+            match &r.store_path {
+                Some(p) => println!("{verb} {p}{why}"),
+                None => println!("{verb} {}{why}", r.file),
+            }
+        }
+    }
+    eprintln!(
+        "{} paths kept, {} paths {}, {} {}",
+        report.kept,
+        report.removed_paths,
+        if args.dry_run { "would be removed" } else { "removed" },
+        bytes(report.bytes_freed),
+        if args.dry_run { "would be freed" } else { "freed" }
+    );
+    Ok(true)
+}

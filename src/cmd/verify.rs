@@ -1,0 +1,78 @@
+//! `nixcache verify`: exit 0 when clean, 1 when problems were found, 2 when verify could not
+//! run.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+
+use crate::cache::Cache;
+use crate::cli::VerifyArgs;
+use crate::progress::{Mode, Progress};
+use crate::signing::PublicKey;
+use crate::verify::{VerifyReport, verify};
+
+fn parse_key(arg: &str) -> anyhow::Result<PublicKey> {
+    // A key itself, or a file that holds one.
+    if let Ok(k) = arg.parse() {
+        return Ok(k);
+    }
+    let text = std::fs::read_to_string(arg)
+        .with_context(|| format!("{arg:?} is neither a public key (NAME:BASE64) nor a readable key file"))?;
+    text.parse().with_context(|| format!("{arg} does not hold a Nix public key"))
+}
+
+fn run_inner(args: &VerifyArgs) -> anyhow::Result<VerifyReport> {
+    let keys = args.trusted_public_keys.iter().map(|k| parse_key(k)).collect::<anyhow::Result<Vec<_>>>()?;
+    let mut cache = Cache::open(&args.dest)?;
+    let mode = Mode::detect(args.quiet || args.json);
+    cache.lock_shared(|| {
+        if mode != Mode::Quiet {
+            eprintln!("waiting for a writer of {} to finish ...", args.dest.display());
+        }
+    })?;
+    let jobs =
+        args.jobs.map_or_else(|| std::thread::available_parallelism().map_or(1, usize::from), usize::from);
+    let files = cache.narinfo_files()?;
+    let total: u64 = cache.nar_files()?.iter().filter_map(|f| cache.file_size(f)).sum();
+    let progress = Progress::new(mode, "verifying", files.len(), total);
+    let report = verify(&cache, &keys, jobs, &progress)?;
+    progress.finish();
+    Ok(report)
+}
+
+pub fn run(args: &VerifyArgs) -> ExitCode {
+    let report = match run_inner(args) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.json {
+        let ok = report.problems.is_empty();
+        let value = serde_json::json!({
+            "ok": ok,
+            "narinfos": report.narinfos,
+            "narBytes": report.nar_bytes,
+            "problems": report.problems,
+        });
+        println!("{value:#}");
+    } else {
+        for p in &report.problems {
+            println!("{}: {}: {}", p.path, p.kind, p.message);
+        }
+        if !args.quiet {
+            eprintln!(
+                "{} narinfos, {} of NAR checked: {}",
+                report.narinfos,
+                crate::progress::bytes(report.nar_bytes),
+                if report.problems.is_empty() {
+                    "no problems".to_owned()
+                } else {
+                    format!("{} problems", report.problems.len())
+                }
+            );
+        }
+    }
+    if report.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) }
+}

@@ -1,0 +1,245 @@
+//! Closure-aware garbage collection of a cache directory.
+//!
+//! A path stays if a push named or walked it within the window (its narinfo's modification
+//! time, which push touches) or if it is in the closure of a `--keep` path, and only if it is
+//! complete: its NAR is there and everything it references stays. Everything else goes, in
+//! an order that never shows a client a narinfo whose references are gone: narinfos of
+//! referrers before those of their references, then NAR files no remaining narinfo uses,
+//! listings and debug-info links of what went, and stale temporary files.
+//!
+//! Invariant afterwards: every remaining narinfo has its NAR and all its references.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, SystemTime};
+
+use thiserror::Error;
+
+use crate::cache::{Cache, CacheError};
+use crate::index::Index;
+
+/// Parses `90s`, `30m`, `36h`, `14d` or `2w`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("{s:?} is not a duration like 90s, 30m, 36h, 14d or 2w");
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| err())?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        "w" => 7 * 86400,
+        _ => return Err(err()),
+    };
+    n.checked_mul(secs).map(Duration::from_secs).ok_or_else(err)
+}
+
+#[derive(Debug, Error)]
+pub enum GcError {
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Index(#[from] crate::index::IndexError),
+    #[error("cannot remove {}", path.display())]
+    Remove { path: std::path::PathBuf, source: std::io::Error },
+}
+
+/// Why a narinfo goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Not included by a push within the window, nor kept.
+    Old,
+    /// Its NAR or part of its closure is missing: clients would fail on it.
+    Incomplete,
+    /// It does not parse.
+    Unparsable,
+}
+
+/// A file that goes (or would go, on a dry run).
+#[derive(Debug)]
+pub struct Removal {
+    /// Cache-relative file name.
+    pub file: String,
+    /// The store path, for narinfos.
+    pub store_path: Option<String>,
+    pub reason: Option<Reason>,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct GcReport {
+    pub kept: usize,
+    pub removed_paths: usize,
+    /// In deletion order.
+    pub removals: Vec<Removal>,
+    pub bytes_freed: u64,
+}
+
+/// Collects garbage in `cache` (whose writer lock the caller holds).
+pub fn gc(
+    cache: &Cache,
+    older_than: Duration,
+    keep: &[String],
+    now: SystemTime,
+    dry_run: bool,
+) -> Result<GcReport, GcError> {
+    let index = Index::load(cache)?;
+    let keep_roots: Vec<String> =
+        keep.iter().map(|k| index.find(k).map(|p| p.hash_part().to_owned())).collect::<Result<_, _>>()?;
+    let cutoff = now.checked_sub(older_than).unwrap_or(SystemTime::UNIX_EPOCH);
+
+    // Complete: parses, NAR present, and every reference complete (a fixpoint from the leaves).
+    let mut complete: HashSet<&str> = index
+        .entries
+        .iter()
+        .filter(|(_, e)| {
+            e.narinfo.as_ref().is_ok_and(|ni| match (cache.file_size(&ni.url), ni.file_size) {
+                (Some(have), Some(want)) => have == want,
+                (Some(_), None) => true,
+                (None, _) => false,
+            })
+        })
+        .map(|(h, _)| h.as_str())
+        .collect();
+    loop {
+        let broken: Vec<&str> = complete
+            .iter()
+            .copied()
+            .filter(|h| {
+                let ni = index.entries[*h].narinfo.as_ref().expect("complete entries parse");
+                ni.references.iter().any(|r| !complete.contains(r.hash_part()))
+            })
+            .collect();
+        if broken.is_empty() {
+            break;
+        }
+        for b in broken {
+            complete.remove(b);
+        }
+    }
+
+    let recent = index.entries.iter().filter(|(_, e)| e.modified >= cutoff).map(|(h, _)| h.as_str());
+    let roots: Vec<&str> = recent.chain(keep_roots.iter().map(String::as_str)).collect();
+    let live: HashSet<String> =
+        index.closure(roots).into_iter().filter(|h| complete.contains(h.as_str())).collect();
+
+    // Narinfos to remove, referrers first: a depth-first post-order over References gives
+    // references first, so reverse it.
+    let doomed: HashSet<&str> =
+        index.entries.keys().map(String::as_str).filter(|h| !live.contains(*h)).collect();
+    let mut order = Vec::new();
+    let mut visited = HashSet::new();
+    let mut sorted: Vec<&str> = doomed.iter().copied().collect();
+    sorted.sort();
+    for h in sorted {
+        post_order(&index, &doomed, h, &mut visited, &mut order);
+    }
+    order.reverse();
+
+    let mut report = GcReport { kept: live.len(), ..Default::default() };
+    let size = |rel: &str| cache.file_size(rel).unwrap_or(0);
+    for h in &order {
+        let e = &index.entries[*h];
+        let reason = match &e.narinfo {
+            Err(_) => Reason::Unparsable,
+            Ok(_) if !complete.contains(h) => Reason::Incomplete,
+            Ok(_) => Reason::Old,
+        };
+        let store_path = e.narinfo.as_ref().ok().map(|ni| ni.store_dir.display(&ni.store_path));
+        report.removals.push(Removal {
+            file: e.file.clone(),
+            store_path,
+            reason: Some(reason),
+            bytes: size(&e.file),
+        });
+        report.removed_paths += 1;
+        let ls = format!("{h}.ls");
+        if cache.file_size(&ls).is_some() {
+            report.removals.push(Removal {
+                file: ls.clone(),
+                store_path: None,
+                reason: None,
+                bytes: size(&ls),
+            });
+        }
+    }
+
+    // NAR files that no remaining narinfo uses.
+    let used: HashSet<&str> = live
+        .iter()
+        .filter_map(|h| index.entries[h].narinfo.as_ref().ok())
+        .map(|ni| ni.url.as_str())
+        .collect();
+    for rel in cache.nar_files()? {
+        if !used.contains(rel.as_str()) {
+            report.removals.push(Removal { bytes: size(&rel), file: rel, store_path: None, reason: None });
+        }
+    }
+    // Debug-info links whose NAR goes.
+    for name in cache.list("debuginfo", |n| !n.starts_with(crate::cache::TEMP_PREFIX))? {
+        let rel = format!("debuginfo/{name}");
+        let archive = std::fs::read(cache.path(&rel))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<HashMap<String, String>>(&b).ok())
+            .and_then(|m| m.get("archive").cloned());
+        let target = archive.as_deref().and_then(|a| a.strip_prefix("../"));
+        if !target.is_some_and(|t| used.contains(t)) {
+            report.removals.push(Removal { bytes: size(&rel), file: rel, store_path: None, reason: None });
+        }
+    }
+    for p in cache.temp_files()? {
+        let rel = p.strip_prefix(cache.dir()).unwrap_or(&p).display().to_string();
+        report.removals.push(Removal { bytes: size(&rel), file: rel, store_path: None, reason: None });
+    }
+    report.bytes_freed = report.removals.iter().map(|r| r.bytes).sum();
+
+    if !dry_run {
+        for r in &report.removals {
+            let path = cache.path(&r.file);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(GcError::Remove { path, source }),
+            }
+        }
+    }
+    Ok(report)
+}
+
+fn post_order<'a>(
+    index: &'a Index,
+    doomed: &HashSet<&'a str>,
+    h: &'a str,
+    visited: &mut HashSet<&'a str>,
+    out: &mut Vec<&'a str>,
+) {
+    if !visited.insert(h) {
+        return;
+    }
+    if let Ok(ni) = &index.entries[h].narinfo {
+        for r in &ni.references {
+            if let Some((k, _)) = index.entries.get_key_value(r.hash_part())
+                && doomed.contains(k.as_str())
+            {
+                post_order(index, doomed, k.as_str(), visited, out);
+            }
+        }
+    }
+    out.push(h);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("36h"), Ok(Duration::from_secs(36 * 3600)));
+        assert_eq!(parse_duration("14d"), Ok(Duration::from_secs(14 * 86400)));
+        assert_eq!(parse_duration("2w"), Ok(Duration::from_secs(14 * 86400)));
+        for bad in ["", "14", "d", "1.5d", "14 d", "-1d", "99999999999999999999w"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}

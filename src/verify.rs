@@ -1,0 +1,230 @@
+//! Checking a cache the way a client would depend on it, without changing it.
+//!
+//! For every narinfo, in parallel and streaming: it parses; its file name matches its
+//! StorePath; its NAR exists with the FileSize and FileHash it claims; decompressed, the NAR
+//! has NarSize and NarHash; every reference has a narinfo; with trusted keys, a signature by
+//! one of them verifies (or the CA makes the path self-certifying). Also: nix-cache-info is
+//! present and sane, and no NAR file is unused and no temporary file is left behind.
+
+use std::collections::{BTreeSet, HashSet};
+use std::fs::{self, File};
+use std::io::{self, BufReader};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::cache::{CACHE_INFO, Cache, CacheError, TEMP_PREFIX};
+use crate::compression::Compression;
+use crate::content_address::ca_store_path;
+use crate::hash::{HashingReader, HashingWriter};
+use crate::narinfo::NarInfo;
+use crate::progress::Progress;
+use crate::signing::PublicKey;
+
+/// One thing wrong with the cache.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Problem {
+    /// The store path concerned, or the cache file when no store path is.
+    pub path: String,
+    /// A stable, machine-readable name: `nar-hash`, `missing-reference`, `untrusted`…
+    pub kind: &'static str,
+    pub message: String,
+}
+
+/// The result of a verification.
+#[derive(Debug, Default, Serialize)]
+pub struct VerifyReport {
+    pub narinfos: usize,
+    pub nar_bytes: u64,
+    pub problems: Vec<Problem>,
+}
+
+/// Checks the whole cache with `jobs` threads.
+pub fn verify(
+    cache: &Cache,
+    trusted: &[PublicKey],
+    jobs: usize,
+    progress: &Progress,
+) -> Result<VerifyReport, CacheError> {
+    let mut problems = Vec::new();
+    let cache_info = match cache.cache_info() {
+        Ok(Some(ci)) => Some(ci),
+        Ok(None) => {
+            problems.push(Problem {
+                path: CACHE_INFO.into(),
+                kind: "cache-info",
+                message: "nix-cache-info is missing; Nix will not use this cache".into(),
+            });
+            None
+        }
+        Err(e) => {
+            problems.push(Problem {
+                path: CACHE_INFO.into(),
+                kind: "cache-info",
+                message: crate::error_chain(&e),
+            });
+            None
+        }
+    };
+    let files = cache.narinfo_files()?;
+    let present: HashSet<String> =
+        files.iter().filter_map(|f| f.strip_suffix(".narinfo")).map(str::to_owned).collect();
+    let done = AtomicUsize::new(0);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(jobs.max(1)).build();
+    let check_all = || {
+        files
+            .par_iter()
+            .map(|f| {
+                let r =
+                    check_one(cache, f, &present, trusted, cache_info.as_ref().map(|c| c.store_dir.as_str()));
+                progress.advance(r.3);
+                progress.path_done(done.fetch_add(1, Ordering::Relaxed) + 1, files.len());
+                r
+            })
+            .collect::<Vec<_>>()
+    };
+    let results = match &pool {
+        Ok(pool) => pool.install(check_all),
+        Err(_) => check_all(),
+    };
+    let mut used = HashSet::new();
+    let mut nar_bytes = 0;
+    for (ps, url, n, _) in results {
+        problems.extend(ps);
+        if let Some(u) = url {
+            used.insert(u);
+        }
+        nar_bytes += n;
+    }
+    for rel in cache.nar_files()? {
+        if !used.contains(&rel) {
+            problems.push(Problem {
+                path: rel,
+                kind: "unused-nar",
+                message: "no narinfo uses this NAR file (`nixcache gc` removes it)".into(),
+            });
+        }
+    }
+    for p in cache.temp_files()? {
+        let rel = p.strip_prefix(cache.dir()).unwrap_or(&p).display().to_string();
+        problems.push(Problem {
+            path: rel,
+            kind: "temporary-file",
+            message: format!("left by an interrupted run ({TEMP_PREFIX}*; the next push or gc removes it)"),
+        });
+    }
+    problems.sort();
+    Ok(VerifyReport { narinfos: files.len(), nar_bytes, problems })
+}
+
+/// Checks one narinfo file. Returns its problems, the NAR URL it uses, and the NAR and file
+/// bytes read.
+fn check_one(
+    cache: &Cache,
+    file: &str,
+    present: &HashSet<String>,
+    trusted: &[PublicKey],
+    store_dir: Option<&str>,
+) -> (Vec<Problem>, Option<String>, u64, u64) {
+    let mut problems = Vec::new();
+    let text = match fs::read_to_string(cache.path(file)) {
+        Ok(t) => t,
+        Err(e) => {
+            let message = format!("cannot read: {e}");
+            return (vec![Problem { path: file.into(), kind: "unreadable", message }], None, 0, 0);
+        }
+    };
+    let ni: NarInfo = match text.parse() {
+        Ok(ni) => ni,
+        Err(e) => {
+            let message = format!("does not parse: {e}");
+            return (vec![Problem { path: file.into(), kind: "unparsable", message }], None, 0, 0);
+        }
+    };
+    let path = ni.store_dir.display(&ni.store_path);
+    let mut problem = |kind, message: String| problems.push(Problem { path: path.clone(), kind, message });
+    if file != ni.file_name() {
+        problem("file-name", format!("is in {file} but belongs in {}", ni.file_name()));
+    }
+    if let Some(sd) = store_dir
+        && sd != ni.store_dir.as_str()
+    {
+        problem("store-dir", format!("is in store {} but nix-cache-info says {sd}", ni.store_dir));
+    }
+    for r in &ni.references {
+        if !present.contains(r.hash_part()) {
+            problem("missing-reference", format!("references {r}, which has no narinfo in the cache"));
+        }
+    }
+    if !trusted.is_empty() && !ni.verified_by(trusted) {
+        let self_certifying = ni.ca.as_deref().is_some_and(|ca| {
+            ca_store_path(&ni.store_dir, &ni.store_path, ca, &ni.references).as_ref() == Some(&ni.store_path)
+        });
+        if !self_certifying {
+            let names: BTreeSet<&str> = ni.sigs.iter().map(|s| s.key_name()).collect();
+            let found = if names.is_empty() {
+                "it has no signatures".to_owned()
+            } else {
+                format!("signed by {}", names.into_iter().collect::<Vec<_>>().join(", "))
+            };
+            problem("untrusted", format!("no valid signature by a trusted key ({found})"));
+        }
+    }
+    let nar_bytes = check_nar(cache, &ni, &mut problem);
+    let file_bytes = cache.file_size(&ni.url).unwrap_or(0);
+    (problems, Some(ni.url.clone()), nar_bytes, file_bytes)
+}
+
+/// Streams the NAR file once: FileSize and FileHash on the way in, NarSize and NarHash out
+/// of the decompressor.
+fn check_nar(cache: &Cache, ni: &NarInfo, problem: &mut impl FnMut(&'static str, String)) -> u64 {
+    let Ok(compression) = ni.compression.parse::<Compression>() else {
+        problem("compression", format!("unknown compression {:?}", ni.compression));
+        return 0;
+    };
+    let Some(size) = cache.file_size(&ni.url) else {
+        problem("missing-nar", format!("its NAR {} is missing", ni.url));
+        return 0;
+    };
+    if let Some(want) = ni.file_size
+        && want != size
+    {
+        problem("file-size", format!("{} is {size} bytes, the narinfo says {want}", ni.url));
+        return 0;
+    }
+    let f = match File::open(cache.path(&ni.url)) {
+        Ok(f) => f,
+        Err(e) => {
+            problem("unreadable", format!("cannot open {}: {e}", ni.url));
+            return 0;
+        }
+    };
+    let mut file = HashingReader::new(f);
+    let mut nar = HashingWriter::new(io::sink());
+    let decoded = compression
+        .decoder(BufReader::with_capacity(1 << 20, &mut file))
+        .and_then(|mut d| io::copy(&mut d, &mut nar));
+    if let Err(e) = decoded {
+        problem("nar-corrupt", format!("{} does not decompress as {compression}: {e}", ni.url));
+        return 0;
+    }
+    // Hash whatever the decoder left unread, so FileHash covers the whole file.
+    if let Err(e) = io::copy(&mut file, &mut io::sink()) {
+        problem("unreadable", format!("cannot read {}: {e}", ni.url));
+        return 0;
+    }
+    let (_, file_hash) = file.finish();
+    let (_, nar_size, nar_hash) = nar.finish();
+    if let Some(want) = ni.file_hash
+        && want != file_hash
+    {
+        problem("file-hash", format!("{} hashes to {file_hash}, the narinfo says {want}", ni.url));
+    }
+    if nar_size != ni.nar_size {
+        problem("nar-size", format!("its NAR is {nar_size} bytes, the narinfo says {}", ni.nar_size));
+    } else if nar_hash != ni.nar_hash {
+        problem("nar-hash", format!("its NAR hashes to {nar_hash}, the narinfo says {}", ni.nar_hash));
+    }
+    nar_size
+}
