@@ -190,6 +190,17 @@ fn rerun_skips_repairs_and_adds_signatures() {
     assert!(stderr(&out).contains("2 repaired"), "{}", stderr(&out));
     assert_eq!(cached_nar(&cache, f.path("edge-tree")), dump(f.path("edge-tree")));
     restore(&file_url(&cache), &t.path().join("root2"), &[&f.top]);
+
+    // --force rewrites everything, to the same bytes.
+    let before = tree(&cache);
+    let out = nixcache()
+        .args(["push", "--force", "-k", SECRET, "--dest"])
+        .arg(&cache)
+        .arg(&f.top)
+        .output()
+        .unwrap();
+    assert!(stderr(&out).contains(&format!("{n} paths: {n} pushed")), "{}", stderr(&out));
+    assert_eq!(tree(&cache), before);
 }
 
 #[test]
