@@ -8,8 +8,8 @@
 
 use std::collections::HashMap;
 use std::io::{self, BufWriter, Write};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
 
 use thiserror::Error;
 
@@ -24,8 +24,49 @@ use crate::signing::SecretKey;
 use crate::store::{PathInfo, StoreLocation};
 use crate::store_path::StorePath;
 
-/// NARs at least this large get the whole thread budget for their compressor.
-const LARGE_NAR: u64 = 64 << 20;
+/// Bytes of NAR batched before they reach the hasher and the compressor.
+const NAR_BUFFER: usize = 256 << 10;
+
+/// NARs at least this large ask for the whole thread budget for their compressor: two of
+/// xz's 24 MiB blocks at level 6, so that a second thread has work.
+const LARGE_NAR: u64 = 48 << 20;
+
+/// Compressor threads in use across all paths, never more than `--jobs`: more threads than
+/// cores cost memory (each xz thread holds ~140 MB at level 6) and cache contention.
+struct Budget {
+    free: Mutex<usize>,
+    freed: Condvar,
+}
+
+impl Budget {
+    fn new(n: usize) -> Self {
+        Budget { free: Mutex::new(n), freed: Condvar::new() }
+    }
+
+    /// Waits for at least one thread, takes up to `want`.
+    fn take(&self, want: usize) -> Threads<'_> {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        while *free == 0 {
+            free = self.freed.wait(free).unwrap_or_else(|e| e.into_inner());
+        }
+        let n = want.clamp(1, *free);
+        *free -= n;
+        Threads { budget: self, n }
+    }
+}
+
+/// Threads taken from the budget, given back on drop.
+struct Threads<'a> {
+    budget: &'a Budget,
+    n: usize,
+}
+
+impl Drop for Threads<'_> {
+    fn drop(&mut self) {
+        *self.budget.free.lock().unwrap_or_else(|e| e.into_inner()) += self.n;
+        self.budget.freed.notify_all();
+    }
+}
 
 /// How to push.
 pub struct PushOptions {
@@ -220,12 +261,13 @@ pub fn push(
     let cursor = AtomicUsize::new(0);
     let finished = AtomicUsize::new(0);
     let jobs = opts.jobs.max(1);
+    let budget = Budget::new(jobs);
     let worker = || {
         loop {
             let n = cursor.fetch_add(1, Ordering::Relaxed);
             let Some(&i) = order.get(n) else { break };
             let info = &infos[i];
-            let result = process(store, cache, info, opts, progress, jobs)
+            let result = process(store, cache, info, opts, progress, &budget)
                 .and_then(|done| publisher.complete(i, done));
             if let Err(e) = result {
                 progress.warn(&format!(
@@ -271,7 +313,7 @@ fn process(
     info: &PathInfo,
     opts: &PushOptions,
     progress: &Progress,
-    jobs: usize,
+    budget: &Budget,
 ) -> Result<Done, PushError> {
     let sd = &store.store_dir;
     let abs = sd.display(&info.path);
@@ -303,7 +345,10 @@ fn process(
         _ => Outcome::Pushed,
     };
 
-    let threads = if info.nar_size >= LARGE_NAR { jobs as u32 } else { 1 };
+    let multithreaded = matches!(opts.compression, Compression::Xz | Compression::Zstd);
+    let want = if multithreaded && info.nar_size >= LARGE_NAR { opts.jobs } else { 1 };
+    let taken = budget.take(want);
+    let threads = taken.n as u32;
     let ext = opts.compression.extension();
     let bar = progress.path(info.path.as_str(), info.nar_size);
     let mut tmp = cache.temp_file("nar", ext)?;
@@ -312,14 +357,19 @@ fn process(
         let file = HashingWriter::new(BufWriter::with_capacity(1 << 20, tmp.file()));
         let encoder = opts.compression.encoder(file, opts.level, threads).map_err(write_err)?;
         let nar = HashingWriter::new(ProgressWriter::new(encoder, &bar));
+        // The NAR writer emits many 8-16 byte tokens; batch them so the compressor (whose
+        // multithreaded mode takes locks on every call) and the hasher see large chunks.
+        let nar = BufWriter::with_capacity(NAR_BUFFER, nar);
         let want_listing = opts.nar_listing || opts.index_debug_info;
         let (nar, listing) = dump_listing(&store.real_path(&info.path), nar, want_listing)?;
+        let nar = nar.into_inner().map_err(|e| write_err(e.into_error()))?;
         let (shown, nar_size, nar_hash) = nar.finish();
         let file = shown.into_inner().finish().map_err(write_err)?;
         let (mut buffered, file_size, file_hash) = file.finish();
         buffered.flush().map_err(write_err)?;
         (nar_size, nar_hash, file_size, file_hash, listing)
     };
+    drop(taken);
     drop(bar);
     check_hash(&abs, info, nar_hash, nar_size)?;
     let url = format!("nar/{}{ext}", file_hash.to_nix32());
