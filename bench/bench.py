@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""nixcache against `nix copy --to file://` on the same closures, in one run.
+
+Builds the closure(s), then for each compression runs both tools into fresh directories,
+alternating which goes first, several times, and prints wall time, CPU time, peak RSS and
+output bytes (medians) with the ratios nixcache / nix copy. Also times a re-push where
+everything is present, on the closure and on a closure of 10,001 tiny paths.
+
+Usage: bench/run [--scale medium] [--runs 3] [--compressions xz,zstd,none] [--many 10000]
+"""
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLOSURE_NIX = os.path.join(REPO, "..", "shared", "bench", "closure.nix")
+MANY_NIX = os.path.join(REPO, "bench", "many.nix")
+NIXCACHE = os.path.join(REPO, "target", "release", "nixcache")
+ENV = dict(os.environ, NIX_CONFIG="substituters =\nexperimental-features = nix-command\n")
+
+
+def sh(args, **kw):
+    return subprocess.run(args, env=ENV, check=True, stdout=subprocess.PIPE, text=True, **kw).stdout.strip()
+
+
+def measure(args):
+    """Runs args under GNU time; returns wall s, CPU s (user + system), peak RSS MiB."""
+    with tempfile.NamedTemporaryFile("r") as t:
+        start = time.perf_counter()
+        subprocess.run(["/usr/bin/time", "-o", t.name, "-f", "%U %S %M"] + args, env=ENV, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wall = time.perf_counter() - start
+        user, sys_, rss = t.read().split()[-3:]
+    return wall, float(user) + float(sys_), int(rss) / 1024
+
+
+def size(d):
+    total = 0
+    for root, _, files in os.walk(d):
+        for f in files:
+            if not f.startswith(".nixcache"):
+                total += os.path.getsize(os.path.join(root, f))
+    return total
+
+
+def nix_url(d, comp):
+    q = f"compression={comp}"
+    if comp == "xz":
+        q += "&parallel-compression=true"
+    return f"file://{d}?{q}"
+
+
+def tools(comp):
+    return {
+        "nix copy": lambda d, p: ["nix", "copy", "--to", nix_url(d, comp), p],
+        "nixcache": lambda d, p: [NIXCACHE, "push", "-q", "-c", comp, "--dest", d, p],
+    }
+
+
+def run_case(path, comp, runs, work):
+    rows = {name: [] for name in tools(comp)}
+    repush = {name: [] for name in tools(comp)}
+    for i in range(runs):
+        order = list(tools(comp).items())
+        if i % 2:
+            order.reverse()
+        for name, cmd in order:
+            d = os.path.join(work, f"{comp}-{name.replace(' ', '-')}-{i}")
+            wall, cpu, rss = measure(cmd(d, path))
+            rows[name].append((wall, cpu, rss, size(d)))
+            repush[name].append(measure(cmd(d, path))[0])
+            shutil.rmtree(d)
+    return rows, repush
+
+
+def med(xs, k):
+    return statistics.median(x[k] for x in xs)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scale", default="medium")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--compressions", default="xz,zstd,none")
+    ap.add_argument("--many", type=int, default=10000, help="paths in the re-push fixture (0: skip)")
+    a = ap.parse_args()
+
+    subprocess.run(["cargo", "build", "--release", "--locked", "-q"], cwd=REPO, check=True)
+    path = sh(["nix-build", CLOSURE_NIX, "--no-out-link", "--arg", "scale", f'"{a.scale}"'])
+    closure = sh(["nix-store", "--query", "--requisites", path]).split()
+    nar = sum(int(x) for x in sh(["nix", "path-info", "--size"] + closure).split()[1::2])
+    print(f"closure: {a.scale}, {len(closure)} paths, {nar / 2**20:.1f} MiB of NAR; {os.cpu_count()} cores; "
+          f"{a.runs} runs each, medians; {sh(['nix-store', '--version'])}")
+    print()
+    print("| compression | tool | wall s | CPU s | peak RSS MiB | output MiB | re-push s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    ratios = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as work:
+        for comp in a.compressions.split(","):
+            rows, repush = run_case(path, comp, a.runs, work)
+            for name, xs in rows.items():
+                print(f"| {comp} | {name} | {med(xs, 0):.2f} | {med(xs, 1):.2f} | {med(xs, 2):.0f} | "
+                      f"{med(xs, 3) / 2**20:.2f} | {statistics.median(repush[name]):.3f} |")
+            n, c = rows["nix copy"], rows["nixcache"]
+            ratios.append((comp, med(c, 0) / med(n, 0), med(c, 1) / med(n, 1), med(c, 2) / med(n, 2),
+                           med(c, 3) / med(n, 3), statistics.median(repush["nixcache"]) / statistics.median(repush["nix copy"])))
+        print()
+        print("| compression | wall | CPU | peak RSS | output bytes | re-push |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for comp, *r in ratios:
+            print(f"| {comp} | " + " | ".join(f"{x:.2f}x" for x in r) + " |")
+        if a.many:
+            many = sh(["nix-instantiate", "--eval", "--read-write-mode", MANY_NIX, "--arg", "n", str(a.many)]).strip('"')
+            print()
+            print(f"re-push of a closure of {a.many + 1} tiny paths, everything present (zstd), median of {a.runs}:")
+            print()
+            print("| tool | first push s | re-push s | peak RSS MiB |")
+            print("|---|---:|---:|---:|")
+            for name, cmd in tools("zstd").items():
+                d = os.path.join(work, "many-" + name.replace(" ", "-"))
+                first = measure(cmd(d, many))
+                again = [measure(cmd(d, many)) for _ in range(a.runs)]
+                print(f"| {name} | {first[0]:.2f} | {statistics.median(x[0] for x in again):.3f} | "
+                      f"{max(x[2] for x in again):.0f} |")
+                shutil.rmtree(d)
+    print()
+    print("Ratios are nixcache / nix copy: below 1.00x is better for nixcache.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
