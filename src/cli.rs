@@ -4,7 +4,7 @@
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::compression::Compression;
 use crate::store::{Source, StoreConfig};
@@ -32,6 +32,39 @@ pub enum Command {
     Sign(SignArgs),
     /// Remove paths no recent push included, keeping every remaining closure whole.
     Gc(GcArgs),
+    /// Print a shell completion script: nixcache completions bash > /etc/bash_completion.d/nixcache
+    Completions(CompletionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// Writes the completion script for `shell`.
+pub fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    clap_complete::generate(shell, &mut Cli::command(), "nixcache", out);
+}
+
+/// The man pages, `nixcache.1` and `nixcache-<subcommand>.1`, rendered from these
+/// definitions. `man/` holds them; a unit test fails when they are stale.
+pub fn man_pages() -> Vec<(String, Vec<u8>)> {
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    let mut pages = Vec::new();
+    let mut render = |c: clap::Command| {
+        let man = clap_mangen::Man::new(c);
+        let mut buf = Vec::new();
+        man.render(&mut buf).expect("rendering into memory");
+        pages.push((man.get_filename(), buf));
+    };
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned() {
+        render(sub);
+    }
+    render(cmd);
+    pages
 }
 
 /// Where store paths and their metadata come from.
@@ -190,4 +223,45 @@ pub struct GcArgs {
     /// Print only the summary and errors.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// Regenerate with `NIXCACHE_UPDATE_MAN=1 cargo test man_pages`.
+    #[test]
+    fn man_pages_are_current() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("man");
+        let pages = man_pages();
+        if std::env::var_os("NIXCACHE_UPDATE_MAN").is_some() {
+            std::fs::create_dir_all(&dir).unwrap();
+            for (name, text) in &pages {
+                std::fs::write(dir.join(name), text).unwrap();
+            }
+        }
+        let mut names: Vec<&str> = pages.iter().map(|(n, _)| n.as_str()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["nixcache-completions.1", "nixcache-gc.1", "nixcache-keygen.1", "nixcache-push.1",
+             "nixcache-sign.1", "nixcache-verify.1", "nixcache.1"]
+        );
+        for (name, text) in &pages {
+            let on_disk = std::fs::read(dir.join(name)).unwrap_or_default();
+            assert!(
+                on_disk == *text,
+                "man/{name} is stale: run NIXCACHE_UPDATE_MAN=1 cargo test man_pages, and commit man/"
+            );
+        }
+        let mut listed: Vec<String> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        listed.sort();
+        assert_eq!(listed, names, "man/ has pages for commands that are gone");
+    }
 }

@@ -15,6 +15,10 @@ fn main() -> ExitCode {
         Command::Sign(a) => cmd::sign::run(a),
         Command::Gc(a) => cmd::gc::run(a),
         Command::Verify(a) => return cmd::verify::run(a),
+        Command::Completions(a) => {
+            nixcache::cli::completions(a.shell, &mut io::stdout());
+            Ok(true)
+        }
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -45,7 +45,7 @@ pub enum Source {
 
 #[derive(Debug, Error)]
 pub enum StoreError {
-    #[error("{}: no such file or directory", path.display())]
+    #[error("cannot access {}", path.display())]
     NotFound { path: PathBuf, source: io::Error },
     #[error("{} is not in the Nix store {store_dir} (give a store path or a symlink to one, such as ./result)", path.display())]
     NotInStore { path: PathBuf, store_dir: String },

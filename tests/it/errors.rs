@@ -66,7 +66,7 @@ fn missing_and_outside_paths() {
     let out = fails(nixcache().args(["push", "--dest"]).arg(&cache).arg(&outside));
     assert!(failed_cleanly(&out).contains("is not in the Nix store"), "{}", stderr(&out));
     let out = fails(nixcache().args(["push", "--dest"]).arg(&cache).arg(t.path().join("nope")));
-    assert!(failed_cleanly(&out).contains("no such file"), "{}", stderr(&out));
+    assert!(failed_cleanly(&out).contains("No such file or directory"), "{}", stderr(&out));
     let out = fails(nixcache().args(["push", "--dest"]).arg(&cache));
     assert!(failed_cleanly(&out).contains("no store paths given"));
     assert!(!cache.exists(), "bad input must not create the cache");

@@ -5,6 +5,7 @@
 //! `require-sigs = true`, so nothing depends on the host's daemon or trust settings.
 
 mod errors;
+mod examples;
 mod helpers;
 mod http;
 mod keys;
