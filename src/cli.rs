@@ -249,8 +249,15 @@ mod tests {
         names.sort();
         assert_eq!(
             names,
-            ["nixcache-completions.1", "nixcache-gc.1", "nixcache-keygen.1", "nixcache-push.1",
-             "nixcache-sign.1", "nixcache-verify.1", "nixcache.1"]
+            [
+                "nixcache-completions.1",
+                "nixcache-gc.1",
+                "nixcache-keygen.1",
+                "nixcache-push.1",
+                "nixcache-sign.1",
+                "nixcache-verify.1",
+                "nixcache.1"
+            ]
         );
         for (name, text) in &pages {
             let on_disk = std::fs::read(dir.join(name)).unwrap_or_default();

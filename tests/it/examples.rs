@@ -1,0 +1,189 @@
+//! The files in examples/ work as shipped: nginx serves a cache Nix restores from, the
+//! systemd units verify, and the rsync script orders its transfers safely.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use crate::helpers::*;
+
+const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// GET `path`; returns the status line and the headers, lower-cased.
+fn get(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let text = String::from_utf8_lossy(&out);
+    text.split("\r\n\r\n").next().unwrap().to_lowercase()
+}
+
+#[test]
+fn nginx_example_serves_a_cache_nix_restores() {
+    let f = fixtures();
+    let t = tmp();
+    let cache = t.path().join("cache");
+    ok(nixcache().args(["push", "-q", "-k", SECRET, "--nar-listing", "--dest"]).arg(&cache).arg(&f.top));
+    let port = free_port();
+    let server = std::fs::read_to_string(format!("{EXAMPLES}/nginx/nixcache.conf"))
+        .unwrap()
+        .replace("listen 80;", &format!("listen 127.0.0.1:{port};"))
+        .replace("listen [::]:80;", "")
+        .replace("root /var/lib/static-nix-cache;", &format!("root {};", cache.display()));
+    let dir = t.path();
+    std::fs::write(dir.join("server.conf"), server).unwrap();
+    let main = format!(
+        "user root;\ndaemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{}}\nhttp {{\n\
+         access_log off;\nclient_body_temp_path {d}/body;\nproxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fastcgi;\nuwsgi_temp_path {d}/uwsgi;\nscgi_temp_path {d}/scgi;\n\
+         include /etc/nginx/mime.types;\ninclude {d}/server.conf;\n}}\n",
+        d = dir.display()
+    );
+    std::fs::write(dir.join("nginx.conf"), main).unwrap();
+    let conf = dir.join("nginx.conf");
+    ok(Command::new("nginx").arg("-t").arg("-p").arg(dir).arg("-c").arg(&conf));
+    // One process (master_process off), so killing it leaves no worker holding our pipes.
+    let _nginx = Killed(
+        Command::new("nginx")
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..100 {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ni = narinfo(&cache, &f.top);
+    let h = get(port, &format!("/{}.narinfo", hash_part(&f.top)));
+    assert!(h.contains("200 ok") && h.contains("content-type: text/x-nix-narinfo"), "{h}");
+    assert!(h.contains("cache-control: public, max-age=300"), "{h}");
+    let h = get(port, &format!("/{}", ni.url));
+    assert!(h.contains("content-type: application/x-nix-nar") && h.contains("immutable"), "{h}");
+    let h = get(port, "/nix-cache-info");
+    assert!(h.contains("content-type: text/x-nix-cache-info"), "{h}");
+    let h = get(port, &format!("/{}.ls", hash_part(&f.top)));
+    assert!(h.contains("content-type: application/json"), "{h}");
+    assert!(get(port, "/.nixcache.lock").contains("404"), "the lock file is hidden");
+    let root = t.path().join("root");
+    restore(&format!("http://127.0.0.1:{port}"), &root, &[&f.top]);
+    assert_restored_identical(&root, &f.closure);
+}
+
+#[test]
+fn systemd_units_verify() {
+    let t = tmp();
+    // Point the units at binaries that exist here; everything else is as shipped.
+    for name in ["nixcache-push.service", "nixcache-push.timer", "nixcache-gc.service", "nixcache-gc.timer"] {
+        let text = std::fs::read_to_string(format!("{EXAMPLES}/systemd/{name}"))
+            .unwrap()
+            .replace("/usr/local/bin/nixcache", env!("CARGO_BIN_EXE_nixcache"));
+        std::fs::write(t.path().join(name), text).unwrap();
+    }
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .args(
+            ["nixcache-push.service", "nixcache-push.timer", "nixcache-gc.service", "nixcache-gc.timer"]
+                .map(|n| t.path().join(n)),
+        )
+        .output()
+        .expect("systemd-analyze is required (Debian: systemd)");
+    let err = stderr(&out);
+    assert!(out.status.success() && !err.contains("nixcache"), "systemd-analyze verify:\n{err}");
+}
+
+/// Runs the rsync script; returns rsync's `%o %n` lines in order.
+fn mirror(src: &Path, dest: &Path) -> Vec<(String, String)> {
+    let out = ok(Command::new(format!("{EXAMPLES}/rsync-cache.sh"))
+        .arg(src)
+        .arg(dest)
+        .env("RSYNC_OPTS", "--out-format=%o:%n"));
+    out.lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(o, n)| (o.to_owned(), n.to_owned()))
+        .filter(|(_, n)| !n.ends_with('/'))
+        .collect()
+}
+
+fn position(ops: &[(String, String)], pred: impl Fn(&(String, String)) -> bool) -> Vec<usize> {
+    ops.iter().enumerate().filter(|(_, o)| pred(o)).map(|(i, _)| i).collect()
+}
+
+#[test]
+fn rsync_example_orders_transfers_safely() {
+    let old = build_fixtures("rsync-old");
+    let new = build_fixtures("rsync-new");
+    let t = tmp();
+    let (src, dest) = (t.path().join("src"), t.path().join("dest"));
+    ok(nixcache().args(["push", "-q", "-k", SECRET, "--dest"]).arg(&src).arg(&old));
+    let ops = mirror(&src, &dest);
+    let narinfos = position(&ops, |(o, n)| o == "send" && n.ends_with(".narinfo"));
+    let nars = position(&ops, |(o, n)| o == "send" && n.starts_with("nar/"));
+    assert!(!narinfos.is_empty() && !nars.is_empty(), "{ops:?}");
+    assert!(nars.iter().max() < narinfos.iter().min(), "NARs before narinfos: {ops:?}");
+    assert!(!ops.iter().any(|(_, n)| n.contains(".nixcache")), "lock and temp files stay home");
+    assert_eq!(problems_of(&dest), 0);
+
+    // A second push and a gc: the mirror must delete narinfos before NARs, after all sends.
+    std::thread::sleep(Duration::from_secs(2));
+    ok(nixcache().args(["push", "-q", "-k", SECRET, "--dest"]).arg(&src).arg(&new));
+    ok(nixcache().args(["gc", "-q", "--older-than", "1s", "--dest"]).arg(&src));
+    let ops = mirror(&src, &dest);
+    let sends = position(&ops, |(o, _)| o == "send");
+    let del_narinfos = position(&ops, |(o, n)| o == "del." && n.ends_with(".narinfo"));
+    let del_nars = position(&ops, |(o, n)| o == "del." && n.starts_with("nar/"));
+    assert!(!del_narinfos.is_empty() && !del_nars.is_empty(), "{ops:?}");
+    assert!(sends.iter().max() < del_narinfos.iter().min(), "deletions last: {ops:?}");
+    assert!(del_narinfos.iter().max() < del_nars.iter().min(), "narinfos deleted before NARs: {ops:?}");
+    assert_eq!(problems_of(&dest), 0);
+    restore(&file_url(&dest), &t.path().join("root"), &[&new]);
+}
+
+fn problems_of(cache: &Path) -> usize {
+    let out = nixcache()
+        .args(["verify", "--json", "--trusted-public-key", PUBLIC, "--dest"])
+        .arg(cache)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let n = v["problems"].as_array().unwrap().len();
+    assert_eq!(n == 0, out.status.success());
+    n
+}
+
+#[test]
+fn completions_load_in_bash() {
+    let script = ok(nixcache().args(["completions", "bash"]));
+    assert!(script.contains("push") && script.contains("--secret-key"));
+    let t = tmp();
+    std::fs::write(t.path().join("c.bash"), &script).unwrap();
+    let out = ok(Command::new("bash")
+        .arg("-c")
+        .arg(format!("source {}/c.bash && complete -p nixcache", t.path().display())));
+    assert!(out.contains("nixcache"), "{out}");
+    for shell in ["zsh", "fish"] {
+        assert!(ok(nixcache().args(["completions", shell])).contains("push"), "{shell}");
+    }
+    assert!(ok(nixcache().arg("--version")).starts_with(concat!("nixcache ", env!("CARGO_PKG_VERSION"))));
+}
