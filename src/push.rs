@@ -6,7 +6,7 @@
 //! after its NAR is in place and after the narinfos of all its references, so a run killed at
 //! any moment leaves a cache in which every narinfo a client can fetch is complete.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, BufWriter, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -31,40 +31,72 @@ const NAR_BUFFER: usize = 256 << 10;
 /// xz's 24 MiB blocks at level 6, so that a second thread has work.
 const LARGE_NAR: u64 = 48 << 20;
 
-/// Compressor threads in use across all paths, never more than `--jobs`: more threads than
-/// cores cost memory (each xz thread holds ~140 MB at level 6) and cache contention.
-struct Budget {
-    free: Mutex<usize>,
-    freed: Condvar,
+/// Hands out paths, largest first, with compressor threads from a budget of `--jobs`.
+///
+/// More compressor threads than cores cost memory (each xz thread holds ~140 MB at level 6)
+/// and cache contention, so the budget is never exceeded. A path that wants more threads
+/// than are free waits while a smaller one that fits goes first: when a large path's
+/// compressor is down to its last block, the core it frees runs another path instead of
+/// idling.
+struct Scheduler {
+    state: Mutex<SchedState>,
+    changed: Condvar,
 }
 
-impl Budget {
-    fn new(n: usize) -> Self {
-        Budget { free: Mutex::new(n), freed: Condvar::new() }
+struct SchedState {
+    /// (index, threads wanted), largest NAR first.
+    queue: VecDeque<(usize, usize)>,
+    free: usize,
+}
+
+impl Scheduler {
+    fn new(queue: VecDeque<(usize, usize)>, jobs: usize) -> Self {
+        Scheduler { state: Mutex::new(SchedState { queue, free: jobs }), changed: Condvar::new() }
     }
 
-    /// Waits for at least one thread, takes up to `want`.
-    fn take(&self, want: usize) -> Threads<'_> {
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        while *free == 0 {
-            free = self.freed.wait(free).unwrap_or_else(|e| e.into_inner());
+    /// The next path and its threads, or `None` when all are handed out.
+    fn next(&self) -> Option<(usize, Threads<'_>)> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if st.queue.is_empty() {
+                return None;
+            }
+            let free = st.free;
+            if let Some(pos) = st.queue.iter().position(|&(_, want)| want <= free) {
+                let (i, n) = st.queue.remove(pos).expect("found");
+                st.free -= n;
+                return Some((i, Threads { sched: self, n }));
+            }
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
-        let n = want.clamp(1, *free);
-        *free -= n;
-        Threads { budget: self, n }
+    }
+
+    fn give_back(&self, n: usize) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).free += n;
+        self.changed.notify_all();
     }
 }
 
-/// Threads taken from the budget, given back on drop.
+/// Compressor threads of one path, given back on drop.
 struct Threads<'a> {
-    budget: &'a Budget,
+    sched: &'a Scheduler,
     n: usize,
+}
+
+impl Threads<'_> {
+    /// Gives back all threads but one: called once all input is in the compressor, whose
+    /// other threads then run out of blocks.
+    fn keep_one(&mut self) {
+        if self.n > 1 {
+            self.sched.give_back(self.n - 1);
+            self.n = 1;
+        }
+    }
 }
 
 impl Drop for Threads<'_> {
     fn drop(&mut self) {
-        *self.budget.free.lock().unwrap_or_else(|e| e.into_inner()) += self.n;
-        self.budget.freed.notify_all();
+        self.sched.give_back(self.n);
     }
 }
 
@@ -256,18 +288,20 @@ pub fn push(
     progress: &Progress,
 ) -> PushReport {
     let publisher = Publisher::new(cache, infos);
+    let jobs = opts.jobs.max(1);
+    let multithreaded = matches!(opts.compression, Compression::Xz | Compression::Zstd);
     let mut order: Vec<usize> = (0..infos.len()).collect();
     order.sort_by(|&a, &b| infos[b].nar_size.cmp(&infos[a].nar_size).then(a.cmp(&b)));
-    let cursor = AtomicUsize::new(0);
+    let queue = order
+        .into_iter()
+        .map(|i| (i, if multithreaded && infos[i].nar_size >= LARGE_NAR { jobs } else { 1 }))
+        .collect();
+    let scheduler = Scheduler::new(queue, jobs);
     let finished = AtomicUsize::new(0);
-    let jobs = opts.jobs.max(1);
-    let budget = Budget::new(jobs);
     let worker = || {
-        loop {
-            let n = cursor.fetch_add(1, Ordering::Relaxed);
-            let Some(&i) = order.get(n) else { break };
+        while let Some((i, mut threads)) = scheduler.next() {
             let info = &infos[i];
-            let result = process(store, cache, info, opts, progress, &budget)
+            let result = process(store, cache, info, opts, progress, &mut threads)
                 .and_then(|done| publisher.complete(i, done));
             if let Err(e) = result {
                 progress.warn(&format!(
@@ -313,7 +347,7 @@ fn process(
     info: &PathInfo,
     opts: &PushOptions,
     progress: &Progress,
-    budget: &Budget,
+    threads: &mut Threads<'_>,
 ) -> Result<Done, PushError> {
     let sd = &store.store_dir;
     let abs = sd.display(&info.path);
@@ -345,17 +379,13 @@ fn process(
         _ => Outcome::Pushed,
     };
 
-    let multithreaded = matches!(opts.compression, Compression::Xz | Compression::Zstd);
-    let want = if multithreaded && info.nar_size >= LARGE_NAR { opts.jobs } else { 1 };
-    let taken = budget.take(want);
-    let threads = taken.n as u32;
     let ext = opts.compression.extension();
     let bar = progress.path(info.path.as_str(), info.nar_size);
     let mut tmp = cache.temp_file("nar", ext)?;
     let write_err = |source| PushError::Write { path: abs.clone(), source };
     let (nar_size, nar_hash, file_size, file_hash, listing) = {
         let file = HashingWriter::new(BufWriter::with_capacity(1 << 20, tmp.file()));
-        let encoder = opts.compression.encoder(file, opts.level, threads).map_err(write_err)?;
+        let encoder = opts.compression.encoder(file, opts.level, threads.n as u32).map_err(write_err)?;
         let nar = HashingWriter::new(ProgressWriter::new(encoder, &bar));
         // The NAR writer emits many 8-16 byte tokens; batch them so the compressor (whose
         // multithreaded mode takes locks on every call) and the hasher see large chunks.
@@ -363,13 +393,13 @@ fn process(
         let want_listing = opts.nar_listing || opts.index_debug_info;
         let (nar, listing) = dump_listing(&store.real_path(&info.path), nar, want_listing)?;
         let nar = nar.into_inner().map_err(|e| write_err(e.into_error()))?;
+        threads.keep_one();
         let (shown, nar_size, nar_hash) = nar.finish();
         let file = shown.into_inner().finish().map_err(write_err)?;
         let (mut buffered, file_size, file_hash) = file.finish();
         buffered.flush().map_err(write_err)?;
         (nar_size, nar_hash, file_size, file_hash, listing)
     };
-    drop(taken);
     drop(bar);
     check_hash(&abs, info, nar_hash, nar_size)?;
     let url = format!("nar/{}{ext}", file_hash.to_nix32());
