@@ -4,12 +4,13 @@
 //! |-------|-----------------|-------------------------------------------------|
 //! | xz    | `.nar.xz`       | liblzma's multithreaded encoder, CRC64          |
 //! | bzip2 | `.nar.bz2`      | libbz2                                          |
-//! | zstd  | `.nar.zst`      | libzstd with workers                            |
+//! | zstd  | `.nar.zst`      | libzstd, one thread per path                    |
 //! | none  | `.nar`          | -                                               |
 //!
-//! The xz and zstd encoders always run in their multithreaded mode, even with one thread:
-//! that mode's output does not depend on the thread count, so the bytes of a cache do not
-//! depend on `--jobs` or on the machine that pushed it.
+//! The xz encoder always runs in its multithreaded mode, even with one thread: that mode's
+//! output does not depend on the thread count, so the bytes of a cache do not depend on
+//! `--jobs` or on the machine that pushed it. zstd is fast enough with one thread per path
+//! (paths run in parallel), and its single-threaded mode uses a quarter of the memory.
 
 use std::fmt;
 use std::io::{self, BufRead, Read, Write};
@@ -80,8 +81,8 @@ impl Compression {
         }
     }
 
-    /// Starts compressing into `w` at `level` (checked by [`Compression::level`]) with
-    /// `threads` workers (at least one).
+    /// Starts compressing into `w` at `level` (checked by [`Compression::level`]); xz uses
+    /// `threads` workers (at least one), the others one thread.
     pub fn encoder<W: Write>(self, w: W, level: i32, threads: u32) -> io::Result<Encoder<W>> {
         let threads = threads.max(1);
         Ok(match self {
@@ -97,11 +98,7 @@ impl Compression {
             Compression::Bzip2 => {
                 Encoder::Bzip2(bzip2::write::BzEncoder::new(w, bzip2::Compression::new(level as u32)))
             }
-            Compression::Zstd => {
-                let mut e = zstd::stream::write::Encoder::new(w, level)?;
-                e.multithread(threads)?;
-                Encoder::Zstd(e)
-            }
+            Compression::Zstd => Encoder::Zstd(zstd::stream::write::Encoder::new(w, level)?),
             Compression::None => Encoder::None(w),
         })
     }

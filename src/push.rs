@@ -289,7 +289,8 @@ pub fn push(
 ) -> PushReport {
     let publisher = Publisher::new(cache, infos);
     let jobs = opts.jobs.max(1);
-    let multithreaded = matches!(opts.compression, Compression::Xz | Compression::Zstd);
+    // Only xz has a multithreaded mode whose output does not depend on the thread count.
+    let multithreaded = opts.compression == Compression::Xz;
     let mut order: Vec<usize> = (0..infos.len()).collect();
     order.sort_by(|&a, &b| infos[b].nar_size.cmp(&infos[a].nar_size).then(a.cmp(&b)));
     let queue = order
