@@ -52,6 +52,19 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
     move |source| CacheError::Io { action, path: path.to_owned(), source }
 }
 
+/// Locks `f` (exclusive or shared), calling `on_wait` once if someone else holds it.
+fn acquire(f: &File, path: &Path, shared: bool, on_wait: impl FnOnce()) -> Result<(), CacheError> {
+    let tried = if shared { f.try_lock_shared() } else { f.try_lock() };
+    match tried {
+        Ok(()) => Ok(()),
+        Err(fs::TryLockError::WouldBlock) => {
+            on_wait();
+            if shared { f.lock_shared() } else { f.lock() }.map_err(io_err("lock", path))
+        }
+        Err(fs::TryLockError::Error(e)) => Err(io_err("lock", path)(e)),
+    }
+}
+
 /// The contents of `nix-cache-info`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CacheInfo {
@@ -151,14 +164,7 @@ impl Cache {
             .write(true)
             .open(&path)
             .map_err(io_err("open lock file", &path))?;
-        match f.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                on_wait();
-                f.lock().map_err(io_err("lock", &path))?;
-            }
-            Err(fs::TryLockError::Error(e)) => return Err(io_err("lock", &path)(e)),
-        }
+        acquire(&f, &path, false, on_wait)?;
         self.lock = Some(f);
         Ok(())
     }
@@ -169,14 +175,7 @@ impl Cache {
     pub fn lock_shared(&mut self, on_wait: impl FnOnce()) -> Result<(), CacheError> {
         let path = self.dir.join(LOCK_FILE);
         let Ok(f) = File::open(&path) else { return Ok(()) };
-        match f.try_lock_shared() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                on_wait();
-                f.lock_shared().map_err(io_err("lock", &path))?;
-            }
-            Err(fs::TryLockError::Error(e)) => return Err(io_err("lock", &path)(e)),
-        }
+        acquire(&f, &path, true, on_wait)?;
         self.lock = Some(f);
         Ok(())
     }
