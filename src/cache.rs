@@ -241,12 +241,10 @@ impl Cache {
     /// Rewrites a narinfo atomically, keeping its modification time: a change that is not a
     /// push (adding a signature) must not make gc think a push included the path.
     pub fn rewrite_narinfo(&self, ni: &NarInfo, modified: std::time::SystemTime) -> Result<(), CacheError> {
-        let rel = ni.file_name();
-        let sub = "";
-        let mut t = self.temp_file(sub, ".part")?;
+        let mut t = self.temp_file("", ".part")?;
         t.file().write_all(ni.to_string().as_bytes()).map_err(io_err("write", &t.path))?;
         t.file().set_modified(modified).map_err(io_err("set the time of", &t.path))?;
-        t.persist(&self.path(&rel))
+        t.persist(&self.path(&ni.file_name()))
     }
 
     /// Reads `nix-cache-info`, if present.
