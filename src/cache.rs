@@ -212,6 +212,15 @@ impl Cache {
         fs::metadata(self.path(rel)).ok().filter(|m| m.is_file()).map(|m| m.len())
     }
 
+    /// True when the NAR a narinfo points at is there, with the FileSize it claims.
+    pub fn has_nar(&self, ni: &NarInfo) -> bool {
+        match (self.file_size(&ni.url), ni.file_size) {
+            (Some(have), Some(want)) => have == want,
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
+
     /// Sets a file's modification time to now: the record of when a push last included a
     /// path, which `gc` reads.
     pub fn touch(&self, rel: &str) -> Result<(), CacheError> {

@@ -92,13 +92,7 @@ pub fn gc(
     let mut complete: HashSet<&str> = index
         .entries
         .iter()
-        .filter(|(_, e)| {
-            e.narinfo.as_ref().is_ok_and(|ni| match (cache.file_size(&ni.url), ni.file_size) {
-                (Some(have), Some(want)) => have == want,
-                (Some(_), None) => true,
-                (None, _) => false,
-            })
-        })
+        .filter(|(_, e)| e.narinfo.as_ref().is_ok_and(|ni| cache.has_nar(ni)))
         .map(|(h, _)| h.as_str())
         .collect();
     loop {

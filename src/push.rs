@@ -328,14 +328,6 @@ pub fn push(
     publisher.finish()
 }
 
-fn nar_present(cache: &Cache, ni: &NarInfo) -> bool {
-    match (cache.file_size(&ni.url), ni.file_size) {
-        (Some(have), Some(want)) => have == want,
-        (Some(_), None) => true,
-        (None, _) => false,
-    }
-}
-
 fn process(
     store: &StoreLocation,
     cache: &Cache,
@@ -348,7 +340,7 @@ fn process(
     let abs = sd.display(&info.path);
     let existing = cache.lookup(&info.path)?;
     let outcome = match existing {
-        Lookup::Found(ni) if !opts.force && ni.nar_hash == info.nar_hash && nar_present(cache, &ni) => {
+        Lookup::Found(ni) if !opts.force && ni.nar_hash == info.nar_hash && cache.has_nar(&ni) => {
             let mut narinfo = *ni;
             let mut added = false;
             for k in &opts.keys {
