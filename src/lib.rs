@@ -19,6 +19,7 @@ pub mod signing;
 pub mod store;
 pub mod store_path;
 pub mod verify;
+pub mod xz;
 
 /// Formats an error with its sources: `outer: inner: innermost`.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
