@@ -8,12 +8,13 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
 use super::listing::Entry;
-use super::writer::{NarWriter, Node};
+use super::writer::{NarWriter, Node, is_window_end};
 
 /// A filesystem object that could not be serialized.
 #[derive(Debug, Error)]
@@ -40,6 +41,20 @@ pub fn dump_listing<W: Write>(path: &Path, w: W, listing: bool) -> Result<(W, Op
     let root = nar.root().map_err(at(path))?;
     let entry = dump_node(path, root, listing)?;
     Ok((nar.into_inner(), entry))
+}
+
+/// Writes the bytes in `range` of the NAR of `path` to `w`: one block's input, made without
+/// reading the file contents before it and stopping after it.
+pub fn dump_range<W: Write>(path: &Path, range: Range<u64>, w: W) -> Result<W, DumpError> {
+    let mut nar = NarWriter::window(w, range);
+    let done = match nar.root() {
+        Ok(root) => dump_node(path, root, false).map(drop),
+        Err(e) => Err(at(path)(e)),
+    };
+    match done {
+        Err(e) if !is_window_end(&e.source) => Err(e),
+        _ => Ok(nar.into_inner()),
+    }
 }
 
 fn dump_node<W: Write>(path: &Path, node: Node<'_, W>, listing: bool) -> Result<Option<Entry>, DumpError> {
@@ -113,6 +128,22 @@ mod tests {
         assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
         assert!(text.contains("executable"));
         assert!(text.contains("../nowhere"));
+    }
+
+    #[test]
+    fn ranges_are_slices_of_the_dump() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("r");
+        fs::create_dir_all(root.join("d")).unwrap();
+        fs::write(root.join("big"), vec![42u8; 100_000]).unwrap();
+        fs::write(root.join("d/small"), "small").unwrap();
+        symlink("big", root.join("link")).unwrap();
+        let full = dump(&root, Vec::new()).unwrap();
+        let len = full.len() as u64;
+        for (start, end) in [(0, len), (0, 10), (100, 50_000), (50_000, 100_100), (100_100, len), (len, len)] {
+            let got = dump_range(&root, start..end, Vec::new()).unwrap();
+            assert_eq!(got, &full[start as usize..end as usize], "{start}..{end}");
+        }
     }
 
     #[test]
