@@ -303,7 +303,7 @@ mod tests {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            if x % 17 == 0 {
+            if x.is_multiple_of(17) {
                 out.extend_from_slice(&x.to_le_bytes());
             } else {
                 out.extend_from_slice(words[(x % 500) as usize].as_bytes());
