@@ -239,6 +239,13 @@ impl Cache {
         Ok(TempFile { path, file: Some(file) })
     }
 
+    /// A file without a name in the cache subdirectory `sub`, gone when closed: scratch space
+    /// on the cache's disk.
+    pub fn unnamed_file(&self, sub: &str) -> Result<File, CacheError> {
+        let dir = self.dir.join(sub);
+        tempfile::tempfile_in(&dir).map_err(io_err("create a scratch file in", &dir))
+    }
+
     /// Writes `data` to the cache-relative `rel` atomically.
     pub fn write_atomic(&self, rel: &str, data: &[u8]) -> Result<(), CacheError> {
         let sub = Path::new(rel).parent().and_then(Path::to_str).unwrap_or("");

@@ -1,102 +1,104 @@
 //! The push pipeline: store paths in, a cache that real Nix accepts out.
 //!
-//! Each path streams once through
+//! A path streams once through
 //! `dump -> (NarSize, NarHash) -> compressor -> (FileSize, FileHash) -> temp file`, so nothing
-//! is held whole in memory. Paths run in parallel, largest first. A narinfo is published only
-//! after its NAR is in place and after the narinfos of all its references, so a run killed at
-//! any moment leaves a cache in which every narinfo a client can fetch is complete.
+//! is held whole in memory. An xz NAR of several blocks is instead hashed once, then each
+//! block is made from its own range of the NAR ([`dump_range`]) and compressed as a unit of
+//! its own, on whichever thread is free; finished blocks are appended in order. Work runs on
+//! `--jobs` threads, largest path first. A narinfo is published only after its NAR is in
+//! place and after the narinfos of all its references, so a run killed at any moment leaves a
+//! cache in which every narinfo a client can fetch is complete.
 
-use std::collections::{HashMap, VecDeque};
-use std::io::{self, BufWriter, Write};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::fs::File;
+use std::io::{self, BufWriter, Seek, SeekFrom, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use thiserror::Error;
 
-use crate::cache::{Cache, CacheError, Lookup};
+use crate::cache::{Cache, CacheError, Lookup, TempFile};
 use crate::compression::Compression;
 use crate::hash::{HashingWriter, NixHash};
-use crate::nar::dump::{DumpError, dump_listing};
+use crate::nar::dump::{DumpError, dump_listing, dump_range};
 use crate::nar::listing::{Entry, debuginfo_json};
 use crate::narinfo::NarInfo;
-use crate::progress::{Progress, ProgressWriter};
+use crate::progress::{PathProgress, Progress, ProgressWriter};
 use crate::signing::SecretKey;
 use crate::store::{PathInfo, StoreLocation};
 use crate::store_path::StorePath;
+use crate::xz;
 
 /// Bytes of NAR batched before they reach the hasher and the compressor.
 const NAR_BUFFER: usize = 256 << 10;
 
-/// NARs at least this large ask for the whole thread budget for their compressor: two of
-/// xz's 24 MiB blocks at level 6, so that a second thread has work.
-const LARGE_NAR: u64 = 48 << 20;
+/// A compressed block waiting for its turn is kept in memory up to this size, then in an
+/// unnamed file in the cache.
+const SPILL_IN_MEMORY: usize = 1 << 20;
 
-/// Hands out paths, largest first, with compressor threads from a budget of `--jobs`.
+/// One thread's worth of work: a path (`block == 0`) or block `block - 1` of a path's xz
+/// stream. The derived order is the order of work: largest path first, its blocks in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Unit {
+    rank: usize,
+    block: usize,
+    path: usize,
+}
+
+/// Hands out units, largest path first, to `--jobs` threads.
 ///
-/// More compressor threads than cores cost memory (each xz thread holds ~140 MB at level 6)
-/// and cache contention, so the budget is never exceeded. A path that wants more threads
-/// than are free waits while a smaller one that fits goes first: when a large path's
-/// compressor is down to its last block, the core it frees runs another path instead of
-/// idling.
-struct Scheduler {
-    state: Mutex<SchedState>,
+/// A path of several xz blocks (24 MiB of NAR each at level 6) becomes a unit per block
+/// once its NAR is hashed, and those units go ahead of smaller paths: every thread compresses
+/// one block at a time with one match finder, the large path is spread over all cores, and
+/// the cores its last block leaves free go to the next paths.
+struct Queue {
+    state: Mutex<QueueState>,
     changed: Condvar,
 }
 
-struct SchedState {
-    /// (index, threads wanted), largest NAR first.
-    queue: VecDeque<(usize, usize)>,
-    free: usize,
+struct QueueState {
+    ready: BinaryHeap<Reverse<Unit>>,
+    /// Units added and not yet done (ready or running).
+    open: usize,
 }
 
-impl Scheduler {
-    fn new(queue: VecDeque<(usize, usize)>, jobs: usize) -> Self {
-        Scheduler { state: Mutex::new(SchedState { queue, free: jobs }), changed: Condvar::new() }
+impl Queue {
+    fn new(units: impl IntoIterator<Item = Unit>) -> Self {
+        let ready: BinaryHeap<_> = units.into_iter().map(Reverse).collect();
+        let open = ready.len();
+        Queue { state: Mutex::new(QueueState { ready, open }), changed: Condvar::new() }
     }
 
-    /// The next path and its threads, or `None` when all are handed out.
-    fn next(&self) -> Option<(usize, Threads<'_>)> {
+    /// The next unit, or `None` once every unit is done.
+    fn next(&self) -> Option<Unit> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if st.queue.is_empty() {
-                return None;
+            if let Some(Reverse(u)) = st.ready.pop() {
+                return Some(u);
             }
-            let free = st.free;
-            if let Some(pos) = st.queue.iter().position(|&(_, want)| want <= free) {
-                let (i, n) = st.queue.remove(pos).expect("found");
-                st.free -= n;
-                return Some((i, Threads { sched: self, n }));
+            if st.open == 0 {
+                return None;
             }
             st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
     }
 
-    fn give_back(&self, n: usize) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).free += n;
+    /// Adds units; called by a running unit, before it is done.
+    fn add(&self, units: impl IntoIterator<Item = Unit>) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let before = st.ready.len();
+        st.ready.extend(units.into_iter().map(Reverse));
+        st.open += st.ready.len() - before;
         self.changed.notify_all();
     }
-}
 
-/// Compressor threads of one path, given back on drop.
-struct Threads<'a> {
-    sched: &'a Scheduler,
-    n: usize,
-}
-
-impl Threads<'_> {
-    /// Gives back all threads but one: called once all input is in the compressor, whose
-    /// other threads then run out of blocks.
-    fn keep_one(&mut self) {
-        if self.n > 1 {
-            self.sched.give_back(self.n - 1);
-            self.n = 1;
+    fn done(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.open -= 1;
+        if st.open == 0 {
+            self.changed.notify_all();
         }
-    }
-}
-
-impl Drop for Threads<'_> {
-    fn drop(&mut self) {
-        self.sched.give_back(self.n);
     }
 }
 
@@ -282,33 +284,24 @@ pub fn push(
     opts: &PushOptions,
     progress: &Progress,
 ) -> PushReport {
-    let publisher = Publisher::new(cache, infos);
     let jobs = opts.jobs.max(1);
-    // Only xz has a multithreaded mode whose output does not depend on the thread count.
-    let multithreaded = opts.compression == Compression::Xz;
     let mut order: Vec<usize> = (0..infos.len()).collect();
     order.sort_by(|&a, &b| infos[b].nar_size.cmp(&infos[a].nar_size).then(a.cmp(&b)));
-    let queue = order
-        .into_iter()
-        .map(|i| (i, if multithreaded && infos[i].nar_size >= LARGE_NAR { jobs } else { 1 }))
-        .collect();
-    let scheduler = Scheduler::new(queue, jobs);
-    let finished = AtomicUsize::new(0);
+    let run = Run {
+        store,
+        cache,
+        infos,
+        opts,
+        progress,
+        publisher: Publisher::new(cache, infos),
+        queue: Queue::new(order.into_iter().enumerate().map(|(rank, path)| Unit { rank, block: 0, path })),
+        blocked: Mutex::new(HashMap::new()),
+        finished: AtomicUsize::new(0),
+    };
     let worker = || {
-        while let Some((i, mut threads)) = scheduler.next() {
-            let info = &infos[i];
-            let result = process(store, cache, info, opts, progress, &mut threads)
-                .and_then(|done| publisher.complete(i, done));
-            if let Err(e) = result {
-                progress.warn(&format!(
-                    "error: {}: {}",
-                    store.store_dir.display(&info.path),
-                    crate::error_chain(&e)
-                ));
-                publisher.fail(i, e);
-            }
-            let d = finished.fetch_add(1, Ordering::Relaxed) + 1;
-            progress.path_done(d, infos.len());
+        while let Some(unit) = run.queue.next() {
+            run.unit(unit);
+            run.queue.done();
         }
     };
     match rayon::ThreadPoolBuilder::new()
@@ -325,100 +318,385 @@ pub fn push(
         // No threads to be had: do the work here.
         Err(_) => worker(),
     }
-    publisher.finish()
+    run.publisher.finish()
 }
 
-fn process(
-    store: &StoreLocation,
-    cache: &Cache,
-    info: &PathInfo,
-    opts: &PushOptions,
-    progress: &Progress,
-    threads: &mut Threads<'_>,
-) -> Result<Done, PushError> {
-    let sd = &store.store_dir;
-    let abs = sd.display(&info.path);
-    let existing = cache.lookup(&info.path)?;
-    let outcome = match existing {
-        Lookup::Found(ni) if !opts.force && ni.nar_hash == info.nar_hash && cache.has_nar(&ni) => {
-            let mut narinfo = *ni;
-            let mut added = false;
-            for k in &opts.keys {
-                if !narinfo.verified_by(&[k.public_key()]) {
-                    added |= narinfo.add_signature(k);
-                }
-            }
-            if opts.nar_listing && cache.file_size(&listing_rel(&info.path)).is_none() {
-                // Listing missing for a path that is otherwise there: list it from the store.
-                let (sink, listing) =
-                    dump_listing(&store.real_path(&info.path), HashingWriter::new(io::sink()), true)?;
-                let (_, nar_size, nar_hash) = sink.finish();
-                check_hash(&abs, info, nar_hash, nar_size)?;
-                write_side_files(cache, info, &narinfo.url, listing.as_ref(), opts)?;
-            }
-            let outcome = if added { Outcome::Signed } else { Outcome::Skipped };
-            if outcome == Outcome::Signed {
-                progress.println(&format!("signed {abs}"));
-            }
-            return Ok(Done { narinfo, outcome, nar_bytes: 0, file_bytes: 0 });
-        }
-        Lookup::Found(_) | Lookup::Invalid(_) if !opts.force => Outcome::Repaired,
-        _ => Outcome::Pushed,
-    };
+/// The state of one push, shared by its threads.
+struct Run<'a> {
+    store: &'a StoreLocation,
+    cache: &'a Cache,
+    infos: &'a [PathInfo],
+    opts: &'a PushOptions,
+    progress: &'a Progress,
+    publisher: Publisher<'a>,
+    queue: Queue,
+    /// Paths whose xz blocks are being compressed, by index.
+    blocked: Mutex<HashMap<usize, Arc<Blocked>>>,
+    finished: AtomicUsize,
+}
 
-    let ext = opts.compression.extension();
-    let bar = progress.path(info.path.as_str(), info.nar_size);
-    let mut tmp = cache.temp_file("nar", ext)?;
-    let write_err = |source| PushError::Write { path: abs.clone(), source };
-    let (nar_size, nar_hash, file_size, file_hash, listing) = {
+/// What a path needs, decided from what the cache already has.
+enum Plan {
+    Done(Box<Done>),
+    Write(Outcome),
+}
+
+impl Run<'_> {
+    fn unit(&self, u: Unit) {
+        let i = u.path;
+        if u.block > 0 {
+            let b = self.blocked.lock().unwrap_or_else(|e| e.into_inner()).get(&i).cloned();
+            let b = b.expect("blocks are queued after their path's state");
+            if let Some(result) = self.block(i, &b, u.block - 1) {
+                self.blocked.lock().unwrap_or_else(|e| e.into_inner()).remove(&i);
+                drop(b);
+                self.path_finished(i, result);
+            }
+            return;
+        }
+        let result = match self.plan(&self.infos[i]) {
+            Ok(Plan::Done(done)) => Ok(*done),
+            Ok(Plan::Write(outcome)) => match self.xz_blocks(i) {
+                Some(params) => match self.start_blocks(i, params, outcome) {
+                    Ok(b) => {
+                        let n = b.ranges.len();
+                        self.blocked.lock().unwrap_or_else(|e| e.into_inner()).insert(i, Arc::new(b));
+                        self.queue.add((0..n).map(|k| Unit { block: k + 1, ..u }));
+                        return;
+                    }
+                    Err(e) => Err(e),
+                },
+                None => self.write_streaming(&self.infos[i], outcome),
+            },
+            Err(e) => Err(e),
+        };
+        self.path_finished(i, result);
+    }
+
+    /// Publishes a finished path (when its references are), or reports its failure.
+    fn path_finished(&self, i: usize, result: Result<Done, PushError>) {
+        if let Err(e) = result.and_then(|done| self.publisher.complete(i, done)) {
+            self.progress.warn(&format!(
+                "error: {}: {}",
+                self.store.store_dir.display(&self.infos[i].path),
+                crate::error_chain(&e)
+            ));
+            self.publisher.fail(i, e);
+        }
+        let d = self.finished.fetch_add(1, Ordering::Relaxed) + 1;
+        self.progress.path_done(d, self.infos.len());
+    }
+
+    /// Skips, signs or lists a path the cache has; otherwise says what writing it will be.
+    fn plan(&self, info: &PathInfo) -> Result<Plan, PushError> {
+        let (cache, opts) = (self.cache, self.opts);
+        let abs = self.store.store_dir.display(&info.path);
+        Ok(match cache.lookup(&info.path)? {
+            Lookup::Found(ni) if !opts.force && ni.nar_hash == info.nar_hash && cache.has_nar(&ni) => {
+                let mut narinfo = *ni;
+                let mut added = false;
+                for k in &opts.keys {
+                    if !narinfo.verified_by(&[k.public_key()]) {
+                        added |= narinfo.add_signature(k);
+                    }
+                }
+                if opts.nar_listing && cache.file_size(&listing_rel(&info.path)).is_none() {
+                    // Listing missing for a path that is otherwise there: list it from the store.
+                    let (listing, _, _) = self.hash_pass(info, true)?;
+                    write_side_files(cache, info, &narinfo.url, listing.as_ref(), opts)?;
+                }
+                let outcome = if added { Outcome::Signed } else { Outcome::Skipped };
+                if outcome == Outcome::Signed {
+                    self.progress.println(&format!("signed {abs}"));
+                }
+                Plan::Done(Box::new(Done { narinfo, outcome, nar_bytes: 0, file_bytes: 0 }))
+            }
+            Lookup::Found(_) | Lookup::Invalid(_) if !opts.force => Plan::Write(Outcome::Repaired),
+            _ => Plan::Write(Outcome::Pushed),
+        })
+    }
+
+    /// The xz parameters of a path whose NAR is several blocks, compressed a block per unit.
+    fn xz_blocks(&self, i: usize) -> Option<xz::Params> {
+        if self.opts.compression != Compression::Xz {
+            return None;
+        }
+        let params = xz::Params::new(self.opts.level as u32).ok()?;
+        (self.infos[i].nar_size > params.block_size()).then_some(params)
+    }
+
+    /// Reads the path's NAR once for its hash (checked against the database) and listing.
+    fn hash_pass(&self, info: &PathInfo, listing: bool) -> Result<(Option<Entry>, u64, NixHash), PushError> {
+        let abs = self.store.store_dir.display(&info.path);
+        let sink = BufWriter::with_capacity(NAR_BUFFER, HashingWriter::new(io::sink()));
+        let (sink, listing) = dump_listing(&self.store.real_path(&info.path), sink, listing)?;
+        let sink =
+            sink.into_inner().map_err(|e| PushError::Write { path: abs.clone(), source: e.into_error() })?;
+        let (_, nar_size, nar_hash) = sink.finish();
+        check_hash(&abs, info, nar_hash, nar_size)?;
+        Ok((listing, nar_size, nar_hash))
+    }
+
+    /// Compresses a path in one stream on this thread:
+    /// `dump -> (NarSize, NarHash) -> compressor -> (FileSize, FileHash) -> temp file`.
+    fn write_streaming(&self, info: &PathInfo, outcome: Outcome) -> Result<Done, PushError> {
+        let (cache, opts) = (self.cache, self.opts);
+        let abs = self.store.store_dir.display(&info.path);
+        let ext = opts.compression.extension();
+        let bar = self.progress.path(info.path.as_str(), info.nar_size);
+        let mut tmp = cache.temp_file("nar", ext)?;
+        let write_err = |source| PushError::Write { path: abs.clone(), source };
         let file = HashingWriter::new(BufWriter::with_capacity(1 << 20, tmp.file()));
-        let encoder = opts.compression.encoder(file, opts.level, threads.n as u32).map_err(write_err)?;
+        let encoder = opts.compression.encoder(file, opts.level).map_err(write_err)?;
         let nar = HashingWriter::new(ProgressWriter::new(encoder, &bar));
-        // The NAR writer emits many 8-16 byte tokens; batch them so the compressor (whose
-        // multithreaded mode takes locks on every call) and the hasher see large chunks.
+        // The NAR writer emits many 8-16 byte tokens; batch them for the hasher and compressor.
         let nar = BufWriter::with_capacity(NAR_BUFFER, nar);
         let want_listing = opts.nar_listing || opts.index_debug_info;
-        let (nar, listing) = dump_listing(&store.real_path(&info.path), nar, want_listing)?;
+        let (nar, listing) = dump_listing(&self.store.real_path(&info.path), nar, want_listing)?;
         let nar = nar.into_inner().map_err(|e| write_err(e.into_error()))?;
-        threads.keep_one();
         let (shown, nar_size, nar_hash) = nar.finish();
         let file = shown.into_inner().finish().map_err(write_err)?;
         let (mut buffered, file_size, file_hash) = file.finish();
         buffered.flush().map_err(write_err)?;
-        (nar_size, nar_hash, file_size, file_hash, listing)
-    };
-    drop(bar);
-    check_hash(&abs, info, nar_hash, nar_size)?;
-    let url = format!("nar/{}{ext}", file_hash.to_nix32());
-    tmp.persist(&cache.path(&url))?;
-    write_side_files(cache, info, &url, listing.as_ref(), opts)?;
-
-    let mut narinfo = NarInfo {
-        store_dir: sd.clone(),
-        store_path: info.path.clone(),
-        url,
-        compression: opts.compression.name().to_owned(),
-        file_hash: Some(file_hash),
-        file_size: Some(file_size),
-        nar_hash,
-        nar_size,
-        references: info.references.clone(),
-        deriver: info.deriver.clone(),
-        system: None,
-        sigs: info.sigs.clone(),
-        ca: info.ca.clone(),
-        extra: Vec::new(),
-    };
-    for k in &opts.keys {
-        narinfo.add_signature(k);
+        drop(buffered);
+        drop(bar);
+        check_hash(&abs, info, nar_hash, nar_size)?;
+        self.publish_nar(info, tmp, outcome, (nar_size, nar_hash), (file_size, file_hash), listing.as_ref())
     }
-    progress.println(&format!(
-        "{} {abs} ({} -> {})",
-        if outcome == Outcome::Repaired { "repaired" } else { "pushed" },
-        crate::progress::bytes(nar_size),
-        crate::progress::bytes(file_size)
-    ));
-    Ok(Done { narinfo, outcome, nar_bytes: nar_size, file_bytes: file_size })
+
+    /// Hashes a multi-block path and opens its output; its blocks are then queued.
+    fn start_blocks(&self, i: usize, params: xz::Params, outcome: Outcome) -> Result<Blocked, PushError> {
+        let info = &self.infos[i];
+        let want_listing = self.opts.nar_listing || self.opts.index_debug_info;
+        let (listing, nar_size, nar_hash) = self.hash_pass(info, want_listing)?;
+        let mut tmp = self.cache.temp_file("nar", self.opts.compression.extension())?;
+        let write_err = |source| PushError::Write { path: self.store.store_dir.display(&info.path), source };
+        let file = tmp.file().try_clone().map_err(write_err)?;
+        let mut out = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
+        out.write_all(&xz::stream_header()).map_err(write_err)?;
+        let ranges: Vec<_> = params.blocks(nar_size).collect();
+        let n = ranges.len();
+        Ok(Blocked {
+            params,
+            ranges,
+            outcome,
+            nar: (nar_size, nar_hash),
+            listing,
+            bar: self.progress.path(info.path.as_str(), nar_size),
+            state: Mutex::new(BlockedState {
+                tmp: Some(tmp),
+                out: Some(out),
+                waiting: (0..n).map(|_| None).collect(),
+                next: 0,
+                blocks: Vec::with_capacity(n),
+                left: n,
+                error: None,
+            }),
+        })
+    }
+
+    /// Compresses block `k` of path `i`, then appends every block that is next in order to
+    /// the output. Returns the path's result when this was its last block to finish.
+    fn block(&self, i: usize, b: &Blocked, k: usize) -> Option<Result<Done, PushError>> {
+        let info = &self.infos[i];
+        let abs = || self.store.store_dir.display(&info.path);
+        let failed = b.state.lock().unwrap_or_else(|e| e.into_inner()).error.is_some();
+        let compressed = if failed {
+            None
+        } else {
+            let (offset, len) = b.ranges[k];
+            Some(self.compress_block(info, b, offset..offset + len).and_then(|(spill, block)| {
+                if block.uncompressed == len {
+                    Ok((spill, block))
+                } else {
+                    Err(PushError::Write {
+                        path: abs(),
+                        source: io::Error::other(format!(
+                            "block {k} of the NAR has {} bytes, expected {len} (changed while being read)",
+                            block.uncompressed
+                        )),
+                    })
+                }
+            }))
+        };
+        let mut st = b.state.lock().unwrap_or_else(|e| e.into_inner());
+        match compressed {
+            Some(Ok(done)) => st.waiting[k] = Some(done),
+            Some(Err(e)) => {
+                st.error.get_or_insert(e);
+            }
+            None => {}
+        }
+        if st.error.is_none()
+            && let Err(e) = st.append_ready(&b.params)
+        {
+            st.error = Some(PushError::Write { path: abs(), source: e });
+        }
+        st.left -= 1;
+        if st.left > 0 {
+            return None;
+        }
+        if let Some(e) = st.error.take() {
+            return Some(Err(e));
+        }
+        Some(self.finish_blocks(info, b, &mut st))
+    }
+
+    fn compress_block(
+        &self,
+        info: &PathInfo,
+        b: &Blocked,
+        range: std::ops::Range<u64>,
+    ) -> Result<(SpillData, xz::Block), PushError> {
+        let write_err = |source| PushError::Write { path: self.store.store_dir.display(&info.path), source };
+        let spill = Spill { cache: self.cache, data: SpillData::Memory(Vec::new()) };
+        let encoder = xz::BlockEncoder::new(&b.params, spill).map_err(write_err)?;
+        let nar = BufWriter::with_capacity(NAR_BUFFER, ProgressWriter::new(encoder, &b.bar));
+        let nar = dump_range(&self.store.real_path(&info.path), range, nar)?;
+        let encoder = nar.into_inner().map_err(|e| write_err(e.into_error()))?.into_inner();
+        let (spill, block) = encoder.finish().map_err(write_err)?;
+        Ok((spill.data, block))
+    }
+
+    /// Ends the stream of a multi-block path and puts its NAR in place.
+    fn finish_blocks(&self, info: &PathInfo, b: &Blocked, st: &mut BlockedState) -> Result<Done, PushError> {
+        let write_err = |source| PushError::Write { path: self.store.store_dir.display(&info.path), source };
+        let mut out = st.out.take().expect("finished once");
+        out.write_all(&xz::index_and_footer(&b.params, &st.blocks)).map_err(write_err)?;
+        let (mut buffered, file_size, file_hash) = out.finish();
+        buffered.flush().map_err(write_err)?;
+        drop(buffered);
+        let tmp = st.tmp.take().expect("finished once");
+        self.publish_nar(info, tmp, b.outcome, b.nar, (file_size, file_hash), b.listing.as_ref())
+    }
+
+    /// Moves a written NAR into place with its side files; returns the narinfo to publish.
+    fn publish_nar(
+        &self,
+        info: &PathInfo,
+        tmp: TempFile,
+        outcome: Outcome,
+        (nar_size, nar_hash): (u64, NixHash),
+        (file_size, file_hash): (u64, NixHash),
+        listing: Option<&Entry>,
+    ) -> Result<Done, PushError> {
+        let (cache, opts) = (self.cache, self.opts);
+        let url = format!("nar/{}{}", file_hash.to_nix32(), opts.compression.extension());
+        tmp.persist(&cache.path(&url))?;
+        write_side_files(cache, info, &url, listing, opts)?;
+        let mut narinfo = NarInfo {
+            store_dir: self.store.store_dir.clone(),
+            store_path: info.path.clone(),
+            url,
+            compression: opts.compression.name().to_owned(),
+            file_hash: Some(file_hash),
+            file_size: Some(file_size),
+            nar_hash,
+            nar_size,
+            references: info.references.clone(),
+            deriver: info.deriver.clone(),
+            system: None,
+            sigs: info.sigs.clone(),
+            ca: info.ca.clone(),
+            extra: Vec::new(),
+        };
+        for k in &opts.keys {
+            narinfo.add_signature(k);
+        }
+        self.progress.println(&format!(
+            "{} {} ({} -> {})",
+            if outcome == Outcome::Repaired { "repaired" } else { "pushed" },
+            self.store.store_dir.display(&info.path),
+            crate::progress::bytes(nar_size),
+            crate::progress::bytes(file_size)
+        ));
+        Ok(Done { narinfo, outcome, nar_bytes: nar_size, file_bytes: file_size })
+    }
+}
+
+/// A path whose xz blocks are compressed as separate units.
+struct Blocked {
+    params: xz::Params,
+    /// (offset, length) in the NAR of each block.
+    ranges: Vec<(u64, u64)>,
+    outcome: Outcome,
+    /// NarSize and NarHash, from the hash pass.
+    nar: (u64, NixHash),
+    listing: Option<Entry>,
+    bar: PathProgress,
+    state: Mutex<BlockedState>,
+}
+
+struct BlockedState {
+    tmp: Option<TempFile>,
+    out: Option<HashingWriter<BufWriter<File>>>,
+    /// Blocks compressed but not yet appended (a later block finished first).
+    waiting: Vec<Option<(SpillData, xz::Block)>>,
+    /// The next block to append.
+    next: usize,
+    /// Blocks appended, for the index.
+    blocks: Vec<xz::Block>,
+    /// Blocks not yet finished.
+    left: usize,
+    error: Option<PushError>,
+}
+
+impl BlockedState {
+    /// Appends the blocks that are next in order.
+    fn append_ready(&mut self, params: &xz::Params) -> io::Result<()> {
+        let out = self.out.as_mut().expect("open until finished");
+        while let Some(Some((spill, block))) = self.waiting.get_mut(self.next).map(Option::take) {
+            out.write_all(&xz::block_header(params, &block))?;
+            spill.copy_to(out)?;
+            out.write_all(&xz::block_trailer(&block))?;
+            self.blocks.push(block);
+            self.next += 1;
+        }
+        Ok(())
+    }
+}
+
+/// A finished block's compressed bytes: in memory while small, then in an unnamed file.
+struct Spill<'a> {
+    cache: &'a Cache,
+    data: SpillData,
+}
+
+enum SpillData {
+    Memory(Vec<u8>),
+    File(File),
+}
+
+impl SpillData {
+    fn copy_to(self, out: &mut impl Write) -> io::Result<()> {
+        match self {
+            SpillData::Memory(v) => out.write_all(&v),
+            SpillData::File(mut f) => {
+                f.seek(SeekFrom::Start(0))?;
+                io::copy(&mut f, out).map(drop)
+            }
+        }
+    }
+}
+
+impl Write for Spill<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let SpillData::Memory(v) = &mut self.data
+            && v.len() + buf.len() > SPILL_IN_MEMORY
+        {
+            let mut f = self.cache.unnamed_file("nar").map_err(io::Error::other)?;
+            f.write_all(v)?;
+            self.data = SpillData::File(f);
+        }
+        match &mut self.data {
+            SpillData::Memory(v) => v.write(buf),
+            SpillData::File(f) => f.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 fn listing_rel(p: &StorePath) -> String {

@@ -6,9 +6,9 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::ops::Range;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
@@ -140,7 +140,8 @@ mod tests {
         symlink("big", root.join("link")).unwrap();
         let full = dump(&root, Vec::new()).unwrap();
         let len = full.len() as u64;
-        for (start, end) in [(0, len), (0, 10), (100, 50_000), (50_000, 100_100), (100_100, len), (len, len)] {
+        for (start, end) in [(0, len), (0, 10), (100, 50_000), (50_000, 100_100), (100_100, len), (len, len)]
+        {
             let got = dump_range(&root, start..end, Vec::new()).unwrap();
             assert_eq!(got, &full[start as usize..end as usize], "{start}..{end}");
         }

@@ -11,6 +11,7 @@ use nixcache::narinfo::NarInfo;
 pub const SECRET: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/test-1.secret");
 pub const PUBLIC: &str = "test-1:Fc8Yn1bFNVbmKCO0IZp2PQHah/AV6MrB0hAzmo5+Pys=";
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures.nix");
+const BIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/big.nix");
 
 /// Settings for every Nix command here: no network substituters, the nix command enabled.
 const NIX_CONFIG: &str = "substituters =\nexperimental-features = nix-command\n";
@@ -178,4 +179,9 @@ pub fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     walk(dir, dir, &mut out);
     out.sort();
     out
+}
+
+/// Builds `tests/big.nix`: one path whose NAR is three xz blocks.
+pub fn build_big(salt: &str) -> String {
+    ok(nix_cmd("nix-build").args([BIG, "--no-out-link", "--argstr", "salt", salt])).trim().to_owned()
 }
