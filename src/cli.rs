@@ -119,7 +119,7 @@ pub struct PushArgs {
     /// Sign narinfos with this secret key file (Nix's format); repeatable.
     #[arg(long = "secret-key", visible_alias = "key-file", short = 'k', value_name = "FILE")]
     pub secret_keys: Vec<PathBuf>,
-    /// How many paths to work on at once, and the thread budget [default: all cores].
+    /// Threads, each compressing one path or one xz block at a time [default: all cores].
     #[arg(long, short = 'j', value_name = "N")]
     pub jobs: Option<NonZeroUsize>,
     /// Rewrite narinfos and NARs that already exist.
