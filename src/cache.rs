@@ -248,10 +248,24 @@ impl Cache {
 
     /// Writes `data` to the cache-relative `rel` atomically.
     pub fn write_atomic(&self, rel: &str, data: &[u8]) -> Result<(), CacheError> {
+        self.write_atomic_unsynced(rel, data)?;
+        self.sync_dir(Path::new(rel).parent().and_then(Path::to_str).unwrap_or(""))
+    }
+
+    /// [`Cache::write_atomic`] without syncing the directory: the caller syncs it (once for
+    /// many files) with [`Cache::sync_dir`] before anything depends on the name.
+    pub fn write_atomic_unsynced(&self, rel: &str, data: &[u8]) -> Result<(), CacheError> {
         let sub = Path::new(rel).parent().and_then(Path::to_str).unwrap_or("");
         let mut t = self.temp_file(sub, ".part")?;
         t.file().write_all(data).map_err(io_err("write", &t.path))?;
-        t.persist(&self.path(rel))
+        t.persist_unsynced(&self.path(rel))
+    }
+
+    /// fsyncs the cache subdirectory `sub` ("" for the top): names renamed into it are then
+    /// on disk.
+    pub fn sync_dir(&self, sub: &str) -> Result<(), CacheError> {
+        let dir = self.dir.join(sub);
+        File::open(&dir).and_then(|d| d.sync_all()).map_err(io_err("sync directory", &dir))
     }
 
     /// Rewrites a narinfo atomically, keeping its modification time: a change that is not a
@@ -377,15 +391,20 @@ impl TempFile {
     }
 
     /// fsyncs the file, renames it to `dest` and fsyncs the directory.
-    pub fn persist(mut self, dest: &Path) -> Result<(), CacheError> {
+    pub fn persist(self, dest: &Path) -> Result<(), CacheError> {
+        self.persist_unsynced(dest)?;
+        match dest.parent() {
+            Some(dir) => File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("sync directory", dir)),
+            None => Ok(()),
+        }
+    }
+
+    /// fsyncs the file and renames it to `dest`; the caller syncs the directory.
+    pub fn persist_unsynced(mut self, dest: &Path) -> Result<(), CacheError> {
         let f = self.file.take().expect("persisted once");
         f.sync_all().map_err(io_err("sync", &self.path))?;
         drop(f);
-        fs::rename(&self.path, dest).map_err(io_err("rename into place", dest))?;
-        if let Some(dir) = dest.parent() {
-            File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("sync directory", dir))?;
-        }
-        Ok(())
+        fs::rename(&self.path, dest).map_err(io_err("rename into place", dest))
     }
 }
 
