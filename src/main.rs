@@ -1,5 +1,4 @@
 //! The nixcache command. Exit status: 0 success, 1 failure, 2 usage error (from clap).
-#![deny(unsafe_code)]
 
 use std::io;
 use std::process::ExitCode;
@@ -8,28 +7,7 @@ use clap::Parser;
 use nixcache::cli::{Cli, Command};
 use nixcache::cmd;
 
-/// Keeps glibc's mmap threshold at its initial 128 KiB.
-///
-/// glibc raises the threshold after large blocks are freed; liblzma's match finders (a
-/// 16 MiB hash table, made anew for every NAR and every xz block) then come from the heap,
-/// where `calloc` must clear them and freed memory stays resident. Fixed, they are fresh zero
-/// pages, touched only as used and returned on free. Measured on 2,000 tiny paths with xz:
-/// 1.97 s of CPU and 43 MB peak before, 0.4 s and 25 MB after; the medium closure peaks at
-/// 201 MB instead of 218.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-fn tune_malloc() {
-    // SAFETY: mallopt only sets an allocator parameter, before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn tune_malloc() {}
-
 fn main() -> ExitCode {
-    tune_malloc();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Push(a) => cmd::push::run(a),
