@@ -479,6 +479,11 @@ impl Run<'_> {
         })
     }
 
+    /// The error for a failed write of `info`'s NAR.
+    fn write_err<'i>(&self, info: &'i PathInfo) -> impl Fn(io::Error) -> PushError + Copy + use<'_, 'i> {
+        move |source| PushError::Write { path: self.store.store_dir.display(&info.path), source }
+    }
+
     /// The xz parameters of a path whose NAR is several blocks, compressed a block per unit.
     fn xz_blocks(&self, i: usize) -> Option<xz::Params> {
         if self.opts.compression != Compression::Xz {
@@ -493,8 +498,7 @@ impl Run<'_> {
         let abs = self.store.store_dir.display(&info.path);
         let sink = BufWriter::with_capacity(NAR_BUFFER, HashingWriter::new(io::sink()));
         let (sink, listing) = dump_listing(&self.store.real_path(&info.path), sink, listing)?;
-        let sink =
-            sink.into_inner().map_err(|e| PushError::Write { path: abs.clone(), source: e.into_error() })?;
+        let sink = sink.into_inner().map_err(|e| self.write_err(info)(e.into_error()))?;
         let (_, nar_size, nar_hash) = sink.finish();
         check_hash(&abs, info, nar_hash, nar_size)?;
         Ok((listing, nar_size, nar_hash))
@@ -508,7 +512,7 @@ impl Run<'_> {
         let ext = opts.compression.extension();
         let bar = self.progress.path(info.path.as_str(), info.nar_size);
         let mut tmp = cache.temp_file("nar", ext)?;
-        let write_err = |source| PushError::Write { path: abs.clone(), source };
+        let write_err = self.write_err(info);
         let file = HashingWriter::new(BufWriter::with_capacity(1 << 20, tmp.file()));
         let encoder = opts.compression.encoder(file, opts.level).map_err(write_err)?;
         let nar = HashingWriter::new(ProgressWriter::new(encoder, &bar));
@@ -533,7 +537,7 @@ impl Run<'_> {
         let want_listing = self.opts.nar_listing || self.opts.index_debug_info;
         let (listing, nar_size, nar_hash) = self.hash_pass(info, want_listing)?;
         let mut tmp = self.cache.temp_file("nar", self.opts.compression.extension())?;
-        let write_err = |source| PushError::Write { path: self.store.store_dir.display(&info.path), source };
+        let write_err = self.write_err(info);
         let file = tmp.file().try_clone().map_err(write_err)?;
         let mut out = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
         out.write_all(&xz::stream_header()).map_err(write_err)?;
@@ -562,7 +566,6 @@ impl Run<'_> {
     /// the output. Returns the path's result when this was its last block to finish.
     fn block(&self, i: usize, b: &Blocked, k: usize) -> Option<Result<Done, PushError>> {
         let info = &self.infos[i];
-        let abs = || self.store.store_dir.display(&info.path);
         let failed = b.state.lock().unwrap_or_else(|e| e.into_inner()).error.is_some();
         let compressed = if failed {
             None
@@ -572,13 +575,10 @@ impl Run<'_> {
                 if block.uncompressed == len {
                     Ok((spill, block))
                 } else {
-                    Err(PushError::Write {
-                        path: abs(),
-                        source: io::Error::other(format!(
-                            "block {k} of the NAR has {} bytes, expected {len} (changed while being read)",
-                            block.uncompressed
-                        )),
-                    })
+                    Err(self.write_err(info)(io::Error::other(format!(
+                        "block {k} of the NAR has {} bytes, expected {len} (changed while being read)",
+                        block.uncompressed
+                    ))))
                 }
             }))
         };
@@ -593,7 +593,7 @@ impl Run<'_> {
         if st.error.is_none()
             && let Err(e) = st.append_ready(&b.params)
         {
-            st.error = Some(PushError::Write { path: abs(), source: e });
+            st.error = Some(self.write_err(info)(e));
         }
         st.left -= 1;
         if st.left > 0 {
@@ -611,7 +611,7 @@ impl Run<'_> {
         b: &Blocked,
         range: std::ops::Range<u64>,
     ) -> Result<(SpillData, xz::Block), PushError> {
-        let write_err = |source| PushError::Write { path: self.store.store_dir.display(&info.path), source };
+        let write_err = self.write_err(info);
         let spill = Spill { cache: self.cache, data: SpillData::Memory(Vec::new()) };
         let encoder = xz::BlockEncoder::new(&b.params, spill).map_err(write_err)?;
         let nar = BufWriter::with_capacity(NAR_BUFFER, ProgressWriter::new(encoder, &b.bar));
@@ -623,7 +623,7 @@ impl Run<'_> {
 
     /// Ends the stream of a multi-block path and puts its NAR in place.
     fn finish_blocks(&self, info: &PathInfo, b: &Blocked, st: &mut BlockedState) -> Result<Done, PushError> {
-        let write_err = |source| PushError::Write { path: self.store.store_dir.display(&info.path), source };
+        let write_err = self.write_err(info);
         let mut out = st.out.take().expect("finished once");
         out.write_all(&xz::index_and_footer(&b.params, &st.blocks)).map_err(write_err)?;
         let (mut buffered, file_size, file_hash) = out.finish();
