@@ -354,6 +354,8 @@ pub fn push(
         progress,
         publisher: Publisher::new(cache, infos, opts.index_debug_info),
         queue: Queue::new(order.into_iter().enumerate().map(|(rank, path)| Unit { rank, block: 0, path })),
+        // An unusable level fails each path in its encoder, with the error.
+        xz: (opts.compression == Compression::Xz).then(|| xz::Params::new(opts.level as u32).ok()).flatten(),
         blocked: Mutex::new(HashMap::new()),
         finished: AtomicUsize::new(0),
     };
@@ -389,6 +391,8 @@ struct Run<'a> {
     progress: &'a Progress,
     publisher: Publisher<'a>,
     queue: Queue,
+    /// With xz: its preset and block size, for paths of several blocks.
+    xz: Option<xz::Params>,
     /// Paths whose xz blocks are being compressed, by index.
     blocked: Mutex<HashMap<usize, Arc<Blocked>>>,
     finished: AtomicUsize,
@@ -486,11 +490,7 @@ impl Run<'_> {
 
     /// The xz parameters of a path whose NAR is several blocks, compressed a block per unit.
     fn xz_blocks(&self, i: usize) -> Option<xz::Params> {
-        if self.opts.compression != Compression::Xz {
-            return None;
-        }
-        let params = xz::Params::new(self.opts.level as u32).ok()?;
-        (self.infos[i].nar_size > params.block_size()).then_some(params)
+        self.xz.filter(|p| self.infos[i].nar_size > p.block_size())
     }
 
     /// Reads the path's NAR once for its hash (checked against the database) and listing.
