@@ -10,9 +10,10 @@
 //! ```
 //!
 //! Every file is written under a temporary name starting with [`TEMP_PREFIX`] in the
-//! directory it belongs to, fsync'd, renamed into place, and the directory fsync'd, so a
-//! reader sees either nothing or the whole file. Temporary names never end in `.narinfo`,
-//! so no client can fetch one.
+//! directory it belongs to, made durable, renamed into place, and the directory fsync'd, so
+//! a reader sees either nothing or the whole file. Temporary names never end in `.narinfo`,
+//! so no client can fetch one. One file at a time is fsync'd ([`Cache::write_atomic`]); a
+//! batch is [staged](Staged), made durable with one [`Cache::sync_data`], then renamed.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -236,7 +237,7 @@ impl Cache {
         let path = self.dir.join(sub).join(name);
         let file =
             OpenOptions::new().write(true).create_new(true).open(&path).map_err(io_err("create", &path))?;
-        Ok(TempFile { path, file: Some(file) })
+        Ok(TempFile { path, file: Some(file), persisted: false })
     }
 
     /// A file without a name in the cache subdirectory `sub`, gone when closed: scratch space
@@ -246,19 +247,54 @@ impl Cache {
         tempfile::tempfile_in(&dir).map_err(io_err("create a scratch file in", &dir))
     }
 
-    /// Writes `data` to the cache-relative `rel` atomically.
+    /// Writes `data` to the cache-relative `rel` atomically and durably.
     pub fn write_atomic(&self, rel: &str, data: &[u8]) -> Result<(), CacheError> {
-        self.write_atomic_unsynced(rel, data)?;
-        self.sync_dir(Path::new(rel).parent().and_then(Path::to_str).unwrap_or(""))
-    }
-
-    /// [`Cache::write_atomic`] without syncing the directory: the caller syncs it (once for
-    /// many files) with [`Cache::sync_dir`] before anything depends on the name.
-    pub fn write_atomic_unsynced(&self, rel: &str, data: &[u8]) -> Result<(), CacheError> {
         let sub = Path::new(rel).parent().and_then(Path::to_str).unwrap_or("");
         let mut t = self.temp_file(sub, ".part")?;
         t.file().write_all(data).map_err(io_err("write", &t.path))?;
-        t.persist_unsynced(&self.path(rel))
+        t.persist(&self.path(rel))
+    }
+
+    /// Writes `data` to a temporary file beside the cache-relative `rel`, to be made durable
+    /// with [`Cache::sync_data`] and then [committed](Staged::commit).
+    pub fn stage(&self, rel: &str, data: &[u8]) -> Result<Staged, CacheError> {
+        let sub = Path::new(rel).parent().and_then(Path::to_str).unwrap_or("");
+        let mut t = self.temp_file(sub, ".part")?;
+        t.file().write_all(data).map_err(io_err("write", &t.path))?;
+        Ok(t.stage(self.path(rel)))
+    }
+
+    /// Makes the contents of `files` durable. On Linux this is one `syncfs` per filesystem
+    /// they are on (which flushes whatever else is waiting there too), instead of an fsync
+    /// per file: a batch of ten thousand small files is one flush, not ten thousand.
+    pub fn sync_data<'s>(&self, files: impl IntoIterator<Item = &'s Staged>) -> Result<(), CacheError> {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        {
+            use std::os::unix::fs::MetadataExt;
+            // The staged files live in the cache's own directories (the top, nar/,
+            // debuginfo/); one of those may be a mount of another disk.
+            let mut dirs: Vec<&Path> = files.into_iter().filter_map(|f| f.tmp.path.parent()).collect();
+            dirs.sort();
+            dirs.dedup();
+            let mut synced = Vec::new();
+            for dir in dirs {
+                let d = File::open(dir).map_err(io_err("open", dir))?;
+                let dev = d.metadata().map_err(io_err("stat", dir))?.dev();
+                if !synced.contains(&dev) {
+                    rustix::fs::syncfs(&d).map_err(|e| io_err("sync the filesystem of", dir)(e.into()))?;
+                    synced.push(dev);
+                }
+            }
+            Ok(())
+        }
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        {
+            for f in files {
+                let p = &f.tmp.path;
+                File::open(p).and_then(|f| f.sync_all()).map_err(io_err("sync", p))?;
+            }
+            Ok(())
+        }
     }
 
     /// fsyncs the cache subdirectory `sub` ("" for the top): names renamed into it are then
@@ -378,7 +414,9 @@ impl Cache {
 /// A file being written under a temporary name; removed on drop unless persisted.
 pub struct TempFile {
     path: PathBuf,
+    /// Open while being written.
     file: Option<File>,
+    persisted: bool,
 }
 
 impl TempFile {
@@ -391,28 +429,58 @@ impl TempFile {
     }
 
     /// fsyncs the file, renames it to `dest` and fsyncs the directory.
-    pub fn persist(self, dest: &Path) -> Result<(), CacheError> {
-        self.persist_unsynced(dest)?;
+    pub fn persist(mut self, dest: &Path) -> Result<(), CacheError> {
+        let f = self.file.take().expect("persisted once");
+        f.sync_all().map_err(io_err("sync", &self.path))?;
+        drop(f);
+        self.rename(dest)?;
         match dest.parent() {
             Some(dir) => File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("sync directory", dir)),
             None => Ok(()),
         }
     }
 
-    /// fsyncs the file and renames it to `dest`; the caller syncs the directory.
-    pub fn persist_unsynced(mut self, dest: &Path) -> Result<(), CacheError> {
-        let f = self.file.take().expect("persisted once");
-        f.sync_all().map_err(io_err("sync", &self.path))?;
-        drop(f);
-        fs::rename(&self.path, dest).map_err(io_err("rename into place", dest))
+    /// Closes the file, unsynced, to be renamed to `dest` once a batch is durable. Holds no
+    /// file descriptor: any number of files can wait.
+    pub fn stage(mut self, dest: PathBuf) -> Staged {
+        self.file = None;
+        Staged { tmp: self, dest }
+    }
+
+    fn rename(&mut self, dest: &Path) -> Result<(), CacheError> {
+        fs::rename(&self.path, dest).map_err(io_err("rename into place", dest))?;
+        self.persisted = true;
+        Ok(())
     }
 }
 
 impl Drop for TempFile {
     fn drop(&mut self) {
-        if self.file.take().is_some() {
+        if !self.persisted {
             let _ = fs::remove_file(&self.path);
         }
+    }
+}
+
+/// A file written under a temporary name and closed, not yet durable or in place; removed
+/// on drop unless committed.
+pub struct Staged {
+    tmp: TempFile,
+    dest: PathBuf,
+}
+
+impl Staged {
+    /// Where it goes.
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    /// Renames the file into place. Only after [`Cache::sync_data`] covered it: otherwise a
+    /// crash could leave the name with contents that never reached the disk. The caller syncs
+    /// the directory.
+    pub fn commit(mut self) -> Result<(), CacheError> {
+        let dest = std::mem::take(&mut self.dest);
+        self.tmp.rename(&dest)
     }
 }
 
@@ -443,6 +511,31 @@ mod tests {
         assert!(c.temp_files().unwrap().is_empty());
         c.write_atomic("a.narinfo", b"x").unwrap();
         assert_eq!(fs::read(t.path().join("a.narinfo")).unwrap(), b"x");
+        assert!(c.temp_files().unwrap().is_empty());
+    }
+
+    #[test]
+    fn staged_files_appear_only_when_committed() {
+        let t = tempfile::tempdir().unwrap();
+        let c = Cache::create(t.path()).unwrap();
+        let open_fds = || fs::read_dir("/proc/self/fd").unwrap().count();
+        let before = open_fds();
+        let staged: Vec<Staged> = (0..200)
+            .map(|i| c.stage(&format!("nar/{i}.nar"), format!("nar {i}").as_bytes()).unwrap())
+            .collect();
+        // Waiting files hold no descriptors.
+        assert_eq!(open_fds(), before);
+        assert_eq!(c.temp_files().unwrap().len(), 200);
+        assert!(c.nar_files().unwrap().is_empty());
+        c.sync_data(&staged).unwrap();
+        let mut staged = staged.into_iter();
+        let first = staged.next().unwrap();
+        assert_eq!(first.dest(), t.path().join("nar/0.nar"));
+        first.commit().unwrap();
+        assert_eq!(fs::read(t.path().join("nar/0.nar")).unwrap(), b"nar 0");
+        // The rest are dropped uncommitted: gone, names and all.
+        drop(staged);
+        assert_eq!(c.nar_files().unwrap(), ["nar/0.nar"]);
         assert!(c.temp_files().unwrap().is_empty());
     }
 

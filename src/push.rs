@@ -18,7 +18,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use thiserror::Error;
 
-use crate::cache::{Cache, CacheError, Lookup, TempFile};
+use crate::cache::{Cache, CacheError, Lookup, Staged, TempFile};
 use crate::compression::Compression;
 use crate::hash::{HashingWriter, NixHash};
 use crate::nar::dump::{DumpError, dump_listing, dump_range};
@@ -171,18 +171,20 @@ impl PushReport {
 struct Done {
     narinfo: NarInfo,
     outcome: Outcome,
+    /// Its NAR and side files, written but not yet durable or in place.
+    staged: Vec<Staged>,
     nar_bytes: u64,
     file_bytes: u64,
 }
 
 /// Publishes narinfos in dependency order as paths finish, a batch at a time.
 ///
-/// NARs and side files are renamed into place without syncing their directories; before a
-/// batch of narinfos is written, one fsync of `nar/` (and `debuginfo/`) makes all their NARs
-/// durable, and one fsync of the top directory after it makes the narinfos durable before
-/// any path that refers to them is published. Two fsyncs per path (its NAR's and its
-/// narinfo's contents) and two per batch, instead of four per path. One thread publishes at a
-/// time; paths that finish meanwhile go into its next batch.
+/// Workers leave each NAR and side file staged (written, closed, under a temporary name).
+/// A batch stages its narinfos, makes all of it durable at once ([`Cache::sync_data`]: one
+/// `syncfs` on Linux), renames the NARs and side files into place and fsyncs their
+/// directories, then renames the narinfos and fsyncs the top directory, before any path that
+/// refers to them is published. No fsync per file: three or four flushes per batch. One
+/// thread publishes at a time; paths that finish meanwhile go into its next batch.
 struct Publisher<'a> {
     cache: &'a Cache,
     infos: &'a [PathInfo],
@@ -191,6 +193,12 @@ struct Publisher<'a> {
     /// Whether side files go to `debuginfo/`, which then needs syncing too.
     debuginfo: bool,
     state: Mutex<PubState>,
+}
+
+/// A path's share of a batch: its NAR and side files, then its narinfo (none if skipped).
+struct Pending {
+    files: Vec<Staged>,
+    narinfo: Option<Staged>,
 }
 
 #[derive(Default)]
@@ -238,7 +246,7 @@ impl<'a> Publisher<'a> {
         st.publishing = true;
         let mut failed = Vec::new();
         loop {
-            let batch: Vec<(usize, Done)> = std::mem::take(&mut st.ready)
+            let mut batch: Vec<(usize, Done)> = std::mem::take(&mut st.ready)
                 .into_iter()
                 .map(|k| (k, st.waiting.remove(&k).expect("ready paths wait")))
                 .collect();
@@ -247,7 +255,7 @@ impl<'a> Publisher<'a> {
                 return failed;
             }
             drop(st);
-            let results = self.write_batch(&batch);
+            let results = self.write_batch(&mut batch);
             st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             for ((k, done), result) in batch.into_iter().zip(results) {
                 if let Err(e) = result {
@@ -274,42 +282,52 @@ impl<'a> Publisher<'a> {
         }
     }
 
-    /// Writes one batch of narinfos, durably; one result per path.
-    fn write_batch(&self, batch: &[(usize, Done)]) -> Vec<Result<(), PushError>> {
-        // Skipped paths only get their time touched: nothing new to make durable.
-        let new = batch.iter().any(|(_, d)| d.outcome != Outcome::Skipped);
-        let sync = |sub: &str| -> Result<(), Arc<CacheError>> { self.cache.sync_dir(sub).map_err(Arc::new) };
-        let before = if !new {
-            Ok(())
-        } else if self.debuginfo {
-            sync("nar").and_then(|()| sync("debuginfo"))
-        } else {
-            sync("nar")
-        };
-        let mut results: Vec<Result<(), PushError>> = batch
-            .iter()
+    /// Puts one batch in place, durably: files, then narinfos. One result per path.
+    fn write_batch(&self, batch: &mut [(usize, Done)]) -> Vec<Result<(), PushError>> {
+        let pending: Vec<Result<Pending, PushError>> = batch
+            .iter_mut()
             .map(|(k, done)| {
-                if let Err(e) = &before {
-                    return Err(PushError::Sync(e.clone()));
-                }
                 let rel = Cache::narinfo_rel(&self.infos[*k].path);
-                match done.outcome {
-                    Outcome::Skipped => self.cache.touch(&rel),
-                    _ => self.cache.write_atomic_unsynced(&rel, done.narinfo.to_string().as_bytes()),
-                }
-                .map_err(PushError::from)
+                let narinfo = match done.outcome {
+                    // Only its time is touched, which gc reads.
+                    Outcome::Skipped => self.cache.touch(&rel).map(|()| None),
+                    _ => self.cache.stage(&rel, done.narinfo.to_string().as_bytes()).map(Some),
+                }?;
+                Ok(Pending { files: std::mem::take(&mut done.staged), narinfo })
             })
             .collect();
-        if new
-            && before.is_ok()
-            && let Err(e) = sync("")
-        {
-            // Written but perhaps not durable: nothing may refer to them.
-            for r in results.iter_mut().filter(|r| r.is_ok()) {
-                *r = Err(PushError::Sync(e.clone()));
-            }
+        let staged = || pending.iter().flatten().flat_map(|p| p.files.iter().chain(&p.narinfo));
+        if staged().next().is_none() {
+            return pending.into_iter().map(|r| r.map(drop)).collect();
         }
-        results
+        let sync_failed = |e: CacheError| {
+            let e = Arc::new(e);
+            move |r: Result<(), PushError>| r.and(Err(PushError::Sync(e.clone())))
+        };
+        if let Err(e) = self.cache.sync_data(staged()) {
+            return pending.into_iter().map(|r| r.map(drop)).map(sync_failed(e)).collect();
+        }
+        // A narinfo may name only a NAR that is in place.
+        let narinfos: Vec<Result<Option<Staged>, PushError>> = pending
+            .into_iter()
+            .map(|r| {
+                let p = r?;
+                p.files.into_iter().try_for_each(Staged::commit)?;
+                Ok(p.narinfo)
+            })
+            .collect();
+        let sync = |sub: &str| self.cache.sync_dir(sub);
+        let dirs = if self.debuginfo { sync("nar").and_then(|()| sync("debuginfo")) } else { sync("nar") };
+        if let Err(e) = dirs {
+            return narinfos.into_iter().map(|r| r.map(drop)).map(sync_failed(e)).collect();
+        }
+        let results: Vec<Result<(), PushError>> =
+            narinfos.into_iter().map(|r| Ok(r?.map_or(Ok(()), Staged::commit)?)).collect();
+        match sync("") {
+            // Written but perhaps not durable: nothing may refer to them.
+            Err(e) => results.into_iter().map(sync_failed(e)).collect(),
+            Ok(()) => results,
+        }
     }
 
     fn fail(&self, i: usize, e: PushError) {
@@ -462,6 +480,7 @@ impl Run<'_> {
             Lookup::Found(ni) if !opts.force && ni.nar_hash == info.nar_hash && cache.has_nar(&ni) => {
                 let mut narinfo = *ni;
                 let mut added = false;
+                let mut staged = Vec::new();
                 for k in &opts.keys {
                     if !narinfo.verified_by(&[k.public_key()]) {
                         added |= narinfo.add_signature(k);
@@ -470,13 +489,13 @@ impl Run<'_> {
                 if opts.nar_listing && cache.file_size(&listing_rel(&info.path)).is_none() {
                     // Listing missing for a path that is otherwise there: list it from the store.
                     let (listing, _, _) = self.hash_pass(info, true)?;
-                    write_side_files(cache, info, &narinfo.url, listing.as_ref(), opts)?;
+                    staged = side_files(cache, info, &narinfo.url, listing.as_ref(), opts)?;
                 }
                 let outcome = if added { Outcome::Signed } else { Outcome::Skipped };
                 if outcome == Outcome::Signed {
                     self.progress.println(&format!("signed {abs}"));
                 }
-                Plan::Done(Box::new(Done { narinfo, outcome, nar_bytes: 0, file_bytes: 0 }))
+                Plan::Done(Box::new(Done { narinfo, outcome, staged, nar_bytes: 0, file_bytes: 0 }))
             }
             Lookup::Found(_) | Lookup::Invalid(_) if !opts.force => Plan::Write(Outcome::Repaired),
             _ => Plan::Write(Outcome::Pushed),
@@ -645,9 +664,9 @@ impl Run<'_> {
     ) -> Result<Done, PushError> {
         let (cache, opts) = (self.cache, self.opts);
         let url = format!("nar/{}{}", file_hash.to_nix32(), opts.compression.extension());
-        // Its directory is synced before its narinfo is written (see Publisher).
-        tmp.persist_unsynced(&cache.path(&url))?;
-        write_side_files(cache, info, &url, listing, opts)?;
+        // Made durable and put in place before its narinfo (see Publisher).
+        let mut staged = vec![tmp.stage(cache.path(&url))];
+        staged.extend(side_files(cache, info, &url, listing, opts)?);
         let mut narinfo = NarInfo {
             store_dir: self.store.store_dir.clone(),
             store_path: info.path.clone(),
@@ -674,7 +693,7 @@ impl Run<'_> {
             crate::progress::bytes(nar_size),
             crate::progress::bytes(file_size)
         ));
-        Ok(Done { narinfo, outcome, nar_bytes: nar_size, file_bytes: file_size })
+        Ok(Done { narinfo, outcome, staged, nar_bytes: nar_size, file_bytes: file_size })
     }
 }
 
@@ -781,26 +800,28 @@ fn check_hash(abs: &str, info: &PathInfo, nar_hash: NixHash, nar_size: u64) -> R
     Ok(())
 }
 
-/// The listing and debug-info links, written after the NAR and before the narinfo.
-fn write_side_files(
+/// The listing and debug-info links, staged to go in place after the NAR and before the
+/// narinfo.
+fn side_files(
     cache: &Cache,
     info: &PathInfo,
     url: &str,
     listing: Option<&Entry>,
     opts: &PushOptions,
-) -> Result<(), PushError> {
-    let Some(listing) = listing else { return Ok(()) };
+) -> Result<Vec<Staged>, PushError> {
+    let mut staged = Vec::new();
+    let Some(listing) = listing else { return Ok(staged) };
     if opts.nar_listing {
-        cache.write_atomic_unsynced(&listing_rel(&info.path), &listing.to_listing_json())?;
+        staged.push(cache.stage(&listing_rel(&info.path), &listing.to_listing_json())?);
     }
     if opts.index_debug_info {
         for (key, member) in listing.debug_files() {
             let rel = format!("debuginfo/{key}");
             // Like Nix: the first NAR that provides a build id keeps it.
             if cache.file_size(&rel).is_none() {
-                cache.write_atomic_unsynced(&rel, &debuginfo_json(url, &member))?;
+                staged.push(cache.stage(&rel, &debuginfo_json(url, &member))?);
             }
         }
     }
-    Ok(())
+    Ok(staged)
 }
