@@ -4,7 +4,8 @@
 Builds the closure(s), then for each compression runs both tools into fresh directories,
 alternating which goes first, several times, and prints wall time, CPU time, peak RSS and
 output bytes (medians) with the ratios nixcache / nix copy. Also times a re-push where
-everything is present, on the closure and on a closure of 10,001 tiny paths.
+everything is present, on the closure; and on a closure of 10,001 tiny paths, a first push
+and a re-push with each compression.
 
 Usage: bench/run [--scale medium] [--runs 3] [--compressions xz,zstd,none] [--many 10000]
 """
@@ -117,17 +118,32 @@ def main():
         if a.many:
             many = sh(["nix-instantiate", "--eval", "--read-write-mode", MANY_NIX, "--arg", "n", str(a.many)]).strip('"')
             print()
-            print(f"re-push of a closure of {a.many + 1} tiny paths, everything present (zstd), median of {a.runs}:")
+            print(f"a closure of {a.many + 1} tiny paths: first push into an empty directory, then re-push "
+                  f"with everything present (median of {a.runs}):")
             print()
-            print("| tool | first push s | re-push s | peak RSS MiB |")
+            print("| compression | tool | first push s | CPU s | peak RSS MiB | re-push s |")
+            print("|---|---|---:|---:|---:|---:|")
+            many_ratios = []
+            for k, comp in enumerate(a.compressions.split(",")):
+                order = list(tools(comp).items())
+                if k % 2:
+                    order.reverse()
+                res = {}
+                for name, cmd in order:
+                    # Kept until the end: deleting 20,000 files just before the other tool's
+                    # first push would slow its file creation (ext4 skips recently freed inodes).
+                    d = os.path.join(work, f"many-{comp}-{name.replace(' ', '-')}")
+                    first = measure(cmd(d, many))
+                    again = statistics.median(measure(cmd(d, many))[0] for _ in range(a.runs))
+                    res[name] = (first, again)
+                    print(f"| {comp} | {name} | {first[0]:.2f} | {first[1]:.2f} | {first[2]:.0f} | {again:.3f} |")
+                (fc, rc), (fn, rn) = res["nixcache"], res["nix copy"]
+                many_ratios.append((comp, fc[0] / fn[0], fc[2] / fn[2], rc / rn))
+            print()
+            print("| compression | first push wall | peak RSS | re-push |")
             print("|---|---:|---:|---:|")
-            for name, cmd in tools("zstd").items():
-                d = os.path.join(work, "many-" + name.replace(" ", "-"))
-                first = measure(cmd(d, many))
-                again = [measure(cmd(d, many)) for _ in range(a.runs)]
-                print(f"| {name} | {first[0]:.2f} | {statistics.median(x[0] for x in again):.3f} | "
-                      f"{max(x[2] for x in again):.0f} |")
-                shutil.rmtree(d)
+            for comp, *r in many_ratios:
+                print(f"| {comp} | " + " | ".join(f"{x:.2f}x" for x in r) + " |")
     print()
     print("Ratios are nixcache / nix copy: below 1.00x is better for nixcache.")
 
