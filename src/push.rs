@@ -33,6 +33,9 @@ use crate::xz;
 /// Bytes of NAR batched before they reach the hasher and the compressor.
 const NAR_BUFFER: usize = 256 << 10;
 
+/// Bytes of compressed output batched per write to the cache.
+const FILE_BUFFER: usize = 256 << 10;
+
 /// A compressed block waiting for its turn is kept in memory up to this size, then in an
 /// unnamed file in the cache.
 const SPILL_IN_MEMORY: usize = 1 << 20;
@@ -532,7 +535,7 @@ impl Run<'_> {
         let bar = self.progress.path(info.path.as_str(), info.nar_size);
         let mut tmp = cache.temp_file("nar", ext)?;
         let write_err = self.write_err(info);
-        let file = HashingWriter::new(BufWriter::with_capacity(1 << 20, tmp.file()));
+        let file = HashingWriter::new(BufWriter::with_capacity(FILE_BUFFER, tmp.file()));
         let encoder = opts.compression.encoder(file, opts.level).map_err(write_err)?;
         let nar = HashingWriter::new(ProgressWriter::new(encoder, &bar));
         // The NAR writer emits many 8-16 byte tokens; batch them for the hasher and compressor.
@@ -558,7 +561,7 @@ impl Run<'_> {
         let mut tmp = self.cache.temp_file("nar", self.opts.compression.extension())?;
         let write_err = self.write_err(info);
         let file = tmp.file().try_clone().map_err(write_err)?;
-        let mut out = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
+        let mut out = HashingWriter::new(BufWriter::with_capacity(FILE_BUFFER, file));
         out.write_all(&xz::stream_header()).map_err(write_err)?;
         let ranges: Vec<_> = params.blocks(nar_size).collect();
         let n = ranges.len();
