@@ -304,13 +304,13 @@ impl Cache {
         File::open(&dir).and_then(|d| d.sync_all()).map_err(io_err("sync directory", &dir))
     }
 
-    /// Rewrites a narinfo atomically, keeping its modification time: a change that is not a
-    /// push (adding a signature) must not make gc think a push included the path.
-    pub fn rewrite_narinfo(&self, ni: &NarInfo, modified: std::time::SystemTime) -> Result<(), CacheError> {
+    /// Stages a rewritten narinfo that keeps the old one's modification time: a change that is
+    /// not a push (adding a signature) must not make gc think a push included the path.
+    pub fn stage_narinfo(&self, ni: &NarInfo, modified: std::time::SystemTime) -> Result<Staged, CacheError> {
         let mut t = self.temp_file("", ".part")?;
         t.file().write_all(ni.to_string().as_bytes()).map_err(io_err("write", &t.path))?;
         t.file().set_modified(modified).map_err(io_err("set the time of", &t.path))?;
-        t.persist(&self.path(&ni.file_name()))
+        Ok(t.stage(self.path(&ni.file_name())))
     }
 
     /// Reads `nix-cache-info`, if present.

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use anyhow::Context;
 use rayon::prelude::*;
 
-use crate::cache::Cache;
+use crate::cache::{Cache, Staged};
 use crate::cli::SignArgs;
 use crate::index::Index;
 
@@ -30,7 +30,7 @@ pub fn run(args: &SignArgs) -> anyhow::Result<bool> {
             .collect::<Result<Vec<_>, _>>()?;
         Some(index.closure(roots.iter().map(String::as_str)))
     };
-    let (signed, already, failed) = (AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
+    let (already, failed) = (AtomicUsize::new(0), AtomicUsize::new(0));
     let mut unparsable = 0;
     let todo: Vec<_> = index
         .entries
@@ -45,27 +45,41 @@ pub fn run(args: &SignArgs) -> anyhow::Result<bool> {
             }
         })
         .collect();
-    todo.par_iter().for_each(|(ni, modified)| {
-        if ni.verified_by(&public) {
-            already.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        let mut ni = (*ni).clone();
-        ni.add_signature(&key);
-        match cache
-            .rewrite_narinfo(&ni, *modified)
-            .with_context(|| format!("cannot sign {}", ni.store_dir.display(&ni.store_path)))
-        {
-            Ok(()) => {
-                signed.fetch_add(1, Ordering::Relaxed);
+    // Every rewritten narinfo is staged, all are made durable at once, then renamed into place.
+    let staged: Vec<Staged> = todo
+        .par_iter()
+        .filter_map(|(ni, modified)| {
+            if ni.verified_by(&public) {
+                already.fetch_add(1, Ordering::Relaxed);
+                return None;
             }
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                failed.fetch_add(1, Ordering::Relaxed);
+            let mut ni = (*ni).clone();
+            ni.add_signature(&key);
+            match cache.stage_narinfo(&ni, *modified) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    eprintln!("error: cannot sign {}: {e}", ni.store_dir.display(&ni.store_path));
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+            }
+        })
+        .collect();
+    let mut signed = 0;
+    if !staged.is_empty() {
+        cache.sync_data(&staged).context("nothing was signed")?;
+        for s in staged {
+            match s.commit() {
+                Ok(()) => signed += 1,
+                Err(e) => {
+                    eprintln!("error: cannot sign: {e}");
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
-    });
-    let (signed, already, failed) = (signed.into_inner(), already.into_inner(), failed.into_inner());
+        cache.sync_dir("")?;
+    }
+    let (already, failed) = (already.into_inner(), failed.into_inner());
     if !args.quiet {
         eprintln!(
             "{} narinfos: {signed} signed by {}, {already} already were, {failed} failed, {unparsable} unparsable",

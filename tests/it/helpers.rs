@@ -185,3 +185,95 @@ pub fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 pub fn build_big(salt: &str) -> String {
     ok(nix_cmd("nix-build").args([BIG, "--no-out-link", "--argstr", "salt", salt])).trim().to_owned()
 }
+
+/// One system call in an strace log: its name, the paths it names (`-y` shows an fd's path),
+/// and the log lines where it started and where it returned.
+pub struct Call {
+    pub name: String,
+    pub paths: Vec<String>,
+    pub start: usize,
+    pub end: usize,
+}
+
+/// Runs `cmd` (which must succeed) under strace, tracing writes, renames and syncs with the
+/// paths of their fds; returns its system calls in order.
+pub fn strace(cmd: &mut Command, log: &Path) -> Vec<Call> {
+    let mut traced = Command::new("strace");
+    traced
+        .args(["-f", "-y", "-s", "0", "-o"])
+        .arg(log)
+        .args(["-e", "trace=write,writev,pwrite64,rename,renameat,renameat2,fsync,fdatasync,syncfs", "--"])
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .envs(cmd.get_envs().filter_map(|(k, v)| Some((k, v?))));
+    ok(&mut traced);
+    syscalls(&std::fs::read_to_string(log).unwrap())
+}
+
+/// Parses `strace -f -y -s 0` output, joining `<unfinished ...>` / `<... resumed>` halves.
+fn syscalls(log: &str) -> Vec<Call> {
+    // Paths appear as "/..." (arguments) or </...> (fds, with -y).
+    let paths = |mut rest: &str| -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(i) = rest.find(['"', '<']) {
+            let close = if rest.as_bytes()[i] == b'"' { '"' } else { '>' };
+            rest = &rest[i + 1..];
+            let Some(j) = rest.find(close) else { break };
+            if rest.starts_with('/') {
+                out.push(rest[..j].to_owned());
+            }
+            rest = &rest[j + 1..];
+        }
+        out
+    };
+    let mut pending: std::collections::HashMap<String, usize> = Default::default();
+    let mut calls: Vec<Call> = Vec::new();
+    for (n, line) in log.lines().enumerate() {
+        let Some((pid, rest)) = line.split_once(' ') else { continue };
+        let rest = rest.trim_start();
+        if rest.starts_with("<...") {
+            if let Some(k) = pending.remove(pid) {
+                calls[k].end = n;
+            }
+            continue;
+        }
+        let Some(paren) = rest.find('(') else { continue };
+        let name = rest[..paren].to_owned();
+        calls.push(Call { name, paths: paths(&rest[paren..]), start: n, end: n });
+        if rest.ends_with("<unfinished ...>") {
+            pending.insert(pid.to_owned(), calls.len() - 1);
+        }
+    }
+    calls
+}
+
+/// Whether a sync of `file` (an fsync of it, or a syncfs of any filesystem) returned between
+/// the two log lines.
+pub fn synced(calls: &[Call], after: usize, before: usize, file: &str) -> bool {
+    calls.iter().any(|c| {
+        c.end > after
+            && c.end < before
+            && (c.name == "syncfs" || (c.name.starts_with('f') && c.paths.iter().any(|p| p == file)))
+    })
+}
+
+/// Asserts that every file renamed into place was flushed after its last write and before
+/// the rename, and that its new name was flushed before the process ended. Returns the
+/// renames by destination.
+pub fn assert_renames_durable(calls: &[Call]) -> std::collections::HashMap<String, &Call> {
+    let mut renamed_at = std::collections::HashMap::new();
+    for r in calls.iter().filter(|c| c.name.starts_with("rename") && c.paths.len() == 2) {
+        let (src, dest) = (&r.paths[0], &r.paths[1]);
+        let last_write =
+            calls.iter().filter(|c| c.name.contains("write") && c.paths.contains(src)).map(|c| c.end).max();
+        let last_write = last_write.unwrap_or_else(|| panic!("no write to {src}"));
+        assert!(
+            synced(calls, last_write, r.start, src),
+            "{dest} renamed into place before its contents were flushed"
+        );
+        let dir = dest.rsplit_once('/').unwrap().0;
+        assert!(synced(calls, r.end, usize::MAX, dir), "{dest}: its name was never flushed");
+        renamed_at.insert(dest.clone(), r);
+    }
+    renamed_at
+}

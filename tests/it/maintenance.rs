@@ -128,6 +128,7 @@ fn sign_makes_an_unsigned_cache_restorable() {
     assert_eq!(tree(&cache.join("nar")), nars, "NARs untouched");
     assert_eq!(time(&f.top), before, "signing keeps gc's record of the last push");
     let signed = tree(&cache);
+    assert!(!signed.iter().any(|(p, _)| p.to_string_lossy().contains(".nixcache-tmp-")));
     ok(nixcache().args(["sign", "-q", "-k", SECRET, "--dest"]).arg(&cache));
     assert_eq!(tree(&cache), signed, "signing twice changes nothing");
     let root = t.path().join("root");
@@ -141,6 +142,40 @@ fn sign_makes_an_unsigned_cache_restorable() {
             .arg("/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-x"),
     );
     assert!(stderr(&out).contains("is not in the cache"));
+}
+
+/// Signing rewrites narinfos in place: each new version is flushed before it replaces the
+/// old, and all are flushed before sign exits. They equal what `nix store sign` writes.
+#[test]
+fn sign_is_durable_and_equals_nix_store_sign() {
+    let f = fixtures();
+    let t = tmp();
+    let (ours, nix) = (t.path().join("ours"), t.path().join("nix"));
+    push(&ours, &[], &[&f.top]);
+    push(&nix, &[], &[&f.top]);
+    let calls =
+        strace(nixcache().args(["sign", "-q", "-k", SECRET, "--dest"]).arg(&ours), &t.path().join("log"));
+    let renamed = assert_renames_durable(&calls);
+    assert_eq!(renamed.len(), f.closure.len());
+    ok(nix_cmd("nix").args([
+        "store",
+        "sign",
+        "--store",
+        &file_url(&nix),
+        "--key-file",
+        SECRET,
+        "-r",
+        &f.top,
+    ]));
+    let narinfos = |d: &std::path::Path| -> Vec<_> {
+        tree(d).into_iter().filter(|(p, _)| p.extension().is_some_and(|e| e == "narinfo")).collect()
+    };
+    let (a, b) = (narinfos(&ours), narinfos(&nix));
+    assert_eq!(a.len(), f.closure.len());
+    for ((pa, ca), (pb, cb)) in a.iter().zip(&b) {
+        assert_eq!(pa.file_name(), pb.file_name());
+        assert_eq!(String::from_utf8_lossy(ca), String::from_utf8_lossy(cb), "{}", pa.display());
+    }
 }
 
 #[test]

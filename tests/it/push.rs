@@ -294,113 +294,47 @@ fn killed_push_leaves_a_usable_cache_and_rerun_completes() {
     assert_restored_identical(&root, &closure);
 }
 
-/// One system call in an strace log: its name, the paths it names (`-y` shows an fd's path),
-/// and the log lines where it started and where it returned.
-struct Call {
-    name: String,
-    paths: Vec<String>,
-    start: usize,
-    end: usize,
-}
-
-/// Parses `strace -f -y -s 0` output, joining `<unfinished ...>` / `<... resumed>` halves.
-fn syscalls(log: &str) -> Vec<Call> {
-    // Paths appear as "/..." (arguments) or </...> (fds, with -y).
-    let paths = |mut rest: &str| -> Vec<String> {
-        let mut out = Vec::new();
-        while let Some(i) = rest.find(['"', '<']) {
-            let close = if rest.as_bytes()[i] == b'"' { '"' } else { '>' };
-            rest = &rest[i + 1..];
-            let Some(j) = rest.find(close) else { break };
-            if rest.starts_with('/') {
-                out.push(rest[..j].to_owned());
-            }
-            rest = &rest[j + 1..];
-        }
-        out
-    };
-    let mut pending: std::collections::HashMap<String, usize> = Default::default();
-    let mut calls: Vec<Call> = Vec::new();
-    for (n, line) in log.lines().enumerate() {
-        let Some((pid, rest)) = line.split_once(' ') else { continue };
-        let rest = rest.trim_start();
-        if rest.starts_with("<...") {
-            if let Some(k) = pending.remove(pid) {
-                calls[k].end = n;
-            }
-            continue;
-        }
-        let Some(paren) = rest.find('(') else { continue };
-        let name = rest[..paren].to_owned();
-        calls.push(Call { name, paths: paths(&rest[paren..]), start: n, end: n });
-        if rest.ends_with("<unfinished ...>") {
-            pending.insert(pid.to_owned(), calls.len() - 1);
-        }
-    }
-    calls
-}
-
-/// The crash-safety protocol, checked on the system calls of a real push: every file's
-/// contents are flushed (syncfs, or fsync of that file) after its last write and before it is
-/// renamed into place; a narinfo is renamed only after its NAR's name is flushed (syncfs, or
-/// fsync of nar/), and only after the narinfos of its references are flushed (syncfs, or
-/// fsync of the top directory); and every name is flushed before push exits. A power cut at
-/// any moment then leaves no narinfo that names a missing or partial file.
+/// The crash-safety protocol, checked on the system calls of a real push: every file is
+/// flushed after its last write and before it is renamed into place, and every name is
+/// flushed before push exits ([`assert_renames_durable`]); a narinfo is renamed only after
+/// its NAR's name is flushed (syncfs, or fsync of nar/), and only after the narinfos of its
+/// references are flushed (syncfs, or fsync of the top directory). A power cut at any moment
+/// then leaves no narinfo that names a missing or partial file.
 #[test]
 fn every_file_is_durable_before_a_narinfo_names_it() {
     let f = fixtures();
     let t = tmp();
     let cache = t.path().join("cache");
-    let log = t.path().join("strace.log");
-    let bin = env!("CARGO_BIN_EXE_nixcache");
-    ok(std::process::Command::new("strace")
-        .args(["-f", "-y", "-s", "0", "-o"])
-        .arg(&log)
-        .args(["-e", "trace=write,writev,pwrite64,rename,renameat,renameat2,fsync,fdatasync,syncfs", bin])
-        .args(["push", "-q", "-j", "2", "--nar-listing", "-k", SECRET, "--dest"])
-        .arg(&cache)
-        .arg(&f.top));
-    let calls = syscalls(&std::fs::read_to_string(&log).unwrap());
+    let calls = strace(
+        nixcache()
+            .args(["push", "-q", "-j", "2", "--nar-listing", "-k", SECRET, "--dest"])
+            .arg(&cache)
+            .arg(&f.top),
+        &t.path().join("strace.log"),
+    );
     let cache = cache.canonicalize().unwrap();
     let top = cache.to_str().unwrap().to_owned();
-    let nar_dir = format!("{top}/nar");
-    // Whether a sync of `file` (or of its whole filesystem) returned between the two lines.
-    let synced = |after: usize, before: usize, file: &str| {
-        calls.iter().any(|c| {
-            c.end > after
-                && c.end < before
-                && (c.name == "syncfs" || (c.name.starts_with("f") && c.paths.iter().any(|p| p == file)))
-        })
-    };
-    let renames: Vec<&Call> =
-        calls.iter().filter(|c| c.name.starts_with("rename") && c.paths.len() == 2).collect();
-    assert!(renames.len() >= 2 * f.closure.len(), "{} renames for {} paths", renames.len(), f.closure.len());
-    let mut renamed_at = std::collections::HashMap::new();
-    for r in &renames {
-        let (src, dest) = (&r.paths[0], &r.paths[1]);
-        let last_write =
-            calls.iter().filter(|c| c.name.contains("write") && c.paths.contains(src)).map(|c| c.end).max();
-        let last_write = last_write.unwrap_or_else(|| panic!("no write to {src}"));
-        assert!(
-            synced(last_write, r.start, src),
-            "{dest} renamed into place before its contents were flushed"
-        );
-        let dir = dest.rsplit_once('/').unwrap().0;
-        assert!(synced(r.end, usize::MAX, dir), "{dest}: its name was never flushed");
-        renamed_at.insert(dest.clone(), r);
-    }
+    let renamed_at = assert_renames_durable(&calls);
+    assert!(
+        renamed_at.len() >= 2 * f.closure.len(),
+        "{} renames for {} paths",
+        renamed_at.len(),
+        f.closure.len()
+    );
     for p in &f.closure {
         let ni = narinfo(&cache, p);
-        let ni_path = format!("{top}/{}.narinfo", hash_part(p));
-        let ni_rename = renamed_at[&ni_path];
+        let ni_rename = renamed_at[&format!("{top}/{}.narinfo", hash_part(p))];
         let nar =
             renamed_at.get(&format!("{top}/{}", ni.url)).unwrap_or_else(|| panic!("{} not renamed", ni.url));
         assert!(nar.end < ni_rename.start, "{p}: narinfo before its NAR");
-        assert!(synced(nar.end, ni_rename.start, &nar_dir), "{p}: narinfo renamed before nar/ was flushed");
+        assert!(
+            synced(&calls, nar.end, ni_rename.start, &format!("{top}/nar")),
+            "{p}: narinfo renamed before nar/ was flushed"
+        );
         for r in ni.references.iter().filter(|r| !p.ends_with(r.to_string().as_str())) {
             let r_ni = renamed_at[&format!("{top}/{}.narinfo", &r.to_string()[..32])];
             assert!(
-                synced(r_ni.end, ni_rename.start, &top),
+                synced(&calls, r_ni.end, ni_rename.start, &top),
                 "{p} published before its reference {r} was flushed"
             );
         }
