@@ -5,7 +5,7 @@ Builds the closure(s), then for each compression runs both tools into fresh dire
 alternating which goes first, several times, and prints wall time, CPU time, peak RSS and
 output bytes (medians) with the ratios nixcache / nix copy. Also times a re-push where
 everything is present, on the closure; and on a closure of 10,001 tiny paths, a first push
-and a re-push with each compression.
+and a re-push with each compression, and signing all its narinfos (`nix store sign`).
 
 Usage: bench/run [--scale medium] [--runs 3] [--compressions xz,zstd,none] [--many 10000]
 """
@@ -144,6 +144,35 @@ def main():
             print("|---|---:|---:|---:|")
             for comp, *r in many_ratios:
                 print(f"| {comp} | " + " | ".join(f"{x:.2f}x" for x in r) + " |")
+            # Key rotation: sign every narinfo of an unsigned cache of the tiny paths.
+            comp = a.compressions.split(",")[0]
+            unsigned = os.path.join(work, f"many-{comp}-nixcache")
+            key = os.path.join(work, "bench.secret")
+            sh([NIXCACHE, "keygen", "bench-1", key, key + ".pub"])
+            signers = {
+                "nix store sign": lambda d: ["nix", "store", "sign", "--store", f"file://{d}", "--key-file", key,
+                                             "-r", many],
+                "nixcache sign": lambda d: [NIXCACHE, "sign", "-q", "-k", key, "--dest", d],
+            }
+            signs = {name: [] for name in signers}
+            for i in range(a.runs):
+                order = list(signers.items())
+                if i % 2:
+                    order.reverse()
+                for name, cmd in order:
+                    d = os.path.join(work, "sign")
+                    shutil.copytree(unsigned, d, symlinks=True)
+                    signs[name].append(measure(cmd(d)))
+                    shutil.rmtree(d)
+            print()
+            print(f"signing the {a.many + 1} narinfos of that cache ({comp}, unsigned), median of {a.runs}:")
+            print()
+            print("| tool | wall s | CPU s | peak RSS MiB |")
+            print("|---|---:|---:|---:|")
+            for name, xs in signs.items():
+                print(f"| {name} | {med(xs, 0):.2f} | {med(xs, 1):.2f} | {med(xs, 2):.0f} |")
+            n, c = signs["nix store sign"], signs["nixcache sign"]
+            print(f"| ratio | {med(c, 0) / med(n, 0):.2f}x | {med(c, 1) / med(n, 1):.2f}x | {med(c, 2) / med(n, 2):.2f}x |")
     print()
     print("Ratios are nixcache / nix copy: below 1.00x is better for nixcache.")
 
