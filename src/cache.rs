@@ -13,7 +13,7 @@
 //! directory it belongs to, made durable, renamed into place, and the directory fsync'd, so
 //! a reader sees either nothing or the whole file. Temporary names never end in `.narinfo`,
 //! so no client can fetch one. One file at a time is fsync'd ([`Cache::write_atomic`]); a
-//! batch is [staged](Staged), made durable with one [`Cache::sync_data`], then renamed.
+//! batch is [staged](Staged), made durable together with [`Cache::sync_data`], then renamed.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -264,37 +264,26 @@ impl Cache {
         Ok(t.stage(self.path(rel)))
     }
 
-    /// Makes the contents of `files` durable. On Linux this is one `syncfs` per filesystem
-    /// they are on (which flushes whatever else is waiting there too), instead of an fsync
-    /// per file: a batch of ten thousand small files is one flush, not ten thousand.
+    /// Makes the contents of `files` durable: an fsync each, up to 16 at a time, so a batch
+    /// of many small files waits for the disk once or twice rather than once per file.
+    ///
+    /// Not `syncfs`: that flushes everything waiting on the filesystem, such as the build
+    /// that just wrote gigabytes to the store before a nightly push (measured: 0.5 s instead
+    /// of 1.0-1.9 s for the medium closure with 2.3 GB dirty, on a fast virtual disk).
     pub fn sync_data<'s>(&self, files: impl IntoIterator<Item = &'s Staged>) -> Result<(), CacheError> {
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        {
-            use std::os::unix::fs::MetadataExt;
-            // The staged files live in the cache's own directories (the top, nar/,
-            // debuginfo/); one of those may be a mount of another disk.
-            let mut dirs: Vec<&Path> = files.into_iter().filter_map(|f| f.tmp.path.parent()).collect();
-            dirs.sort();
-            dirs.dedup();
-            let mut synced = Vec::new();
-            for dir in dirs {
-                let d = File::open(dir).map_err(io_err("open", dir))?;
-                let dev = d.metadata().map_err(io_err("stat", dir))?.dev();
-                if !synced.contains(&dev) {
-                    rustix::fs::syncfs(&d).map_err(|e| io_err("sync the filesystem of", dir)(e.into()))?;
-                    synced.push(dev);
-                }
-            }
-            Ok(())
+        let files: Vec<&Path> = files.into_iter().map(|f| f.tmp.path.as_path()).collect();
+        let sync = |p: &&Path| File::open(p).and_then(|f| f.sync_all()).map_err(io_err("sync", p));
+        let threads = files.len().min(16);
+        if threads <= 1 {
+            return files.iter().try_for_each(sync);
         }
-        #[cfg(not(any(target_os = "linux", target_os = "android")))]
-        {
-            for f in files {
-                let p = &f.tmp.path;
-                File::open(p).and_then(|f| f.sync_all()).map_err(io_err("sync", p))?;
-            }
-            Ok(())
-        }
+        std::thread::scope(|s| {
+            let files = &files;
+            let handles: Vec<_> = (0..threads)
+                .map(|t| s.spawn(move || files.iter().skip(t).step_by(threads).try_for_each(sync)))
+                .collect();
+            handles.into_iter().try_for_each(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+        })
     }
 
     /// fsyncs the cache subdirectory `sub` ("" for the top): names renamed into it are then
@@ -518,13 +507,16 @@ mod tests {
     fn staged_files_appear_only_when_committed() {
         let t = tempfile::tempdir().unwrap();
         let c = Cache::create(t.path()).unwrap();
-        let open_fds = || fs::read_dir("/proc/self/fd").unwrap().count();
-        let before = open_fds();
         let staged: Vec<Staged> = (0..200)
             .map(|i| c.stage(&format!("nar/{i}.nar"), format!("nar {i}").as_bytes()).unwrap())
             .collect();
-        // Waiting files hold no descriptors.
-        assert_eq!(open_fds(), before);
+        // Waiting files hold no descriptors (other tests' may come and go meanwhile).
+        let open_here = fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| fs::read_link(e.unwrap().path()).ok())
+            .filter(|target| target.starts_with(t.path()))
+            .count();
+        assert_eq!(open_here, 0);
         assert_eq!(c.temp_files().unwrap().len(), 200);
         assert!(c.nar_files().unwrap().is_empty());
         c.sync_data(&staged).unwrap();

@@ -183,11 +183,12 @@ struct Done {
 /// Publishes narinfos in dependency order as paths finish, a batch at a time.
 ///
 /// Workers leave each NAR and side file staged (written, closed, under a temporary name).
-/// A batch stages its narinfos, makes all of it durable at once ([`Cache::sync_data`]: one
-/// `syncfs` on Linux), renames the NARs and side files into place and fsyncs their
+/// A batch stages its narinfos, makes all of it durable at once ([`Cache::sync_data`]: the
+/// files' fsyncs in parallel), renames the NARs and side files into place and fsyncs their
 /// directories, then renames the narinfos and fsyncs the top directory, before any path that
-/// refers to them is published. No fsync per file: three or four flushes per batch. One
-/// thread publishes at a time; paths that finish meanwhile go into its next batch.
+/// refers to them is published. A batch of many small paths waits for the disk a few times,
+/// not twice per path. One thread publishes at a time; paths that finish meanwhile go into
+/// its next batch.
 struct Publisher<'a> {
     cache: &'a Cache,
     infos: &'a [PathInfo],
