@@ -3,9 +3,10 @@
 //! A path stays if a push named or walked it within the window (its narinfo's modification
 //! time, which push touches) or if it is in the closure of a `--keep` path, and only if it is
 //! complete: its NAR is there and everything it references stays. Everything else goes, in
-//! an order that never shows a client a narinfo whose references are gone: narinfos of
-//! referrers before those of their references, then NAR files no remaining narinfo uses,
-//! listings and debug-info links of what went, and stale temporary files.
+//! an order that never shows a client a narinfo whose references are gone, even after a
+//! power cut: narinfos of referrers before those of their references (in layers, the
+//! directory synced between them), then NAR files no remaining narinfo uses, listings and
+//! debug-info links of what went, and stale temporary files.
 //!
 //! Invariant afterwards: every remaining narinfo has its NAR and all its references.
 
@@ -129,8 +130,26 @@ pub fn gc(
         post_order(&index, &doomed, h, &mut visited, &mut order);
     }
     order.reverse();
+    // Unlinks reach the disk in any order unless the directory is synced between them, so
+    // narinfos go in layers: first those no other doomed narinfo references, then their
+    // references, and so on, the directory synced after each layer (and after the last,
+    // before any NAR goes). A power cut mid-gc leaves no narinfo whose reference or NAR is
+    // gone. Layer of a narinfo: one more than its deepest doomed referrer's.
+    let mut layer: HashMap<&str, usize> = HashMap::new();
+    for &h in &order {
+        let l = *layer.entry(h).or_insert(0);
+        let refs = index.entries[h].narinfo.as_ref().map(|ni| ni.references.as_slice()).unwrap_or_default();
+        for r in refs.iter().map(|r| r.hash_part()).filter(|r| *r != h && doomed.contains(r)) {
+            let e = layer.entry(index.entries.get_key_value(r).expect("doomed entries exist").0).or_insert(0);
+            *e = (*e).max(l + 1);
+        }
+    }
+    // Stable: referrers still come first within a layer.
+    order.sort_by_key(|h| layer[h]);
 
     let mut report = GcReport { kept: live.len(), ..Default::default() };
+    // The layer of each removal: narinfos and their listings; None for the rest.
+    let mut layers: Vec<Option<usize>> = Vec::new();
     let size = |rel: &str| cache.file_size(rel).unwrap_or(0);
     for h in &order {
         let e = &index.entries[*h];
@@ -146,6 +165,7 @@ pub fn gc(
             reason: Some(reason),
             bytes: size(&e.file),
         });
+        layers.push(Some(layer[h]));
         report.removed_paths += 1;
         let ls = format!("{h}.ls");
         if cache.file_size(&ls).is_some() {
@@ -155,6 +175,7 @@ pub fn gc(
                 reason: None,
                 bytes: size(&ls),
             });
+            layers.push(Some(layer[h]));
         }
     }
 
@@ -188,7 +209,11 @@ pub fn gc(
     report.bytes_freed = report.removals.iter().map(|r| r.bytes).sum();
 
     if !dry_run {
-        for r in &report.removals {
+        layers.resize(report.removals.len(), None);
+        for (i, r) in report.removals.iter().enumerate() {
+            if i > 0 && layers[i - 1].is_some() && layers[i] != layers[i - 1] {
+                cache.sync_dir("")?;
+            }
             let path = cache.path(&r.file);
             match std::fs::remove_file(&path) {
                 Ok(()) => {}

@@ -195,14 +195,18 @@ pub struct Call {
     pub end: usize,
 }
 
-/// Runs `cmd` (which must succeed) under strace, tracing writes, renames and syncs with the
+/// Runs `cmd` (which must succeed) under strace, tracing writes, renames, unlinks and syncs with the
 /// paths of their fds; returns its system calls in order.
 pub fn strace(cmd: &mut Command, log: &Path) -> Vec<Call> {
     let mut traced = Command::new("strace");
     traced
         .args(["-f", "-y", "-s", "0", "-o"])
         .arg(log)
-        .args(["-e", "trace=write,writev,pwrite64,rename,renameat,renameat2,fsync,fdatasync,syncfs", "--"])
+        .args([
+            "-e",
+            "trace=write,writev,pwrite64,rename,renameat,renameat2,unlink,unlinkat,fsync,fdatasync,syncfs",
+            "--",
+        ])
         .arg(cmd.get_program())
         .args(cmd.get_args())
         .envs(cmd.get_envs().filter_map(|(k, v)| Some((k, v?))));

@@ -178,6 +178,55 @@ fn sign_is_durable_and_equals_nix_store_sign() {
     }
 }
 
+/// gc's order holds on disk too: a narinfo's removal is flushed (syncfs, or fsync of the top
+/// directory) before the narinfos of its references go, and all narinfo removals before any
+/// NAR goes. A power cut mid-gc leaves no narinfo whose reference or NAR is gone.
+#[test]
+fn gc_removals_are_flushed_in_order() {
+    let f = fixtures();
+    let t = tmp();
+    let cache = t.path().join("cache");
+    push(&cache, &["--nar-listing"], &[&f.top]);
+    std::thread::sleep(Duration::from_millis(50));
+    let narinfos: Vec<_> = f.closure.iter().map(|p| (p, narinfo(&cache, p))).collect();
+    let calls = strace(
+        nixcache().args(["gc", "-q", "--older-than", "0s", "--dest"]).arg(&cache),
+        &t.path().join("log"),
+    );
+    let top = cache.canonicalize().unwrap().to_str().unwrap().to_owned();
+    let unlinked = |rel: &str| {
+        let path = format!("{top}/{rel}");
+        calls
+            .iter()
+            .find(|c| c.name.starts_with("unlink") && c.paths.contains(&path))
+            .unwrap_or_else(|| panic!("{rel} not removed"))
+    };
+    let mut last_narinfo = 0;
+    for (p, ni) in &narinfos {
+        let gone = unlinked(&format!("{}.narinfo", hash_part(p)));
+        last_narinfo = last_narinfo.max(gone.end);
+        for r in ni.references.iter().filter(|r| !p.ends_with(r.to_string().as_str())) {
+            let r_gone = unlinked(&format!("{}.narinfo", &r.to_string()[..32]));
+            assert!(
+                gone.end < r_gone.start && synced(&calls, gone.end, r_gone.start, &top),
+                "{p}: its reference {r} was removed before its own removal was flushed"
+            );
+        }
+    }
+    for (p, ni) in &narinfos {
+        let nar = unlinked(&ni.url);
+        assert!(
+            synced(&calls, last_narinfo, nar.start, &top),
+            "{p}: NAR removed before all narinfo removals were flushed"
+        );
+    }
+    assert!(
+        tree(&cache)
+            .iter()
+            .all(|(p, _)| !p.starts_with("nar/") && p.extension().is_none_or(|e| e != "narinfo"))
+    );
+}
+
 #[test]
 fn gc_keeps_exactly_the_recent_closure_and_kept_paths() {
     let old = build_fixtures("gc-old");
