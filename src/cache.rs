@@ -405,6 +405,7 @@ pub struct TempFile {
     path: PathBuf,
     /// Open while being written.
     file: Option<File>,
+    /// Renamed into place: nothing to remove on drop.
     persisted: bool,
 }
 

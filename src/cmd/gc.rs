@@ -30,9 +30,6 @@ pub fn run(args: &GcArgs) -> anyhow::Result<bool> {
             }
         }
     }
-    if args.quiet {
-        return Ok(true);
-    }
     eprintln!(
         "{} paths kept, {} paths {}, {} {}",
         report.kept,
