@@ -249,10 +249,10 @@ impl Cache {
 
     /// Writes `data` to the cache-relative `rel` atomically and durably.
     pub fn write_atomic(&self, rel: &str, data: &[u8]) -> Result<(), CacheError> {
-        let sub = Path::new(rel).parent().and_then(Path::to_str).unwrap_or("");
-        let mut t = self.temp_file(sub, ".part")?;
-        t.file().write_all(data).map_err(io_err("write", &t.path))?;
-        t.persist(&self.path(rel))
+        let staged = self.stage(rel, data)?;
+        self.sync_data([&staged])?;
+        staged.commit()?;
+        self.sync_dir(Path::new(rel).parent().and_then(Path::to_str).unwrap_or(""))
     }
 
     /// Writes `data` to a temporary file beside the cache-relative `rel`, to be made durable
@@ -400,7 +400,7 @@ impl Cache {
     }
 }
 
-/// A file being written under a temporary name; removed on drop unless persisted.
+/// A file being written under a temporary name; removed on drop unless renamed into place.
 pub struct TempFile {
     path: PathBuf,
     /// Open while being written.
@@ -416,18 +416,6 @@ impl TempFile {
 
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    /// fsyncs the file, renames it to `dest` and fsyncs the directory.
-    pub fn persist(mut self, dest: &Path) -> Result<(), CacheError> {
-        let f = self.file.take().expect("persisted once");
-        f.sync_all().map_err(io_err("sync", &self.path))?;
-        drop(f);
-        self.rename(dest)?;
-        match dest.parent() {
-            Some(dir) => File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("sync directory", dir)),
-            None => Ok(()),
-        }
     }
 
     /// Closes the file, unsynced, to be renamed to `dest` once a batch is durable. Holds no
