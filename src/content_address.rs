@@ -68,6 +68,17 @@ fn hex_of(algo: &str, digest: &str) -> Option<String> {
     Some(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// True when `ca` is a content address Nix parses: `text:sha256:<hash>` or
+/// `fixed:[r:]<algo>:<hash>` with a known algorithm and a digest of the right length.
+pub fn is_valid(ca: &str) -> bool {
+    if let Some(rest) = ca.strip_prefix("text:") {
+        return rest.parse::<NixHash>().is_ok();
+    }
+    let Some(rest) = ca.strip_prefix("fixed:") else { return false };
+    let rest = rest.strip_prefix("r:").unwrap_or(rest);
+    rest.split_once(':').is_some_and(|(algo, digest)| hex_of(algo, digest).is_some())
+}
+
 /// The store path that content address `ca` gives a path named `name` with `references`
 /// (which may include the path itself). `None` when the CA does not parse.
 pub fn ca_store_path(

@@ -17,6 +17,14 @@
 //!
 //! Fields are written in this order, which is Nix's. Unknown keys are kept and written
 //! back after the known ones, so `parse(s).to_string() == s` for any file Nix writes.
+//!
+//! Parsing is at least as strict as Nix's (`NarInfo::NarInfo` in libstore), so a narinfo
+//! that parses here is one Nix reads as meant: every line is `Key: value` ending in `\n`
+//! (Nix takes the value from two characters after the colon to the next `\n`, so a
+//! missing final newline is an error there, and a bare `Key:` or an empty line makes it
+//! read the next line as the value), no carriage returns or other control characters,
+//! sizes are plain decimal and NarSize is not zero, References are separated by single
+//! spaces, and CA is a content address Nix can parse.
 
 use std::fmt;
 use std::str::FromStr;
@@ -38,6 +46,10 @@ pub enum NarInfoError {
     Missing(&'static str),
     #[error("field {0} appears twice")]
     Duplicate(&'static str),
+    #[error("the last line does not end with a newline")]
+    Unterminated,
+    #[error("line {line}: control character {found:?} (a CRLF line end?)")]
+    Control { line: usize, found: char },
 }
 
 /// A parsed narinfo.
@@ -99,6 +111,26 @@ impl NarInfo {
     pub fn file_name(&self) -> String {
         format!("{}.narinfo", self.store_path.hash_part())
     }
+
+    /// The cache-relative file the URL names, as a client reaches it: Nix appends the URL to
+    /// the cache's (`DIR/./nar/x`, `http://host/nar//x`), and both the filesystem and
+    /// web servers resolve `.` and empty components. `None` for a URL that leaves the cache
+    /// (`..`, an absolute URL).
+    pub fn nar_file(&self) -> Option<String> {
+        let url = &self.url;
+        if url.contains("://") || url.starts_with('/') {
+            return None;
+        }
+        let mut parts = Vec::new();
+        for c in url.split('/') {
+            match c {
+                "" | "." => {}
+                ".." => return None,
+                c => parts.push(c),
+            }
+        }
+        (!parts.is_empty()).then(|| parts.join("/"))
+    }
 }
 
 impl fmt::Display for NarInfo {
@@ -135,6 +167,11 @@ impl fmt::Display for NarInfo {
     }
 }
 
+/// A size as Nix writes it: decimal digits only.
+fn decimal(s: &str) -> Option<u64> {
+    s.bytes().all(|b| b.is_ascii_digit()).then(|| s.parse().ok()).flatten()
+}
+
 fn set<T>(slot: &mut Option<T>, key: &'static str, v: T) -> Result<(), NarInfoError> {
     if slot.replace(v).is_some() {
         return Err(NarInfoError::Duplicate(key));
@@ -152,15 +189,19 @@ impl FromStr for NarInfo {
             (None, None, None, None, None, None);
         let mut sigs = Vec::new();
         let mut extra = Vec::new();
-        for (i, text) in s.lines().enumerate() {
+        if !s.is_empty() && !s.ends_with('\n') {
+            return Err(NarInfoError::Unterminated);
+        }
+        for (i, text) in s.split_terminator('\n').enumerate() {
             let line = i + 1;
-            if text.is_empty() {
-                continue;
+            if let Some(found) = text.chars().find(|c| c.is_control()) {
+                return Err(NarInfoError::Control { line, found });
             }
-            let (key, value) = text
-                .split_once(": ")
-                .or_else(|| text.strip_suffix(':').map(|k| (k, "")))
-                .ok_or_else(|| NarInfoError::Line { line, text: text.to_owned() })?;
+            let (key, value) =
+                text.split_once(": ").ok_or_else(|| NarInfoError::Line { line, text: text.to_owned() })?;
+            if key.is_empty() || key.contains(':') {
+                return Err(NarInfoError::Line { line, text: text.to_owned() });
+            }
             macro_rules! parse {
                 ($name:literal, $e:expr) => {
                     $e.map_err(|_| NarInfoError::Value { line, key: $name, value: value.to_owned() })?
@@ -175,12 +216,16 @@ impl FromStr for NarInfo {
                 "URL" => set(&mut url, "URL", value.to_owned())?,
                 "Compression" => set(&mut compression, "Compression", value.to_owned())?,
                 "FileHash" => set(&mut file_hash, "FileHash", parse!("FileHash", value.parse()))?,
-                "FileSize" => set(&mut file_size, "FileSize", parse!("FileSize", value.parse()))?,
+                "FileSize" => set(&mut file_size, "FileSize", parse!("FileSize", decimal(value).ok_or(())))?,
                 "NarHash" => set(&mut nar_hash, "NarHash", parse!("NarHash", value.parse()))?,
-                "NarSize" => set(&mut nar_size, "NarSize", parse!("NarSize", value.parse()))?,
+                "NarSize" => set(
+                    &mut nar_size,
+                    "NarSize",
+                    parse!("NarSize", decimal(value).filter(|n| *n > 0).ok_or(())),
+                )?,
                 "References" => {
                     let refs: Result<Vec<StorePath>, _> =
-                        value.split_ascii_whitespace().map(str::parse).collect();
+                        value.split(' ').filter(|r| !r.is_empty()).map(str::parse).collect();
                     set(&mut references, "References", parse!("References", refs))?
                 }
                 "Deriver" if value != "unknown-deriver" => {
@@ -188,7 +233,10 @@ impl FromStr for NarInfo {
                 }
                 "System" => set(&mut system, "System", value.to_owned())?,
                 "Sig" => sigs.push(parse!("Sig", value.parse())),
-                "CA" => set(&mut ca, "CA", value.to_owned())?,
+                "CA" => {
+                    let valid = crate::content_address::is_valid(value);
+                    set(&mut ca, "CA", parse!("CA", valid.then(|| value.to_owned()).ok_or(())))?
+                }
                 _ => extra.push((key.to_owned(), value.to_owned())),
             }
         }
@@ -196,7 +244,7 @@ impl FromStr for NarInfo {
         Ok(NarInfo {
             store_dir,
             store_path,
-            url: url.ok_or(NarInfoError::Missing("URL"))?,
+            url: url.filter(|u| !u.is_empty()).ok_or(NarInfoError::Missing("URL"))?,
             // Nix reads a missing Compression as bzip2, the format's first default.
             compression: compression.unwrap_or_else(|| "bzip2".to_owned()),
             file_hash,
@@ -260,8 +308,52 @@ mod tests {
     }
 
     #[test]
+    fn as_strict_as_nix() {
+        let ok = NIX_NARINFO;
+        assert!(ok.parse::<NarInfo>().is_ok());
+        let crlf = ok.replace('\n', "\r\n");
+        assert!(matches!(crlf.parse::<NarInfo>(), Err(NarInfoError::Control { line: 1, found: '\r' })));
+        let unterminated = ok.trim_end_matches('\n');
+        assert!(matches!(unterminated.parse::<NarInfo>(), Err(NarInfoError::Unterminated)));
+        let bad_ca = format!("{ok}CA: fixed:r:sha256:1234\n");
+        assert!(matches!(bad_ca.parse::<NarInfo>(), Err(NarInfoError::Value { key: "CA", .. })));
+        let good_ca = format!("{ok}CA: fixed:r:sha256:{}\n", "1".repeat(52));
+        assert!(good_ca.parse::<NarInfo>().is_ok());
+        for (from, to) in [
+            ("NarSize: ", "NarSize: +"),
+            ("FileSize: ", "FileSize:  "),
+            ("References: ", "References:\t"),
+            ("\nURL: ", "\n\nURL: "),
+        ] {
+            let bad = ok.replacen(from, to, 1);
+            assert!(bad.parse::<NarInfo>().is_err(), "{bad}");
+        }
+        let zero =
+            ok.lines().map(|l| if l.starts_with("NarSize") { "NarSize: 0" } else { l }).collect::<Vec<_>>();
+        assert!((zero.join("\n") + "\n").parse::<NarInfo>().is_err());
+    }
+
+    #[test]
+    fn nar_file_resolves_like_a_client() {
+        let mut ni: NarInfo = NIX_NARINFO.parse().unwrap();
+        for (url, file) in [
+            ("nar/x.nar.xz", Some("nar/x.nar.xz")),
+            ("./nar/x.nar.xz", Some("nar/x.nar.xz")),
+            ("nar//x.nar.xz", Some("nar/x.nar.xz")),
+            ("nar/./x.nar.xz", Some("nar/x.nar.xz")),
+            ("nar/../x.nar.xz", None),
+            ("../x.nar.xz", None),
+            ("/etc/passwd", None),
+            ("http://elsewhere/nar/x.nar.xz", None),
+        ] {
+            ni.url = url.into();
+            assert_eq!(ni.nar_file().as_deref(), file, "{url}");
+        }
+    }
+
+    #[test]
     fn rejects() {
-        assert!(matches!("garbage".parse::<NarInfo>(), Err(NarInfoError::Line { line: 1, .. })));
+        assert!(matches!("garbage\n".parse::<NarInfo>(), Err(NarInfoError::Line { line: 1, .. })));
         assert!(matches!("URL: x\n".parse::<NarInfo>(), Err(NarInfoError::Missing("StorePath"))));
         let bad_hash = NIX_NARINFO.replace("NarHash: sha256:", "NarHash: md5:");
         assert!(matches!(bad_hash.parse::<NarInfo>(), Err(NarInfoError::Value { key: "NarHash", .. })));
