@@ -9,6 +9,14 @@
 //! DEST/.nixcache.lock            the writers' lock (push, sign, gc); clients never read it
 //! ```
 //!
+//! The directory may be writable by others (a shared mount, an rsync target), so nothing in
+//! it is trusted to be what its name says: `nar/`, `debuginfo/`, `log/` and `realisations/`
+//! must be real directories (writers refuse a cache where one is a link or a file), every
+//! file is opened without following links and without blocking, and only regular files are
+//! read, with a size limit for text files ([`TEXT_LIMIT`]). A link or special file where a
+//! cache file belongs is a [`FileProblem`]: verify reports it, push replaces it, gc removes
+//! the link itself, never what it points to.
+//!
 //! Every file is written under a temporary name starting with [`TEMP_PREFIX`] in the
 //! directory it belongs to, made durable, renamed into place, and the directory fsync'd, so
 //! a reader sees either nothing or the whole file. Temporary names never end in `.narinfo`,
@@ -17,7 +25,8 @@
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +41,112 @@ pub const TEMP_PREFIX: &str = ".nixcache-tmp-";
 pub const LOCK_FILE: &str = ".nixcache.lock";
 pub const CACHE_INFO: &str = "nix-cache-info";
 
+/// The subdirectories of a cache. When present, each must be a real directory.
+pub const SUBDIRS: [&str; 4] = ["nar", "debuginfo", "log", "realisations"];
+
+/// The largest text file (narinfo, `nix-cache-info`, debug-info link) nixcache reads. Nix
+/// writes a few hundred bytes; a narinfo with thousands of references stays far below.
+pub const TEXT_LIMIT: u64 = 4 << 20;
+
+/// Why a file in the cache cannot be used as what its name says.
+#[derive(Debug, Error)]
+pub enum FileProblem {
+    #[error("is a {0}, not a regular file; nixcache never reads or writes through one")]
+    NotRegular(&'static str),
+    #[error("is {size} bytes, more than the {limit} bytes such a file may have")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("is not UTF-8 text")]
+    NotText,
+    #[error("cannot be read")]
+    Io(#[source] io::Error),
+}
+
+/// Why a narinfo file in the cache cannot be used.
+#[derive(Debug, Error)]
+pub enum BadNarInfo {
+    #[error(transparent)]
+    File(#[from] FileProblem),
+    #[error("does not parse")]
+    Parse(#[from] NarInfoError),
+    #[error("holds the narinfo of {found}, whose file is {expected}")]
+    Misnamed { found: String, expected: String },
+}
+
+/// What a file type is, in words.
+pub fn kind_of(ft: fs::FileType) -> &'static str {
+    if ft.is_symlink() {
+        "symbolic link"
+    } else if ft.is_dir() {
+        "directory"
+    } else if ft.is_fifo() {
+        "FIFO"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_char_device() {
+        "character device"
+    } else if ft.is_block_device() {
+        "block device"
+    } else if ft.is_file() {
+        "regular file"
+    } else {
+        "special file"
+    }
+}
+
+/// Opens `path` with `opts` only if it is a regular file: links are not followed (the open
+/// fails on one), FIFOs do not block, and the open file is checked again. `None` when it
+/// does not exist.
+///
+/// With `opts.create(true)` a missing file is created (never through a dangling link).
+fn open_regular(path: &Path, opts: &mut OpenOptions) -> Result<Option<File>, FileProblem> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if !m.is_file() => return Err(FileProblem::NotRegular(kind_of(m.file_type()))),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(FileProblem::Io(e)),
+    }
+    let f = match opts.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        // Replaced by a link since the check.
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(FileProblem::NotRegular("symbolic link"));
+        }
+        Err(e) => return Err(FileProblem::Io(e)),
+    };
+    let m = f.metadata().map_err(FileProblem::Io)?;
+    if !m.is_file() {
+        return Err(FileProblem::NotRegular(kind_of(m.file_type())));
+    }
+    Ok(Some(f))
+}
+
+/// Reads a regular file of at most `limit` bytes as text.
+fn read_text(path: &Path, limit: u64) -> Result<Option<String>, FileProblem> {
+    let Some(f) = open_regular(path, File::options().read(true))? else { return Ok(None) };
+    let size = f.metadata().map_err(FileProblem::Io)?.len();
+    if size > limit {
+        return Err(FileProblem::TooLarge { size, limit });
+    }
+    let mut buf = Vec::new();
+    f.take(limit + 1).read_to_end(&mut buf).map_err(FileProblem::Io)?;
+    if buf.len() as u64 > limit {
+        return Err(FileProblem::TooLarge { size: buf.len() as u64, limit });
+    }
+    String::from_utf8(buf).map(Some).map_err(|_| FileProblem::NotText)
+}
+
+/// The subdirectories of `dir` that exist but are not real directories, with what they are.
+fn bad_subdirs(dir: &Path) -> Vec<(&'static str, &'static str)> {
+    SUBDIRS
+        .into_iter()
+        .filter_map(|sub| match fs::symlink_metadata(dir.join(sub)) {
+            Ok(m) if !m.is_dir() => Some((sub, kind_of(m.file_type()))),
+            _ => None,
+        })
+        .collect()
+}
+
 #[derive(Debug, Error)]
 pub enum CacheError {
     #[error("{} exists and is not a directory; --dest must be a directory", path.display())]
@@ -42,6 +157,13 @@ pub enum CacheError {
     Io { action: &'static str, path: PathBuf, source: io::Error },
     #[error("{} is not a valid nix-cache-info: {reason}", path.display())]
     BadCacheInfo { path: PathBuf, reason: String },
+    #[error("{} {source}", path.display())]
+    BadFile { path: PathBuf, source: FileProblem },
+    #[error(
+        "{} is a {kind}; a cache's {} must be a real directory (nixcache never follows links inside a cache): replace it with a directory",
+        path.display(), SUBDIRS.join("/, ") + "/"
+    )]
+    NotARealDirectory { path: PathBuf, kind: &'static str },
     #[error(
         "the cache at {} is for store {found}, not {wanted}; use a separate cache directory per store directory",
         path.display()
@@ -70,14 +192,17 @@ fn acquire(f: &File, path: &Path, shared: bool, on_wait: impl FnOnce()) -> Resul
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CacheInfo {
     pub store_dir: StoreDir,
-    pub want_mass_query: bool,
+    /// Absent (as `nix copy` writes it) means no, to Nix.
+    pub want_mass_query: Option<bool>,
     pub priority: Option<u32>,
 }
 
 impl fmt::Display for CacheInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "StoreDir: {}", self.store_dir)?;
-        writeln!(f, "WantMassQuery: {}", u8::from(self.want_mass_query))?;
+        if let Some(w) = self.want_mass_query {
+            writeln!(f, "WantMassQuery: {}", u8::from(w))?;
+        }
         if let Some(p) = self.priority {
             writeln!(f, "Priority: {p}")?;
         }
@@ -89,13 +214,13 @@ impl FromStr for CacheInfo {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (mut store_dir, mut want_mass_query, mut priority) = (None, false, None);
+        let (mut store_dir, mut want_mass_query, mut priority) = (None, None, None);
         for line in s.lines().filter(|l| !l.trim().is_empty()) {
             let (k, v) = line.split_once(':').ok_or_else(|| format!("line {line:?} is not 'Key: value'"))?;
             let v = v.trim();
             match k {
                 "StoreDir" => store_dir = Some(v.parse::<StoreDir>().map_err(|e| e.to_string())?),
-                "WantMassQuery" => want_mass_query = v == "1",
+                "WantMassQuery" => want_mass_query = Some(v == "1"),
                 "Priority" => priority = Some(v.parse().map_err(|_| format!("bad Priority {v:?}"))?),
                 _ => {}
             }
@@ -108,7 +233,7 @@ impl FromStr for CacheInfo {
 #[derive(Debug)]
 pub enum Lookup {
     Missing,
-    Invalid(NarInfoError),
+    Invalid(BadNarInfo),
     Found(Box<NarInfo>),
 }
 
@@ -116,6 +241,9 @@ pub enum Lookup {
 pub struct Cache {
     dir: PathBuf,
     lock: Option<File>,
+    /// Subdirectories that are not real directories, and what they are: nothing under them
+    /// is read. Only [`Cache::inspect`] opens such a cache.
+    bad_dirs: Vec<(&'static str, &'static str)>,
 }
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -137,18 +265,34 @@ impl Cache {
                 return Err(CacheError::NotADirectory { path: p });
             }
         }
-        Ok(Cache { dir: dir.to_owned(), lock: None })
+        Self::open(dir)
     }
 
-    /// Opens an existing cache without changing it.
+    /// Opens an existing cache for writing. Refuses one whose subdirectories are links or
+    /// files: a writer would write, touch or delete through them.
     pub fn open(dir: &Path) -> Result<Cache, CacheError> {
+        let cache = Self::inspect(dir)?;
+        if let Some((sub, kind)) = cache.bad_dirs.first() {
+            return Err(CacheError::NotARealDirectory { path: dir.join(sub), kind });
+        }
+        Ok(cache)
+    }
+
+    /// Opens an existing cache to look at it, even when a subdirectory is not a real
+    /// directory ([`Cache::bad_dirs`]); nothing under such a one is read.
+    pub fn inspect(dir: &Path) -> Result<Cache, CacheError> {
         if !dir.exists() {
             return Err(CacheError::Missing { path: dir.to_owned() });
         }
         if !dir.is_dir() {
             return Err(CacheError::NotADirectory { path: dir.to_owned() });
         }
-        Ok(Cache { dir: dir.to_owned(), lock: None })
+        Ok(Cache { dir: dir.to_owned(), lock: None, bad_dirs: bad_subdirs(dir) })
+    }
+
+    /// Subdirectories that exist but are not real directories, and what they are.
+    pub fn bad_dirs(&self) -> &[(&'static str, &'static str)] {
+        &self.bad_dirs
     }
 
     pub fn dir(&self) -> &Path {
@@ -159,12 +303,11 @@ impl Cache {
     /// the lock is held by someone else.
     pub fn lock(&mut self, on_wait: impl FnOnce()) -> Result<(), CacheError> {
         let path = self.dir.join(LOCK_FILE);
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io_err("open lock file", &path))?;
+        // Not through a link, nor creating through a dangling one.
+        let mut opts = OpenOptions::new();
+        let f = open_regular(&path, opts.create(true).truncate(false).write(true))
+            .map_err(|source| CacheError::BadFile { path: path.clone(), source })?
+            .ok_or_else(|| io_err("open lock file", &path)(io::ErrorKind::NotFound.into()))?;
         acquire(&f, &path, false, on_wait)?;
         self.lock = Some(f);
         Ok(())
@@ -175,7 +318,7 @@ impl Cache {
     /// to wait for, and no lock is taken.
     pub fn lock_shared(&mut self, on_wait: impl FnOnce()) -> Result<(), CacheError> {
         let path = self.dir.join(LOCK_FILE);
-        let Ok(f) = File::open(&path) else { return Ok(()) };
+        let Ok(Some(f)) = open_regular(&path, File::options().read(true)) else { return Ok(()) };
         acquire(&f, &path, true, on_wait)?;
         self.lock = Some(f);
         Ok(())
@@ -190,32 +333,72 @@ impl Cache {
         format!("{}.narinfo", p.hash_part())
     }
 
-    /// Reads and parses the narinfo of `p`.
-    pub fn lookup(&self, p: &StorePath) -> Result<Lookup, CacheError> {
-        let path = self.path(&Self::narinfo_rel(p));
-        match fs::read_to_string(&path) {
-            Ok(s) => Ok(match s.parse::<NarInfo>() {
-                Ok(ni) => Lookup::Found(Box::new(ni)),
-                Err(e) => Lookup::Invalid(e),
-            }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Lookup::Missing),
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => Ok(Lookup::Missing),
-            Err(e) => Err(io_err("read", &path)(e)),
+    /// The path of the cache-relative file `rel` (`x.narinfo`, `nar/y.nar.xz`), if it can be
+    /// in the cache: a plain name at the top, or one in a subdirectory that is a real
+    /// directory. Never `..`, `.`, an empty component or a deeper path.
+    pub fn resolve(&self, rel: &str) -> Option<PathBuf> {
+        let parts: Vec<&str> = rel.split('/').collect();
+        let plain = |c: &str| !c.is_empty() && c != "." && c != "..";
+        match parts[..] {
+            [name] if plain(name) => Some(self.dir.join(name)),
+            [sub, name]
+                if SUBDIRS.contains(&sub) && plain(name) && !self.bad_dirs.iter().any(|(b, _)| *b == sub) =>
+            {
+                Some(self.dir.join(sub).join(name))
+            }
+            _ => None,
         }
     }
 
-    /// Size of a cache file, if it exists.
-    pub fn file_size(&self, rel: &str) -> Option<u64> {
-        // A URL must stay inside the cache.
-        if rel.split('/').any(|c| c == ".." || c.is_empty()) {
-            return None;
+    /// Reads the regular file `rel` of at most [`TEXT_LIMIT`] bytes as text; `None` if it is
+    /// missing (or cannot be in the cache).
+    pub fn read_text(&self, rel: &str) -> Result<Option<String>, FileProblem> {
+        match self.resolve(rel) {
+            Some(path) => read_text(&path, TEXT_LIMIT),
+            None => Ok(None),
         }
-        fs::metadata(self.path(rel)).ok().filter(|m| m.is_file()).map(|m| m.len())
+    }
+
+    /// Opens the regular file `rel` for reading; `None` if it is missing.
+    pub fn open_file(&self, rel: &str) -> Result<Option<File>, FileProblem> {
+        match self.resolve(rel) {
+            Some(path) => open_regular(&path, File::options().read(true)),
+            None => Ok(None),
+        }
+    }
+
+    /// Reads the narinfo file `rel`: what it holds, or why it cannot be used (a narinfo for
+    /// another path than its name says cannot: Nix would refuse it).
+    pub fn read_narinfo(&self, rel: &str) -> Result<Option<NarInfo>, BadNarInfo> {
+        let Some(text) = self.read_text(rel)? else { return Ok(None) };
+        let ni: NarInfo = text.parse()?;
+        if ni.file_name() != rel {
+            return Err(BadNarInfo::Misnamed {
+                found: ni.store_dir.display(&ni.store_path),
+                expected: ni.file_name(),
+            });
+        }
+        Ok(Some(ni))
+    }
+
+    /// Reads and parses the narinfo of `p`.
+    pub fn lookup(&self, p: &StorePath) -> Result<Lookup, CacheError> {
+        Ok(match self.read_narinfo(&Self::narinfo_rel(p)) {
+            Ok(Some(ni)) => Lookup::Found(Box::new(ni)),
+            Ok(None) => Lookup::Missing,
+            Err(e) => Lookup::Invalid(e),
+        })
+    }
+
+    /// Size of a cache file, if it exists and is a regular file.
+    pub fn file_size(&self, rel: &str) -> Option<u64> {
+        let path = self.resolve(rel)?;
+        fs::symlink_metadata(path).ok().filter(|m| m.is_file()).map(|m| m.len())
     }
 
     /// True when the NAR a narinfo points at is there, with the FileSize it claims.
     pub fn has_nar(&self, ni: &NarInfo) -> bool {
-        match (self.file_size(&ni.url), ni.file_size) {
+        match (ni.nar_file().and_then(|f| self.file_size(&f)), ni.file_size) {
             (Some(have), Some(want)) => have == want,
             (Some(_), None) => true,
             (None, _) => false,
@@ -223,10 +406,14 @@ impl Cache {
     }
 
     /// Sets a file's modification time to now: the record of when a push last included a
-    /// path, which `gc` reads.
+    /// path, which `gc` reads. Only a regular file's.
     pub fn touch(&self, rel: &str) -> Result<(), CacheError> {
-        let path = self.path(rel);
-        let f = File::options().write(true).open(&path).map_err(io_err("open", &path))?;
+        let path = self.resolve(rel).unwrap_or_else(|| self.path(rel));
+        let f = match open_regular(&path, File::options().write(true)) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Err(io_err("open", &path)(io::ErrorKind::NotFound.into())),
+            Err(source) => return Err(CacheError::BadFile { path, source }),
+        };
         f.set_modified(std::time::SystemTime::now()).map_err(io_err("set the time of", &path))
     }
 
@@ -272,7 +459,14 @@ impl Cache {
     /// of 1.0-1.9 s for the medium closure with 2.3 GB dirty, on a fast virtual disk).
     pub fn sync_data<'s>(&self, files: impl IntoIterator<Item = &'s Staged>) -> Result<(), CacheError> {
         let files: Vec<&Path> = files.into_iter().map(|f| f.tmp.path.as_path()).collect();
-        let sync = |p: &&Path| File::open(p).and_then(|f| f.sync_all()).map_err(io_err("sync", p));
+        let sync = |p: &&Path| {
+            File::options()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(p)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err("sync", p))
+        };
         let threads = files.len().min(16);
         if threads <= 1 {
             return files.iter().try_for_each(sync);
@@ -294,21 +488,29 @@ impl Cache {
     }
 
     /// Stages a rewritten narinfo that keeps the old one's modification time: a change that is
-    /// not a push (adding a signature) must not make gc think a push included the path.
-    pub fn stage_narinfo(&self, ni: &NarInfo, modified: std::time::SystemTime) -> Result<Staged, CacheError> {
+    /// not a push (adding a signature) must not make gc think a push included the path. It
+    /// replaces `file`, which must be the narinfo's own name: a misnamed narinfo never
+    /// overwrites the right one.
+    pub fn stage_narinfo(
+        &self,
+        file: &str,
+        ni: &NarInfo,
+        modified: std::time::SystemTime,
+    ) -> Result<Staged, CacheError> {
+        assert_eq!(file, ni.file_name(), "a narinfo is rewritten only under its own name");
         let mut t = self.temp_file("", ".part")?;
         t.file().write_all(ni.to_string().as_bytes()).map_err(io_err("write", &t.path))?;
         t.file().set_modified(modified).map_err(io_err("set the time of", &t.path))?;
-        Ok(t.stage(self.path(&ni.file_name())))
+        Ok(t.stage(self.path(file)))
     }
 
     /// Reads `nix-cache-info`, if present.
     pub fn cache_info(&self) -> Result<Option<CacheInfo>, CacheError> {
         let path = self.path(CACHE_INFO);
-        match fs::read_to_string(&path) {
-            Ok(s) => s.parse().map(Some).map_err(|reason| CacheError::BadCacheInfo { path, reason }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err("read", &path)(e)),
+        match read_text(&path, TEXT_LIMIT) {
+            Ok(Some(s)) => s.parse().map(Some).map_err(|reason| CacheError::BadCacheInfo { path, reason }),
+            Ok(None) => Ok(None),
+            Err(source) => Err(CacheError::BadFile { path, source }),
         }
     }
 
@@ -331,10 +533,19 @@ impl Cache {
                 wanted: store_dir.to_string(),
             });
         }
-        let info = CacheInfo {
-            store_dir: store_dir.clone(),
-            want_mass_query: want_mass_query.or(existing.as_ref().map(|e| e.want_mass_query)).unwrap_or(true),
-            priority: priority.or(existing.as_ref().and_then(|e| e.priority)).or(Some(default_priority)),
+        // An existing cache keeps what it says, absent fields included, unless a flag
+        // changes them; a new one gets the defaults.
+        let info = match &existing {
+            Some(e) => CacheInfo {
+                store_dir: store_dir.clone(),
+                want_mass_query: want_mass_query.or(e.want_mass_query),
+                priority: priority.or(e.priority),
+            },
+            None => CacheInfo {
+                store_dir: store_dir.clone(),
+                want_mass_query: Some(want_mass_query.unwrap_or(true)),
+                priority: Some(priority.unwrap_or(default_priority)),
+            },
         };
         if existing.as_ref() != Some(&info) {
             self.write_atomic(CACHE_INFO, info.to_string().as_bytes())?;
@@ -352,7 +563,9 @@ impl Cache {
         Ok(removed)
     }
 
-    /// The narinfo file names at the top of the cache, sorted.
+    /// The narinfo file names at the top of the cache, sorted: every entry so named that
+    /// is not a directory, links and special files included, so they can be reported and
+    /// replaced.
     pub fn narinfo_files(&self) -> Result<Vec<String>, CacheError> {
         self.list("", |n| n.ends_with(".narinfo") && !n.starts_with(TEMP_PREFIX))
     }
@@ -366,8 +579,13 @@ impl Cache {
             .collect())
     }
 
-    /// File names in the cache subdirectory `sub` that `keep` accepts; none if it is missing.
+    /// Names of the entries in the cache subdirectory `sub` that `keep` accepts, sorted:
+    /// files, links and special files, never directories. None if `sub` is missing or is
+    /// not a real directory (never listed through a link).
     pub fn list(&self, sub: &str, keep: impl Fn(&str) -> bool) -> Result<Vec<String>, CacheError> {
+        if self.bad_dirs.iter().any(|(b, _)| *b == sub) {
+            return Ok(Vec::new());
+        }
         let d = self.dir.join(sub);
         let entries = match fs::read_dir(&d) {
             Ok(e) => e,
@@ -379,7 +597,7 @@ impl Cache {
             let e = e.map_err(io_err("list", &d))?;
             if let Ok(name) = e.file_name().into_string()
                 && keep(&name)
-                && e.file_type().is_ok_and(|t| t.is_file())
+                && e.file_type().is_ok_and(|t| !t.is_dir())
             {
                 out.push(name);
             }
@@ -468,7 +686,8 @@ mod tests {
 
     #[test]
     fn cache_info_round_trip() {
-        let ci = CacheInfo { store_dir: StoreDir::default(), want_mass_query: true, priority: Some(30) };
+        let ci =
+            CacheInfo { store_dir: StoreDir::default(), want_mass_query: Some(true), priority: Some(30) };
         assert_eq!(ci.to_string(), "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n");
         assert_eq!(ci.to_string().parse::<CacheInfo>().unwrap(), ci);
         // What `nix copy --to file://` writes: no newline, no other fields.
@@ -531,7 +750,24 @@ mod tests {
             Err(CacheError::StoreDirMismatch { .. })
         ));
         let kept = c.ensure_cache_info(&StoreDir::default(), Some(false), None, 50).unwrap();
-        assert_eq!((kept.want_mass_query, kept.priority), (false, Some(30)));
+        assert_eq!((kept.want_mass_query, kept.priority), (Some(false), Some(30)));
+    }
+
+    #[test]
+    fn a_cache_written_by_nix_keeps_its_absent_fields() {
+        let t = tempfile::tempdir().unwrap();
+        let c = Cache::create(t.path()).unwrap();
+        // What `nix copy --to file://` writes.
+        fs::write(t.path().join(CACHE_INFO), "StoreDir: /nix/store\n").unwrap();
+        let kept = c.ensure_cache_info(&StoreDir::default(), None, None, 30).unwrap();
+        assert_eq!((kept.want_mass_query, kept.priority), (None, None));
+        assert_eq!(fs::read_to_string(t.path().join(CACHE_INFO)).unwrap(), "StoreDir: /nix/store\n");
+        // A flag changes only its own field.
+        c.ensure_cache_info(&StoreDir::default(), None, Some(10), 30).unwrap();
+        assert_eq!(
+            fs::read_to_string(t.path().join(CACHE_INFO)).unwrap(),
+            "StoreDir: /nix/store\nPriority: 10\n"
+        );
     }
 
     #[test]

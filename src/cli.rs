@@ -67,6 +67,20 @@ pub fn man_pages() -> Vec<(String, Vec<u8>)> {
     pages
 }
 
+/// Parses `--jobs`: at least 1, at most [`crate::cmd::max_jobs`] (four per core, at most
+/// 1024; more threads only add memory and contention).
+fn parse_jobs(s: &str) -> Result<NonZeroUsize, String> {
+    let n: usize = s.parse().map_err(|_| format!("{s:?} is not a number of threads"))?;
+    let max = crate::cmd::max_jobs();
+    match NonZeroUsize::new(n) {
+        None => Err("--jobs must be at least 1 (leave it out to use every core)".into()),
+        Some(_) if n > max => Err(format!(
+            "{n} threads is more than the maximum of {max} (four per core, at most 1024); leave --jobs out to use every core"
+        )),
+        Some(j) => Ok(j),
+    }
+}
+
 /// Where store paths and their metadata come from.
 #[derive(Debug, Args)]
 pub struct StoreArgs {
@@ -120,7 +134,7 @@ pub struct PushArgs {
     #[arg(long = "secret-key", visible_alias = "key-file", short = 'k', value_name = "FILE")]
     pub secret_keys: Vec<PathBuf>,
     /// Threads, each compressing one path or one xz block at a time [default: all cores].
-    #[arg(long, short = 'j', value_name = "N")]
+    #[arg(long, short = 'j', value_name = "N", value_parser = parse_jobs)]
     pub jobs: Option<NonZeroUsize>,
     /// Rewrite narinfos and NARs that already exist.
     #[arg(long)]
@@ -183,7 +197,7 @@ pub struct VerifyArgs {
     #[arg(long)]
     pub json: bool,
     /// Threads [default: all cores].
-    #[arg(long, short = 'j', value_name = "N")]
+    #[arg(long, short = 'j', value_name = "N", value_parser = parse_jobs)]
     pub jobs: Option<NonZeroUsize>,
     /// Print nothing but problems.
     #[arg(long, short = 'q')]
@@ -201,6 +215,11 @@ pub struct SignArgs {
     /// Sign only the closures of these store paths (as found in the cache) [default: all].
     #[arg(value_name = "PATH")]
     pub paths: Vec<String>,
+    /// Check only each NAR's FileSize and FileHash before signing, without decompressing it
+    /// to check NarSize and NarHash (faster; the signature still covers only what was checked
+    /// if the cache's writers are trusted).
+    #[arg(long)]
+    pub no_check_contents: bool,
     /// Print nothing but errors.
     #[arg(long, short = 'q')]
     pub quiet: bool,

@@ -52,8 +52,9 @@ pub enum Reason {
     Old,
     /// Its NAR or part of its closure is missing: clients would fail on it.
     Incomplete,
-    /// It does not parse.
-    Unparsable,
+    /// It serves nothing valid: a link or special file, unreadable, misnamed, or it does not
+    /// parse.
+    Unusable,
 }
 
 /// A file that goes (or would go, on a dry run).
@@ -154,7 +155,7 @@ pub fn gc(
     for h in &order {
         let e = &index.entries[*h];
         let reason = match &e.narinfo {
-            Err(_) => Reason::Unparsable,
+            Err(_) => Reason::Unusable,
             Ok(_) if !complete.contains(h) => Reason::Incomplete,
             Ok(_) => Reason::Old,
         };
@@ -180,22 +181,24 @@ pub fn gc(
     }
 
     // NAR files that no remaining narinfo uses.
-    let used: HashSet<&str> = live
+    let used: HashSet<String> = live
         .iter()
         .filter_map(|h| index.entries[h].narinfo.as_ref().ok())
-        .map(|ni| ni.url.as_str())
+        .filter_map(|ni| ni.nar_file())
         .collect();
     for rel in cache.nar_files()? {
-        if !used.contains(rel.as_str()) {
+        if !used.contains(&rel) {
             report.removals.push(Removal { bytes: size(&rel), file: rel, store_path: None, reason: None });
         }
     }
     // Debug-info links whose NAR goes.
     for name in cache.list("debuginfo", |n| !n.starts_with(crate::cache::TEMP_PREFIX))? {
         let rel = format!("debuginfo/{name}");
-        let archive = std::fs::read(cache.path(&rel))
+        let archive = cache
+            .read_text(&rel)
             .ok()
-            .and_then(|b| serde_json::from_slice::<HashMap<String, String>>(&b).ok())
+            .flatten()
+            .and_then(|b| serde_json::from_str::<HashMap<String, String>>(&b).ok())
             .and_then(|m| m.get("archive").cloned());
         let target = archive.as_deref().and_then(|a| a.strip_prefix("../"));
         if !target.is_some_and(|t| used.contains(t)) {

@@ -7,8 +7,8 @@ use std::time::SystemTime;
 
 use thiserror::Error;
 
-use crate::cache::{Cache, CacheError};
-use crate::narinfo::{NarInfo, NarInfoError};
+use crate::cache::{BadNarInfo, Cache, CacheError};
+use crate::narinfo::NarInfo;
 use crate::store_path::StorePath;
 
 /// One narinfo file.
@@ -16,8 +16,10 @@ use crate::store_path::StorePath;
 pub struct Entry {
     /// The narinfo's file name, `<hashpart>.narinfo`.
     pub file: String,
-    pub narinfo: Result<NarInfo, NarInfoError>,
-    /// When a push last included the path.
+    /// What it holds, or why it serves nothing valid (a link, a special file, too large, not
+    /// text, not parsing, or misnamed): such an entry is reported, never trusted.
+    pub narinfo: Result<NarInfo, BadNarInfo>,
+    /// When a push last included the path (the file's own time, never a link target's).
     pub modified: SystemTime,
 }
 
@@ -35,19 +37,21 @@ pub struct Index {
 }
 
 impl Index {
+    /// Reads every narinfo. One that cannot be read or parsed is an entry with its error,
+    /// not a reason to stop.
     pub fn load(cache: &Cache) -> Result<Index, CacheError> {
         let mut entries = HashMap::new();
         for file in cache.narinfo_files()? {
-            let path = cache.path(&file);
-            let io = |action| {
-                let path = path.clone();
-                move |source| CacheError::Io { action, path, source }
+            // Gone since the listing: nothing to index.
+            let Ok(meta) = std::fs::symlink_metadata(cache.path(&file)) else { continue };
+            let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            let narinfo = match cache.read_narinfo(&file) {
+                Ok(Some(ni)) => Ok(ni),
+                Ok(None) => continue,
+                Err(e) => Err(e),
             };
-            let modified =
-                std::fs::metadata(cache.path(&file)).and_then(|m| m.modified()).map_err(io("stat"))?;
-            let text = std::fs::read_to_string(cache.path(&file)).map_err(io("read"))?;
             let hash = file.trim_end_matches(".narinfo").to_owned();
-            entries.insert(hash, Entry { file, narinfo: text.parse(), modified });
+            entries.insert(hash, Entry { file, narinfo, modified });
         }
         Ok(Index { entries })
     }

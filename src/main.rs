@@ -1,6 +1,6 @@
 //! The nixcache command. Exit status: 0 success, 1 failure, 2 usage error (from clap).
 
-use std::io;
+use std::io::{self, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -16,8 +16,14 @@ fn main() -> ExitCode {
         Command::Gc(a) => cmd::gc::run(a),
         Command::Verify(a) => return cmd::verify::run(a),
         Command::Completions(a) => {
-            nixcache::cli::completions(a.shell, &mut io::stdout());
-            Ok(true)
+            // Rendered into memory: clap_complete panics when its writer fails.
+            let mut script = Vec::new();
+            nixcache::cli::completions(a.shell, &mut script);
+            let mut out = io::stdout().lock();
+            out.write_all(&script)
+                .and_then(|()| out.flush())
+                .map(|()| true)
+                .map_err(|e| anyhow::Error::new(e).context("cannot write the completion script"))
         }
     };
     match result {
@@ -30,7 +36,7 @@ fn main() -> ExitCode {
             {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("error: {e:#}");
+            nixcache::elog!("error: {e:#}");
             ExitCode::from(1)
         }
     }

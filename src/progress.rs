@@ -7,6 +7,30 @@ use std::time::Duration;
 
 use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+/// Writes a line to stderr. A failed write (a full disk under `2>log`, a closed pipe, a
+/// journal that went away) is ignored: a log line is never worth a panic, and the exit
+/// status still tells the outcome.
+pub fn eprint(line: &str) {
+    let _ = writeln!(io::stderr().lock(), "{line}");
+}
+
+/// Writes a line to stdout, ignoring a failed write as [`eprint`] does.
+pub fn print(line: &str) {
+    let _ = writeln!(io::stdout().lock(), "{line}");
+}
+
+/// `eprintln!` that never panics: see [`eprint`].
+#[macro_export]
+macro_rules! elog {
+    ($($t:tt)*) => { $crate::progress::eprint(&format!($($t)*)) };
+}
+
+/// `println!` that never panics: see [`print`].
+#[macro_export]
+macro_rules! outln {
+    ($($t:tt)*) => { $crate::progress::print(&format!($($t)*)) };
+}
+
 /// How progress is shown.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -69,9 +93,7 @@ impl Progress {
             Mode::Bars => {
                 let _ = self.multi.println(line);
             }
-            Mode::Lines => {
-                let _ = writeln!(io::stderr().lock(), "{line}");
-            }
+            Mode::Lines => eprint(line),
             Mode::Quiet => {}
         }
     }
@@ -82,9 +104,7 @@ impl Progress {
             Mode::Bars => {
                 let _ = self.multi.println(line);
             }
-            _ => {
-                let _ = writeln!(io::stderr().lock(), "{line}");
-            }
+            _ => eprint(line),
         }
     }
 

@@ -20,7 +20,7 @@ use thiserror::Error;
 
 use crate::cache::{Cache, CacheError, Lookup, Staged, TempFile};
 use crate::compression::Compression;
-use crate::hash::{HashingWriter, NixHash};
+use crate::hash::{ChunkHasher, HashingWriter, NixHash};
 use crate::nar::dump::{DumpError, dump_listing, dump_range};
 use crate::nar::listing::{Entry, debuginfo_json};
 use crate::narinfo::NarInfo;
@@ -124,13 +124,19 @@ pub struct PushOptions {
 #[derive(Debug, Error)]
 pub enum PushError {
     #[error(transparent)]
-    Dump(#[from] DumpError),
+    Dump(DumpError),
+    #[error("the cache's filesystem is full; free space on it (or push to a larger disk) and push again")]
+    CacheFull(#[source] io::Error),
+    #[error("cannot write to the cache")]
+    CacheWrite(#[source] io::Error),
+    #[error(
+        "{path} changed while it was being pushed (block {block} of its NAR differs from the first read); nothing was published for it, push again"
+    )]
+    Changed { path: String, block: usize },
     #[error(
         "{path} is corrupt in the store: its contents hash to {actual} ({actual_size} bytes) but the Nix database records {expected} ({expected_size} bytes); repair it with `nix-store --verify --check-contents --repair`"
     )]
     Corrupt { path: String, expected: NixHash, actual: NixHash, expected_size: u64, actual_size: u64 },
-    #[error("cannot write the NAR of {path}")]
-    Write { path: String, source: io::Error },
     #[error(transparent)]
     Cache(#[from] CacheError),
     #[error("not published: the cache directory could not be synced, so its files may not be on disk")]
@@ -480,8 +486,24 @@ impl Run<'_> {
     fn plan(&self, info: &PathInfo) -> Result<Plan, PushError> {
         let (cache, opts) = (self.cache, self.opts);
         let abs = self.store.store_dir.display(&info.path);
-        Ok(match cache.lookup(&info.path)? {
-            Lookup::Found(ni) if !opts.force && ni.nar_hash == info.nar_hash && cache.has_nar(&ni) => {
+        let lookup = cache.lookup(&info.path)?;
+        let existed = !matches!(lookup, Lookup::Missing);
+        let found = match lookup {
+            Lookup::Found(ni) => {
+                let wrong = disagreement(&ni, info, &self.store.store_dir);
+                if !wrong.is_empty() {
+                    // Never signed or kept as found: rewritten from the store.
+                    self.progress.warn(&format!(
+                        "warning: {abs}: the cache's narinfo disagrees with the store ({}); rewriting it",
+                        wrong.join(", ")
+                    ));
+                }
+                wrong.is_empty().then_some(ni)
+            }
+            _ => None,
+        };
+        Ok(match found {
+            Some(ni) if !opts.force && cache.has_nar(&ni) => {
                 let mut narinfo = *ni;
                 let mut added = false;
                 let mut staged = Vec::new();
@@ -492,8 +514,8 @@ impl Run<'_> {
                 }
                 if opts.nar_listing && cache.file_size(&listing_rel(&info.path)).is_none() {
                     // Listing missing for a path that is otherwise there: list it from the store.
-                    let (listing, _, _) = self.hash_pass(info, true)?;
-                    staged = side_files(cache, info, &narinfo.url, listing.as_ref(), opts)?;
+                    let pass = self.hash_pass(info, true, u64::MAX)?;
+                    staged = side_files(cache, info, &narinfo.url, pass.listing.as_ref(), opts)?;
                 }
                 let outcome = if added { Outcome::Signed } else { Outcome::Skipped };
                 if outcome == Outcome::Signed {
@@ -501,14 +523,9 @@ impl Run<'_> {
                 }
                 Plan::Done(Box::new(Done { narinfo, outcome, staged, nar_bytes: 0, file_bytes: 0 }))
             }
-            Lookup::Found(_) | Lookup::Invalid(_) if !opts.force => Plan::Write(Outcome::Repaired),
+            _ if existed && !opts.force => Plan::Write(Outcome::Repaired),
             _ => Plan::Write(Outcome::Pushed),
         })
-    }
-
-    /// The error for a failed write of `info`'s NAR.
-    fn write_err<'i>(&self, info: &'i PathInfo) -> impl Fn(io::Error) -> PushError + Copy + use<'_, 'i> {
-        move |source| PushError::Write { path: self.store.store_dir.display(&info.path), source }
     }
 
     /// The xz parameters of a path whose NAR is several blocks, compressed a block per unit.
@@ -516,15 +533,17 @@ impl Run<'_> {
         self.xz.filter(|p| self.infos[i].nar_size > p.block_size())
     }
 
-    /// Reads the path's NAR once for its hash (checked against the database) and listing.
-    fn hash_pass(&self, info: &PathInfo, listing: bool) -> Result<(Option<Entry>, u64, NixHash), PushError> {
+    /// Reads the path's NAR once for its hash (checked against the database) and listing,
+    /// and the hash of each `chunk`-byte range (each xz block's input, checked again when the
+    /// block is compressed).
+    fn hash_pass(&self, info: &PathInfo, listing: bool, chunk: u64) -> Result<HashPass, PushError> {
         let abs = self.store.store_dir.display(&info.path);
-        let sink = BufWriter::with_capacity(NAR_BUFFER, HashingWriter::new(io::sink()));
+        let sink = BufWriter::with_capacity(NAR_BUFFER, HashingWriter::new(ChunkHasher::new(chunk)));
         let (sink, listing) = dump_listing(&self.store.real_path(&info.path), sink, listing)?;
-        let sink = sink.into_inner().map_err(|e| self.write_err(info)(e.into_error()))?;
-        let (_, nar_size, nar_hash) = sink.finish();
+        let sink = sink.into_inner().map_err(|e| write_err(e.into_error()))?;
+        let (chunks, nar_size, nar_hash) = sink.finish();
         check_hash(&abs, info, nar_hash, nar_size)?;
-        Ok((listing, nar_size, nar_hash))
+        Ok(HashPass { listing, nar_size, nar_hash, chunks: chunks.finish() })
     }
 
     /// Compresses a path in one stream on this thread:
@@ -535,8 +554,7 @@ impl Run<'_> {
         let ext = opts.compression.extension();
         let bar = self.progress.path(info.path.as_str(), info.nar_size);
         let mut tmp = cache.temp_file("nar", ext)?;
-        let write_err = self.write_err(info);
-        let file = HashingWriter::new(BufWriter::with_capacity(FILE_BUFFER, tmp.file()));
+        let file = HashingWriter::new(BufWriter::with_capacity(FILE_BUFFER, ToCache(tmp.file())));
         let encoder = opts.compression.encoder(file, opts.level).map_err(write_err)?;
         let nar = HashingWriter::new(ProgressWriter::new(encoder, &bar));
         // The NAR writer emits many 8-16 byte tokens; batch them for the hasher and compressor.
@@ -558,11 +576,11 @@ impl Run<'_> {
     fn start_blocks(&self, i: usize, params: xz::Params, outcome: Outcome) -> Result<Blocked, PushError> {
         let info = &self.infos[i];
         let want_listing = self.opts.nar_listing || self.opts.index_debug_info;
-        let (listing, nar_size, nar_hash) = self.hash_pass(info, want_listing)?;
+        let HashPass { listing, nar_size, nar_hash, chunks } =
+            self.hash_pass(info, want_listing, params.block_size())?;
         let mut tmp = self.cache.temp_file("nar", self.opts.compression.extension())?;
-        let write_err = self.write_err(info);
         let file = tmp.file().try_clone().map_err(write_err)?;
-        let mut out = HashingWriter::new(BufWriter::with_capacity(FILE_BUFFER, file));
+        let mut out = HashingWriter::new(BufWriter::with_capacity(FILE_BUFFER, ToCache(file)));
         out.write_all(&xz::stream_header()).map_err(write_err)?;
         let ranges: Vec<_> = params.blocks(nar_size).collect();
         let n = ranges.len();
@@ -571,6 +589,7 @@ impl Run<'_> {
             ranges,
             outcome,
             nar: (nar_size, nar_hash),
+            block_hashes: chunks,
             listing,
             bar: self.progress.path(info.path.as_str(), nar_size),
             state: Mutex::new(BlockedState {
@@ -594,14 +613,12 @@ impl Run<'_> {
             None
         } else {
             let (offset, len) = b.ranges[k];
-            Some(self.compress_block(info, b, offset..offset + len).and_then(|(spill, block)| {
-                if block.uncompressed == len {
+            Some(self.compress_block(info, b, offset..offset + len).and_then(|(spill, block, read)| {
+                // Never publish bytes other than the ones hashed.
+                if block.uncompressed == len && b.block_hashes.get(k) == Some(&read) {
                     Ok((spill, block))
                 } else {
-                    Err(self.write_err(info)(io::Error::other(format!(
-                        "block {k} of the NAR has {} bytes, expected {len} (changed while being read)",
-                        block.uncompressed
-                    ))))
+                    Err(PushError::Changed { path: self.store.store_dir.display(&info.path), block: k })
                 }
             }))
         };
@@ -616,7 +633,7 @@ impl Run<'_> {
         if st.error.is_none()
             && let Err(e) = st.append_ready(&b.params)
         {
-            st.error = Some(self.write_err(info)(e));
+            st.error = Some(write_err(e));
         }
         st.left -= 1;
         if st.left > 0 {
@@ -628,25 +645,25 @@ impl Run<'_> {
         Some(self.finish_blocks(info, b, &mut st))
     }
 
+    /// Compresses one block's range of the NAR; returns it with the hash of the input read.
     fn compress_block(
         &self,
         info: &PathInfo,
         b: &Blocked,
         range: std::ops::Range<u64>,
-    ) -> Result<(SpillData, xz::Block), PushError> {
-        let write_err = self.write_err(info);
+    ) -> Result<(SpillData, xz::Block, NixHash), PushError> {
         let spill = Spill { cache: self.cache, data: SpillData::Memory(Vec::new()) };
         let encoder = xz::BlockEncoder::new(&b.params, spill).map_err(write_err)?;
-        let nar = BufWriter::with_capacity(NAR_BUFFER, ProgressWriter::new(encoder, &b.bar));
+        let nar =
+            BufWriter::with_capacity(NAR_BUFFER, HashingWriter::new(ProgressWriter::new(encoder, &b.bar)));
         let nar = dump_range(&self.store.real_path(&info.path), range, nar)?;
-        let encoder = nar.into_inner().map_err(|e| write_err(e.into_error()))?.into_inner();
-        let (spill, block) = encoder.finish().map_err(write_err)?;
-        Ok((spill.data, block))
+        let (shown, _, read) = nar.into_inner().map_err(|e| write_err(e.into_error()))?.finish();
+        let (spill, block) = shown.into_inner().finish().map_err(write_err)?;
+        Ok((spill.data, block, read))
     }
 
     /// Ends the stream of a multi-block path and puts its NAR in place.
     fn finish_blocks(&self, info: &PathInfo, b: &Blocked, st: &mut BlockedState) -> Result<Done, PushError> {
-        let write_err = self.write_err(info);
         let mut out = st.out.take().expect("finished once");
         out.write_all(&xz::index_and_footer(&b.params, &st.blocks)).map_err(write_err)?;
         let (mut buffered, file_size, file_hash) = out.finish();
@@ -701,6 +718,69 @@ impl Run<'_> {
     }
 }
 
+/// An error from a write into the cache, tagged so that it keeps its meaning on its way up
+/// through the NAR writer (which reports errors as the store file it was archiving).
+#[derive(Debug, Error)]
+#[error("writing to the cache failed")]
+struct CacheWriteFailed(#[source] io::Error);
+
+/// A writer into the cache: its errors are tagged as the cache's.
+struct ToCache<W>(W);
+
+impl<W: Write> Write for ToCache<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf).map_err(tag)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush().map_err(tag)
+    }
+}
+
+fn tag(e: io::Error) -> io::Error {
+    if e.get_ref().is_some_and(|r| r.is::<CacheWriteFailed>()) {
+        return e;
+    }
+    io::Error::new(e.kind(), CacheWriteFailed(e))
+}
+
+/// The error for a failed write into the cache: a full disk says so.
+fn write_err(e: io::Error) -> PushError {
+    let e = if e.get_ref().is_some_and(|r| r.is::<CacheWriteFailed>()) {
+        let kind = e.kind();
+        match e.into_inner().map(|inner| inner.downcast::<CacheWriteFailed>()) {
+            Some(Ok(tagged)) => tagged.0,
+            _ => kind.into(),
+        }
+    } else {
+        e
+    };
+    if e.kind() == io::ErrorKind::StorageFull || e.kind() == io::ErrorKind::QuotaExceeded {
+        PushError::CacheFull(e)
+    } else {
+        PushError::CacheWrite(e)
+    }
+}
+
+impl From<DumpError> for PushError {
+    /// A failed write into the cache is the cache's, not the store file's being read.
+    fn from(e: DumpError) -> Self {
+        if e.source.get_ref().is_some_and(|r| r.is::<CacheWriteFailed>()) {
+            return write_err(e.source);
+        }
+        PushError::Dump(e)
+    }
+}
+
+/// What the hash pass learns of a path's NAR.
+struct HashPass {
+    listing: Option<Entry>,
+    nar_size: u64,
+    nar_hash: NixHash,
+    /// The hash of each chunk (xz block input) of the NAR.
+    chunks: Vec<NixHash>,
+}
+
 /// A path whose xz blocks are compressed as separate units.
 struct Blocked {
     params: xz::Params,
@@ -709,6 +789,8 @@ struct Blocked {
     outcome: Outcome,
     /// NarSize and NarHash, from the hash pass.
     nar: (u64, NixHash),
+    /// The hash of each block's input, from the hash pass.
+    block_hashes: Vec<NixHash>,
     listing: Option<Entry>,
     bar: PathProgress,
     state: Mutex<BlockedState>,
@@ -716,7 +798,7 @@ struct Blocked {
 
 struct BlockedState {
     tmp: Option<TempFile>,
-    out: Option<HashingWriter<BufWriter<File>>>,
+    out: Option<HashingWriter<BufWriter<ToCache<File>>>>,
     /// Blocks compressed but not yet appended (a later block finished first).
     waiting: Vec<Option<(SpillData, xz::Block)>>,
     /// The next block to append.
@@ -771,13 +853,16 @@ impl Write for Spill<'_> {
         if let SpillData::Memory(v) = &mut self.data
             && v.len() + buf.len() > SPILL_IN_MEMORY
         {
-            let mut f = self.cache.unnamed_file("nar").map_err(io::Error::other)?;
-            f.write_all(v)?;
+            let mut f = self.cache.unnamed_file("nar").map_err(|e| match e {
+                CacheError::Io { source, .. } => tag(source),
+                e => tag(io::Error::other(e)),
+            })?;
+            f.write_all(v).map_err(tag)?;
             self.data = SpillData::File(f);
         }
         match &mut self.data {
             SpillData::Memory(v) => v.write(buf),
-            SpillData::File(f) => f.write(buf),
+            SpillData::File(f) => f.write(buf).map_err(tag),
         }
     }
 
@@ -788,6 +873,37 @@ impl Write for Spill<'_> {
 
 fn listing_rel(p: &StorePath) -> String {
     format!("{}.ls", p.hash_part())
+}
+
+/// The fields in which a narinfo found in the cache differs from what the store says of the
+/// path: everything a signature or a client depends on.
+fn disagreement(ni: &NarInfo, info: &PathInfo, store_dir: &crate::store_path::StoreDir) -> Vec<&'static str> {
+    let sorted = |v: &[StorePath]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let mut wrong = Vec::new();
+    if &ni.store_dir != store_dir || ni.store_path != info.path {
+        wrong.push("StorePath");
+    }
+    if ni.nar_hash != info.nar_hash {
+        wrong.push("NarHash");
+    }
+    if info.nar_size != 0 && ni.nar_size != info.nar_size {
+        wrong.push("NarSize");
+    }
+    if sorted(&ni.references) != sorted(&info.references) {
+        wrong.push("References");
+    }
+    if ni.deriver != info.deriver {
+        wrong.push("Deriver");
+    }
+    if ni.ca != info.ca {
+        wrong.push("CA");
+    }
+    wrong
 }
 
 /// The NAR made from the store must be the one Nix registered.

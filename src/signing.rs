@@ -32,10 +32,20 @@ pub enum KeyError {
     Mismatch,
     #[error("the public key is not a valid ed25519 point")]
     Point,
+    #[error(
+        "it has {found:?} at byte {at}: a key is exactly NAME:BASE64, with nothing around it but one final newline"
+    )]
+    Stray { found: char, at: usize },
 }
 
+/// Splits `NAME:BASE64`, allowing one final newline as Nix does (it reads a key file whole
+/// and strips nothing else, so a stray space would end up in every `Sig:` line).
 fn split(s: &str) -> Result<(&str, Vec<u8>), KeyError> {
-    let (name, data) = s.trim_end_matches(['\n', '\r']).split_once(':').ok_or(KeyError::Shape)?;
+    let s = s.strip_suffix('\n').unwrap_or(s);
+    if let Some((at, found)) = s.char_indices().find(|(_, c)| c.is_whitespace() || c.is_control()) {
+        return Err(KeyError::Stray { found, at });
+    }
+    let (name, data) = s.split_once(':').ok_or(KeyError::Shape)?;
     if name.is_empty() {
         return Err(KeyError::EmptyName);
     }

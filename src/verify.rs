@@ -7,14 +7,13 @@
 //! present and sane, and no NAR file is unused and no temporary file is left behind.
 
 use std::collections::{BTreeSet, HashSet};
-use std::fs::{self, File};
 use std::io::{self, BufReader};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::cache::{CACHE_INFO, Cache, CacheError, TEMP_PREFIX};
+use crate::cache::{CACHE_INFO, Cache, CacheError, FileProblem, TEMP_PREFIX};
 use crate::compression::Compression;
 use crate::content_address::ca_store_path;
 use crate::hash::{HashingReader, HashingWriter};
@@ -48,6 +47,15 @@ pub fn verify(
     progress: &Progress,
 ) -> Result<VerifyReport, CacheError> {
     let mut problems = Vec::new();
+    for (sub, kind) in cache.bad_dirs() {
+        problems.push(Problem {
+            path: format!("{sub}/"),
+            kind: "not-a-directory",
+            message: format!(
+                "is a {kind}, not a real directory: nothing under it was read, and push, sign and gc refuse the cache until it is replaced by a directory"
+            ),
+        });
+    }
     let cache_info = match cache.cache_info() {
         Ok(Some(ci)) => Some(ci),
         Ok(None) => {
@@ -128,17 +136,15 @@ fn check_one(
     store_dir: Option<&str>,
 ) -> (Vec<Problem>, Option<String>, u64, u64) {
     let mut problems = Vec::new();
-    let text = match fs::read_to_string(cache.path(file)) {
-        Ok(t) => t,
-        Err(e) => {
-            let message = format!("cannot read: {e}");
-            return (vec![Problem { path: file.into(), kind: "unreadable", message }], None, 0, 0);
-        }
+    let text = match cache.read_text(file) {
+        Ok(Some(t)) => t,
+        Ok(None) => return (problems, None, 0, 0),
+        Err(e) => return (vec![file_problem(file, &e)], None, 0, 0),
     };
     let ni: NarInfo = match text.parse() {
         Ok(ni) => ni,
         Err(e) => {
-            let message = format!("does not parse: {e}");
+            let message = format!("does not parse (Nix would refuse it; `nixcache push` rewrites it): {e}");
             return (vec![Problem { path: file.into(), kind: "unparsable", message }], None, 0, 0);
         }
     };
@@ -171,47 +177,87 @@ fn check_one(
             problem("untrusted", format!("no valid signature by a trusted key ({found})"));
         }
     }
-    let nar_bytes = check_nar(cache, &ni, &mut problem);
-    let file_bytes = cache.file_size(&ni.url).unwrap_or(0);
-    (problems, Some(ni.url.clone()), nar_bytes, file_bytes)
+    let nar_bytes = check_nar(cache, &ni, true, &mut problem);
+    let nar_file = ni.nar_file();
+    let file_bytes = nar_file.as_deref().and_then(|f| cache.file_size(f)).unwrap_or(0);
+    (problems, nar_file, nar_bytes, file_bytes)
+}
+
+/// A cache file that is not what its name says.
+fn file_problem(file: &str, e: &FileProblem) -> Problem {
+    let kind = match e {
+        FileProblem::NotRegular(_) => "not-regular-file",
+        FileProblem::TooLarge { .. } => "too-large",
+        FileProblem::NotText | FileProblem::Io(_) => "unreadable",
+    };
+    let message = format!(
+        "{} (not read; `nixcache push` replaces it, `nixcache gc` removes it)",
+        crate::error_chain(e)
+    );
+    Problem { path: file.into(), kind, message }
 }
 
 /// Streams the NAR file once: FileSize and FileHash on the way in, NarSize and NarHash out
-/// of the decompressor.
-fn check_nar(cache: &Cache, ni: &NarInfo, problem: &mut impl FnMut(&'static str, String)) -> u64 {
+/// of the decompressor (unless `decompress` is off: then only the file's size and hash).
+/// Reports each mismatch through `problem`; returns the NAR bytes checked.
+pub fn check_nar(
+    cache: &Cache,
+    ni: &NarInfo,
+    decompress: bool,
+    problem: &mut impl FnMut(&'static str, String),
+) -> u64 {
     let Ok(compression) = ni.compression.parse::<Compression>() else {
         problem("compression", format!("unknown compression {:?}", ni.compression));
         return 0;
     };
-    let Some(size) = cache.file_size(&ni.url) else {
-        problem("missing-nar", format!("its NAR {} is missing", ni.url));
+    let Some(rel) = ni.nar_file() else {
+        problem("nar-url", format!("its URL {:?} does not name a file in the cache", ni.url));
         return 0;
+    };
+    let f = match cache.open_file(&rel) {
+        Ok(Some(f)) => f,
+        Ok(None) => {
+            problem(
+                "missing-nar",
+                format!("its NAR {rel} is missing (`nixcache push` of the path repairs it)"),
+            );
+            return 0;
+        }
+        Err(e) => {
+            let p = file_problem(&rel, &e);
+            problem(p.kind, format!("its NAR {rel} {}", p.message));
+            return 0;
+        }
+    };
+    let size = match f.metadata() {
+        Ok(m) => m.len(),
+        Err(e) => {
+            problem("unreadable", format!("cannot read {rel}: {e}"));
+            return 0;
+        }
     };
     if let Some(want) = ni.file_size
         && want != size
     {
-        problem("file-size", format!("{} is {size} bytes, the narinfo says {want}", ni.url));
+        problem("file-size", format!("{rel} is {size} bytes, the narinfo says {want}"));
         return 0;
     }
-    let f = match File::open(cache.path(&ni.url)) {
-        Ok(f) => f,
-        Err(e) => {
-            problem("unreadable", format!("cannot open {}: {e}", ni.url));
-            return 0;
-        }
-    };
     let mut file = HashingReader::new(f);
     let mut nar = HashingWriter::new(io::sink());
-    let decoded = compression
-        .decoder(BufReader::with_capacity(1 << 20, &mut file))
-        .and_then(|mut d| io::copy(&mut d, &mut nar));
+    let decoded = if decompress {
+        compression
+            .decoder(BufReader::with_capacity(1 << 20, &mut file))
+            .and_then(|mut d| io::copy(&mut d, &mut nar))
+    } else {
+        Ok(0)
+    };
     if let Err(e) = decoded {
-        problem("nar-corrupt", format!("{} does not decompress as {compression}: {e}", ni.url));
+        problem("nar-corrupt", format!("{rel} does not decompress as {compression}: {e}"));
         return 0;
     }
     // Hash whatever the decoder left unread, so FileHash covers the whole file.
     if let Err(e) = io::copy(&mut file, &mut io::sink()) {
-        problem("unreadable", format!("cannot read {}: {e}", ni.url));
+        problem("unreadable", format!("cannot read {rel}: {e}"));
         return 0;
     }
     let (_, file_hash) = file.finish();
@@ -219,7 +265,10 @@ fn check_nar(cache: &Cache, ni: &NarInfo, problem: &mut impl FnMut(&'static str,
     if let Some(want) = ni.file_hash
         && want != file_hash
     {
-        problem("file-hash", format!("{} hashes to {file_hash}, the narinfo says {want}", ni.url));
+        problem("file-hash", format!("{rel} hashes to {file_hash}, the narinfo says {want}"));
+    }
+    if !decompress {
+        return 0;
     }
     if nar_size != ni.nar_size {
         problem("nar-size", format!("its NAR is {nar_size} bytes, the narinfo says {}", ni.nar_size));

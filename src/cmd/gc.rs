@@ -11,7 +11,7 @@ pub fn run(args: &GcArgs) -> anyhow::Result<bool> {
     let mut cache = Cache::open(&args.dest)?;
     cache.lock(|| {
         if !args.quiet {
-            eprintln!("waiting for another nixcache writing to {} ...", args.dest.display());
+            crate::elog!("waiting for another nixcache writing to {} ...", args.dest.display());
         }
     })?;
     let report = gc(&cache, args.older_than, &args.keep, SystemTime::now(), args.dry_run)?;
@@ -21,16 +21,16 @@ pub fn run(args: &GcArgs) -> anyhow::Result<bool> {
             let why = match r.reason {
                 Some(Reason::Old) => " (not pushed recently)",
                 Some(Reason::Incomplete) => " (incomplete: NAR or reference missing)",
-                Some(Reason::Unparsable) => " (does not parse)",
+                Some(Reason::Unusable) => " (not a usable narinfo)",
                 None => "",
             };
             match &r.store_path {
-                Some(p) => println!("{verb} {p}{why}"),
-                None => println!("{verb} {}{why}", r.file),
+                Some(p) => crate::outln!("{verb} {p}{why}"),
+                None => crate::outln!("{verb} {}{why}", r.file),
             }
         }
     }
-    eprintln!(
+    crate::elog!(
         "{} paths kept, {} paths {}, {} {}",
         report.kept,
         report.removed_paths,

@@ -6,17 +6,33 @@ pub mod push;
 pub mod sign;
 pub mod verify;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use anyhow::Context;
 
 use crate::signing::SecretKey;
 
-/// Reads a secret key file.
+/// Reads a secret key file, warning when every user can read it.
 pub fn read_secret_key(path: &Path) -> anyhow::Result<SecretKey> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read secret key file {}", path.display()))?;
-    text.parse().with_context(|| {
+    let key = text.parse().with_context(|| {
         format!("{} is not a Nix secret key (make one with `nixcache keygen`)", path.display())
-    })
+    })?;
+    if let Ok(m) = std::fs::metadata(path)
+        && m.permissions().mode() & 0o004 != 0
+    {
+        crate::progress::eprint(&format!(
+            "warning: the secret key {} is readable by every user (mode {:o}); `chmod 600` it",
+            path.display(),
+            m.permissions().mode() & 0o777
+        ));
+    }
+    Ok(key)
+}
+
+/// The most threads `--jobs` may ask for: four per core, at most 1024.
+pub fn max_jobs() -> usize {
+    (4 * std::thread::available_parallelism().map_or(1, usize::from)).min(1024)
 }

@@ -50,12 +50,12 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     let mode = Mode::detect(args.quiet);
     cache.lock(|| {
         if mode != Mode::Quiet {
-            eprintln!("waiting for another nixcache writing to {} ...", args.dest.display());
+            crate::elog!("waiting for another nixcache writing to {} ...", args.dest.display());
         }
     })?;
     for p in cache.clean_temp_files()? {
         if mode != Mode::Quiet {
-            eprintln!("removed {} left by an interrupted run", p.display());
+            crate::elog!("removed {} left by an interrupted run", p.display());
         }
     }
     cache.ensure_cache_info(store.store_dir(), args.want_mass_query(), args.priority, DEFAULT_PRIORITY)?;
@@ -84,7 +84,7 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
         } else {
             String::new()
         };
-        eprintln!(
+        crate::elog!(
             "{} paths: {} pushed, {} skipped, {} repaired, {} signed, {} failed; {} NAR -> {} {}{ratio} in {:.2}s",
             infos.len(),
             report.pushed,
@@ -101,10 +101,10 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     if !report.ok() {
         for (p, e) in &report.failed {
             if matches!(e, crate::push::PushError::Dependency { .. }) {
-                eprintln!("error: {}: {}", store.store_dir().display(p), crate::error_chain(e));
+                crate::elog!("error: {}: {}", store.store_dir().display(p), crate::error_chain(e));
             }
         }
-        eprintln!(
+        crate::elog!(
             "error: {} of {} paths were not published; the cache is consistent, fix the errors above and push again",
             report.failed.len(),
             infos.len()

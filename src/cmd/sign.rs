@@ -1,5 +1,11 @@
 //! `nixcache sign`: add our signature where it is missing; NARs are never touched, and the
 //! narinfos keep their modification times (gc's record of pushes).
+//!
+//! A signature vouches for the path, so `sign`, which has no store to compare with, signs
+//! only what the cache itself proves: a narinfo that parses strictly, sits under its own
+//! name, and names a NAR that is there with its FileSize and FileHash and (unless
+//! `--no-check-contents`) decompresses to its NarSize and NarHash. Anything else is reported
+//! and left unsigned; a narinfo is only ever rewritten under its own name.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -9,6 +15,7 @@ use rayon::prelude::*;
 use crate::cache::{Cache, Staged};
 use crate::cli::SignArgs;
 use crate::index::Index;
+use crate::verify::check_nar;
 
 pub fn run(args: &SignArgs) -> anyhow::Result<bool> {
     let key = super::read_secret_key(&args.secret_key)?;
@@ -16,7 +23,7 @@ pub fn run(args: &SignArgs) -> anyhow::Result<bool> {
     let mut cache = Cache::open(&args.dest)?;
     cache.lock(|| {
         if !args.quiet {
-            eprintln!("waiting for another nixcache writing to {} ...", args.dest.display());
+            crate::elog!("waiting for another nixcache writing to {} ...", args.dest.display());
         }
     })?;
     let index = Index::load(&cache)?;
@@ -30,17 +37,17 @@ pub fn run(args: &SignArgs) -> anyhow::Result<bool> {
             .collect::<Result<Vec<_>, _>>()?;
         Some(index.closure(roots.iter().map(String::as_str)))
     };
-    let (already, failed) = (AtomicUsize::new(0), AtomicUsize::new(0));
-    let mut unparsable = 0;
+    let (already, failed, refused) = (AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
+    let mut unusable = 0;
     let todo: Vec<_> = index
         .entries
         .iter()
         .filter(|(h, _)| selected.as_ref().is_none_or(|s| s.contains(*h)))
         .filter_map(|(_, e)| match &e.narinfo {
-            Ok(ni) => Some((ni, e.modified)),
+            Ok(ni) => Some((e, ni)),
             Err(err) => {
-                eprintln!("warning: {} does not parse, not signed: {err}", e.file);
-                unparsable += 1;
+                crate::elog!("warning: {}: {}, not signed", e.file, crate::error_chain(err));
+                unusable += 1;
                 None
             }
         })
@@ -48,17 +55,25 @@ pub fn run(args: &SignArgs) -> anyhow::Result<bool> {
     // Every rewritten narinfo is staged, all are made durable at once, then renamed into place.
     let staged: Vec<Staged> = todo
         .par_iter()
-        .filter_map(|(ni, modified)| {
+        .filter_map(|(entry, ni)| {
             if ni.verified_by(&public) {
                 already.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
+            let path = ni.store_dir.display(&ni.store_path);
+            let mut problems = Vec::new();
+            check_nar(&cache, ni, !args.no_check_contents, &mut |_, message| problems.push(message));
+            if !problems.is_empty() {
+                crate::elog!("error: {path}: not signed: {}", problems.join("; "));
+                refused.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
             let mut ni = (*ni).clone();
             ni.add_signature(&key);
-            match cache.stage_narinfo(&ni, *modified) {
+            match cache.stage_narinfo(&entry.file, &ni, entry.modified) {
                 Ok(s) => Some(s),
                 Err(e) => {
-                    eprintln!("error: cannot sign {}: {e}", ni.store_dir.display(&ni.store_path));
+                    crate::elog!("error: cannot sign {path}: {e}");
                     failed.fetch_add(1, Ordering::Relaxed);
                     None
                 }
@@ -72,20 +87,20 @@ pub fn run(args: &SignArgs) -> anyhow::Result<bool> {
             match s.commit() {
                 Ok(()) => signed += 1,
                 Err(e) => {
-                    eprintln!("error: cannot sign: {e}");
+                    crate::elog!("error: cannot sign: {e}");
                     failed.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
         cache.sync_dir("")?;
     }
-    let (already, failed) = (already.into_inner(), failed.into_inner());
+    let (already, failed, refused) = (already.into_inner(), failed.into_inner(), refused.into_inner());
     if !args.quiet {
-        eprintln!(
-            "{} narinfos: {signed} signed by {}, {already} already were, {failed} failed, {unparsable} unparsable",
-            todo.len() + unparsable,
+        crate::elog!(
+            "{} narinfos: {signed} signed by {}, {already} already were, {refused} refused (NAR does not match), {failed} failed, {unusable} unusable",
+            todo.len() + unusable,
             key.name()
         );
     }
-    Ok(failed == 0 && unparsable == 0)
+    Ok(failed == 0 && unusable == 0 && refused == 0)
 }

@@ -23,11 +23,11 @@ fn parse_key(arg: &str) -> anyhow::Result<PublicKey> {
 
 fn run_inner(args: &VerifyArgs) -> anyhow::Result<VerifyReport> {
     let keys = args.trusted_public_keys.iter().map(|k| parse_key(k)).collect::<anyhow::Result<Vec<_>>>()?;
-    let mut cache = Cache::open(&args.dest)?;
+    let mut cache = Cache::inspect(&args.dest)?;
     let mode = Mode::detect(args.quiet || args.json);
     cache.lock_shared(|| {
         if mode != Mode::Quiet {
-            eprintln!("waiting for a writer of {} to finish ...", args.dest.display());
+            crate::elog!("waiting for a writer of {} to finish ...", args.dest.display());
         }
     })?;
     let jobs =
@@ -44,7 +44,7 @@ pub fn run(args: &VerifyArgs) -> ExitCode {
     let report = match run_inner(args) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            crate::elog!("error: {e:#}");
             return ExitCode::from(2);
         }
     };
@@ -56,13 +56,13 @@ pub fn run(args: &VerifyArgs) -> ExitCode {
             "narBytes": report.nar_bytes,
             "problems": report.problems,
         });
-        println!("{value:#}");
+        crate::outln!("{value:#}");
     } else {
         for p in &report.problems {
-            println!("{}: {}: {}", p.path, p.kind, p.message);
+            crate::outln!("{}: {}: {}", p.path, p.kind, p.message);
         }
         if !args.quiet {
-            eprintln!(
+            crate::elog!(
                 "{} narinfos, {} of NAR checked: {}",
                 report.narinfos,
                 crate::progress::bytes(report.nar_bytes),

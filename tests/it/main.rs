@@ -11,3 +11,4 @@ mod http;
 mod keys;
 mod maintenance;
 mod push;
+mod trust;
