@@ -176,5 +176,54 @@ fn full_disk_fails_cleanly() {
     let out = fails(nixcache().args(["push", "-c", "none", "--dest"]).arg(&cache).arg(&f.top));
     let e = failed_cleanly(&out);
     assert!(e.contains("No space left on device"), "{e}");
+    // The cache is full, not the store broken.
+    assert!(e.contains("the cache's filesystem is full"), "{e}");
+    assert!(!e.contains("cannot archive"), "a full cache blamed on the store: {e}");
     assert_consistent(&cache);
+}
+
+#[test]
+fn failed_output_never_panics() {
+    use std::process::Stdio;
+    let f = fixtures();
+    let t = tmp();
+    let cache = t.path().join("cache");
+    let full = || Stdio::from(std::fs::File::options().write(true).open("/dev/full").unwrap());
+    let dest = cache.to_str().unwrap();
+    let runs: Vec<Vec<&str>> = vec![
+        vec!["push", "-c", "zstd", "-k", SECRET, "--dest", dest, &f.top],
+        vec!["push", "-c", "zstd", "--dest", dest, &f.top],
+        vec!["sign", "-k", SECRET, "--dest", dest],
+        vec!["verify", "--dest", dest],
+        vec!["verify", "--json", "--dest", dest],
+        vec!["gc", "--older-than", "0s", "--dry-run", "--dest", dest],
+        vec!["completions", "bash"],
+        vec!["push", "--dest", dest, "/nonexistent/path"],
+    ];
+    for args in &runs {
+        // stderr full, stdout full, stdout a closed pipe.
+        for target in ["stderr", "stdout", "pipe"] {
+            let mut c = nixcache();
+            c.args(args);
+            match target {
+                "stderr" => c.stderr(full()).stdout(Stdio::null()),
+                "stdout" => c.stdout(full()).stderr(Stdio::piped()),
+                _ => c.stdout(Stdio::piped()).stderr(Stdio::piped()),
+            };
+            let mut child = c.spawn().unwrap();
+            drop(child.stdout.take());
+            let out = child.wait_with_output().unwrap();
+            assert_ne!(
+                out.status.code(),
+                Some(101),
+                "{args:?} with {target} failing panicked: {}",
+                stderr(&out)
+            );
+            assert!(!stderr(&out).contains("panicked"), "{args:?}: {}", stderr(&out));
+        }
+    }
+    // The cache stayed whole: verify with working output is clean, and Nix restores it.
+    assert_consistent(&cache);
+    ok(nixcache().args(["verify", "--trusted-public-key", PUBLIC, "--dest"]).arg(&cache));
+    restore(&file_url(&cache), &t.path().join("root"), &[&f.top]);
 }
