@@ -5,9 +5,12 @@ Builds the closure(s), then for each compression runs both tools into fresh dire
 alternating which goes first, several times, and prints wall time, CPU time, peak RSS and
 output bytes (medians) with the ratios nixcache / nix copy. Also times a re-push where
 everything is present, on the closure; and on a closure of 10,001 tiny paths, a first push
-and a re-push with each compression, and signing all its narinfos (`nix store sign`).
+and a re-push with each compression, and signing all its narinfos (`nix store sign`); and
+one path of 200,000 small files (several xz blocks) pushed with xz against Nix's parallel
+compression.
 
 Usage: bench/run [--scale medium] [--runs 3] [--compressions xz,zstd,none] [--many 10000]
+                 [--files 200000]
 """
 import argparse
 import os
@@ -21,6 +24,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLOSURE_NIX = os.path.join(REPO, "..", "shared", "bench", "closure.nix")
 MANY_NIX = os.path.join(REPO, "bench", "many.nix")
+FILES_NIX = os.path.join(REPO, "bench", "files.nix")
 NIXCACHE = os.path.join(REPO, "target", "release", "nixcache")
 ENV = dict(os.environ, NIX_CONFIG="substituters =\nexperimental-features = nix-command\n")
 
@@ -89,6 +93,7 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--compressions", default="xz,zstd,none")
     ap.add_argument("--many", type=int, default=10000, help="paths in the re-push fixture (0: skip)")
+    ap.add_argument("--files", type=int, default=200000, help="files in the many-files path (0: skip)")
     a = ap.parse_args()
 
     subprocess.run(["cargo", "build", "--release", "--locked", "-q"], cwd=REPO, check=True)
@@ -173,6 +178,21 @@ def main():
                 print(f"| {name} | {med(xs, 0):.2f} | {med(xs, 1):.2f} | {med(xs, 2):.0f} |")
             n, c = signs["nix store sign"], signs["nixcache sign"]
             print(f"| ratio | {med(c, 0) / med(n, 0):.2f}x | {med(c, 1) / med(n, 1):.2f}x | {med(c, 2) / med(n, 2):.2f}x |")
+        if a.files:
+            files = sh(["nix-build", FILES_NIX, "--no-out-link", "--arg", "n", str(a.files)])
+            nar = int(sh(["nix", "path-info", "--size", files]).split()[1])
+            print()
+            print(f"one path of {a.files} small files, {nar / 2**20:.1f} MiB of NAR, xz (nix copy with "
+                  f"parallel-compression), median of {a.runs}:")
+            print()
+            rows, _ = run_case(files, "xz", a.runs, work)
+            print("| tool | wall s | CPU s | peak RSS MiB | output MiB |")
+            print("|---|---:|---:|---:|---:|")
+            for name, xs in rows.items():
+                print(f"| {name} | {med(xs, 0):.2f} | {med(xs, 1):.2f} | {med(xs, 2):.0f} | {med(xs, 3) / 2**20:.2f} |")
+            n, c = rows["nix copy"], rows["nixcache"]
+            print(f"| ratio | {med(c, 0) / med(n, 0):.2f}x | {med(c, 1) / med(n, 1):.2f}x | "
+                  f"{med(c, 2) / med(n, 2):.2f}x | {med(c, 3) / med(n, 3):.2f}x |")
     print()
     print("Ratios are nixcache / nix copy: below 1.00x is better for nixcache.")
 

@@ -81,6 +81,22 @@ impl<W: Write> NarWriter<W> {
         NarWriter { w, pos: 0, started: false, window: Some(range) }
     }
 
+    /// A window writer that starts at NAR offset `pos` (at most `range.start`), inside a
+    /// root directory whose tokens so far lie before `pos`: see
+    /// [`NarWriter::resumed_directory`]. For a block's input resumed from a point recorded in
+    /// an earlier pass, without walking what comes before it.
+    pub fn resume(w: W, range: Range<u64>, pos: u64) -> Self {
+        debug_assert!(pos <= range.start);
+        NarWriter { w, pos, started: true, window: Some(range) }
+    }
+
+    /// The root directory of a [resumed](NarWriter::resume) writer: open, with the entries
+    /// before the position already written. Set the entry before the next one with
+    /// [`Directory::continue_after`].
+    pub fn resumed_directory(&mut self) -> Directory<'_, W> {
+        Directory { out: self, prev: None }
+    }
+
     /// Writes the magic and returns the root node. Call once.
     pub fn root(&mut self) -> io::Result<Node<'_, W>> {
         if std::mem::replace(&mut self.started, true) {
@@ -221,6 +237,24 @@ pub struct Directory<'a, W> {
 }
 
 impl<W: Write> Directory<'_, W> {
+    /// The NAR offset the next entry starts at (before the previous entry's closing token).
+    pub fn position(&self) -> u64 {
+        self.out.pos
+    }
+
+    /// For a resumed directory: the entry written last before the position, whose closing
+    /// token the next entry (or the directory's end) writes. `None` if there is none.
+    pub fn continue_after(&mut self, prev: Option<&[u8]>) {
+        self.prev = prev.map(<[u8]>::to_vec);
+    }
+
+    /// For a resumed directory: the directory that is the node of the entry written last
+    /// (set by [`Directory::continue_after`]), open, with its tokens so far before the
+    /// position. Close it before going on with this one.
+    pub fn resumed_child(&mut self) -> Directory<'_, W> {
+        Directory { out: &mut *self.out, prev: None }
+    }
+
     /// Starts the entry `name`; the returned node must be written before the next entry.
     pub fn entry(&mut self, name: &[u8]) -> io::Result<Node<'_, W>> {
         let bad =
