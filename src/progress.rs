@@ -153,6 +153,11 @@ pub struct PathProgress {
 }
 
 impl PathProgress {
+    /// Progress that is shown nowhere, for bytes already counted.
+    pub fn none() -> PathProgress {
+        PathProgress { bar: None, total: None }
+    }
+
     pub fn inc(&self, n: u64) {
         if let Some(b) = &self.bar {
             b.inc(n);

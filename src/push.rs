@@ -21,7 +21,7 @@ use thiserror::Error;
 use crate::cache::{Cache, CacheError, Lookup, Staged, TempFile};
 use crate::compression::Compression;
 use crate::hash::{ChunkHasher, HashingWriter, NixHash};
-use crate::nar::dump::{DumpError, dump_listing, dump_range};
+use crate::nar::dump::{DumpError, Marks, ResumePoint, dump_listing, dump_marked, dump_range_at};
 use crate::nar::listing::{Entry, debuginfo_json};
 use crate::narinfo::NarInfo;
 use crate::progress::{PathProgress, Progress, ProgressWriter};
@@ -528,22 +528,28 @@ impl Run<'_> {
         })
     }
 
-    /// The xz parameters of a path whose NAR is several blocks, compressed a block per unit.
+    /// The xz parameters of a path whose NAR is compressed a block per unit: one of several
+    /// blocks, or one that may have to be stored (which needs its input again).
     fn xz_blocks(&self, i: usize) -> Option<xz::Params> {
-        self.xz.filter(|p| self.infos[i].nar_size > p.block_size())
+        self.xz.filter(|p| p.may_store(self.infos[i].nar_size))
     }
 
     /// Reads the path's NAR once for its hash (checked against the database) and listing,
-    /// and the hash of each `chunk`-byte range (each xz block's input, checked again when the
-    /// block is compressed).
+    /// and for each `chunk`-byte range (each xz block's input) its hash, checked again when
+    /// the block is compressed, and where to resume writing it from.
     fn hash_pass(&self, info: &PathInfo, listing: bool, chunk: u64) -> Result<HashPass, PushError> {
         let abs = self.store.store_dir.display(&info.path);
         let sink = BufWriter::with_capacity(NAR_BUFFER, HashingWriter::new(ChunkHasher::new(chunk)));
-        let (sink, listing) = dump_listing(&self.store.real_path(&info.path), sink, listing)?;
+        let starts = (1..).map_while(|k: u64| k.checked_mul(chunk)).take_while(|&o| o < info.nar_size);
+        let mut marks = Marks::new(starts.collect());
+        let (sink, listing) =
+            dump_marked(&self.store.real_path(&info.path), sink, listing, Some(&mut marks))?;
         let sink = sink.into_inner().map_err(|e| write_err(e.into_error()))?;
         let (chunks, nar_size, nar_hash) = sink.finish();
         check_hash(&abs, info, nar_hash, nar_size)?;
-        Ok(HashPass { listing, nar_size, nar_hash, chunks: chunks.finish() })
+        let mut resume = vec![ResumePoint::default()];
+        resume.extend(marks.finish());
+        Ok(HashPass { listing, nar_size, nar_hash, chunks: chunks.finish(), resume })
     }
 
     /// Compresses a path in one stream on this thread:
@@ -576,7 +582,7 @@ impl Run<'_> {
     fn start_blocks(&self, i: usize, params: xz::Params, outcome: Outcome) -> Result<Blocked, PushError> {
         let info = &self.infos[i];
         let want_listing = self.opts.nar_listing || self.opts.index_debug_info;
-        let HashPass { listing, nar_size, nar_hash, chunks } =
+        let HashPass { listing, nar_size, nar_hash, chunks, resume } =
             self.hash_pass(info, want_listing, params.block_size())?;
         let mut tmp = self.cache.temp_file("nar", self.opts.compression.extension())?;
         let file = tmp.file().try_clone().map_err(write_err)?;
@@ -590,6 +596,7 @@ impl Run<'_> {
             outcome,
             nar: (nar_size, nar_hash),
             block_hashes: chunks,
+            resume,
             listing,
             bar: self.progress.path(info.path.as_str(), nar_size),
             state: Mutex::new(BlockedState {
@@ -613,14 +620,26 @@ impl Run<'_> {
             None
         } else {
             let (offset, len) = b.ranges[k];
-            Some(self.compress_block(info, b, offset..offset + len).and_then(|(spill, block, read)| {
-                // Never publish bytes other than the ones hashed.
+            let range = offset..offset + len;
+            // Never publish bytes other than the ones hashed.
+            let checked = |(spill, block, read): (SpillData, xz::Block, NixHash)| {
                 if block.uncompressed == len && b.block_hashes.get(k) == Some(&read) {
                     Ok((spill, block))
                 } else {
                     Err(PushError::Changed { path: self.store.store_dir.display(&info.path), block: k })
                 }
-            }))
+            };
+            Some(self.compress_block(info, b, range.clone(), k, false).and_then(checked).and_then(
+                |(spill, block)| {
+                    if b.params.would_store(&block) {
+                        // As liblzma's multithreaded encoder: read the input again, stored.
+                        drop(spill);
+                        self.compress_block(info, b, range, k, true).and_then(checked)
+                    } else {
+                        Ok((spill, block))
+                    }
+                },
+            ))
         };
         let mut st = b.state.lock().unwrap_or_else(|e| e.into_inner());
         match compressed {
@@ -645,18 +664,28 @@ impl Run<'_> {
         Some(self.finish_blocks(info, b, &mut st))
     }
 
-    /// Compresses one block's range of the NAR; returns it with the hash of the input read.
+    /// Compresses (or, if `stored`, stores) one block's range of the NAR; returns it with
+    /// the hash of the input read.
     fn compress_block(
         &self,
         info: &PathInfo,
         b: &Blocked,
         range: std::ops::Range<u64>,
+        k: usize,
+        stored: bool,
     ) -> Result<(SpillData, xz::Block, NixHash), PushError> {
         let spill = Spill { cache: self.cache, data: SpillData::Memory(Vec::new()) };
-        let encoder = xz::BlockEncoder::new(&b.params, spill).map_err(write_err)?;
-        let nar =
-            BufWriter::with_capacity(NAR_BUFFER, HashingWriter::new(ProgressWriter::new(encoder, &b.bar)));
-        let nar = dump_range(&self.store.real_path(&info.path), range, nar)?;
+        let encoder = if stored {
+            xz::BlockEncoder::stored(spill, range.end - range.start)
+        } else {
+            xz::BlockEncoder::new(&b.params, spill).map_err(write_err)?
+        };
+        // A stored block's bytes were counted when it was first compressed.
+        let uncounted = PathProgress::none();
+        let bar = if stored { &uncounted } else { &b.bar };
+        let nar = BufWriter::with_capacity(NAR_BUFFER, HashingWriter::new(ProgressWriter::new(encoder, bar)));
+        let resume = b.resume.get(k).cloned().unwrap_or_default();
+        let nar = dump_range_at(&self.store.real_path(&info.path), range, &resume, nar)?;
         let (shown, _, read) = nar.into_inner().map_err(|e| write_err(e.into_error()))?.finish();
         let (spill, block) = shown.into_inner().finish().map_err(write_err)?;
         Ok((spill.data, block, read))
@@ -779,6 +808,8 @@ struct HashPass {
     nar_hash: NixHash,
     /// The hash of each chunk (xz block input) of the NAR.
     chunks: Vec<NixHash>,
+    /// Where each chunk's bytes can be written from without walking what comes before.
+    resume: Vec<ResumePoint>,
 }
 
 /// A path whose xz blocks are compressed as separate units.
@@ -791,6 +822,8 @@ struct Blocked {
     nar: (u64, NixHash),
     /// The hash of each block's input, from the hash pass.
     block_hashes: Vec<NixHash>,
+    /// Where each block's input is resumed from, from the hash pass.
+    resume: Vec<ResumePoint>,
     listing: Option<Entry>,
     bar: PathProgress,
     state: Mutex<BlockedState>,

@@ -16,6 +16,13 @@
 //! same preset and block size (three dictionaries, at least 1 MiB), a stream made here is
 //! byte for byte what `xz -T` and Nix's `parallel-compression` make, whichever thread
 //! compressed which block. The LZMA2 data itself comes from liblzma's raw encoder.
+//!
+//! Like liblzma's multithreaded encoder, a block whose compressed form does not fit the
+//! buffer it reserves (`lzma_block_buffer_bound64` of the block size) is stored instead
+//! ([`Params::would_store`], [`BlockEncoder::stored`]): a header of its own size (exact
+//! sizes, the smallest dictionary) and the input in 64 KiB uncompressed LZMA2 chunks, as
+//! `lzma_block_uncomp_encode` writes it. Incompressible data (random bytes, compressed
+//! files) comes out so, byte for byte.
 
 use std::io::{self, Write};
 
@@ -61,11 +68,31 @@ impl Params {
         (0..len.div_ceil(bs)).map(move |i| (i * bs, bs.min(len - i * bs)))
     }
 
-    /// Every block header is this long: the length of the header of a block whose sizes are
-    /// the largest possible (liblzma reserves it before compressing, then pads).
+    /// The header of a compressed block is this long: the length of the header of a block
+    /// whose sizes are the largest possible (liblzma reserves it before compressing, then
+    /// pads).
     fn header_size(&self) -> u64 {
-        let size = 1 + 1 + 4 + vli_len(block_bound(self.block_size)) + vli_len(self.block_size) + 3;
-        (size + 3) & !3
+        header_len(block_bound(self.block_size), self.block_size)
+    }
+
+    /// Whether liblzma's multithreaded encoder stores block `b` uncompressed: its header,
+    /// data, padding and check do not fit the buffer of `lzma_block_buffer_bound64(block
+    /// size)` bytes it compresses into.
+    pub fn would_store(&self, b: &Block) -> bool {
+        !b.stored
+            && self.header_size() + b.compressed.next_multiple_of(4) + CHECK_SIZE
+                > block_bound(self.block_size)
+    }
+
+    /// Whether a stream of `len` bytes can have a block that is stored: only when a block is
+    /// more than half full, since LZMA2 never grows its input by more than a fraction of a
+    /// percent. A shorter stream can be written by [`StreamWriter`], which keeps no input.
+    pub fn may_store(&self, len: u64) -> bool {
+        len > self.block_size / 2
+    }
+
+    fn header_of(&self, b: &Block) -> u64 {
+        if b.stored { header_len(b.compressed, b.uncompressed) } else { self.header_size() }
     }
 
     /// The LZMA2 filter properties: the dictionary size in one byte.
@@ -86,12 +113,26 @@ fn filters(level: u32) -> io::Result<Filters> {
     Ok(f)
 }
 
+/// Bytes of input in one uncompressed LZMA2 chunk, at most.
+const CHUNK: u64 = 1 << 16;
+
+/// liblzma's `lzma2_bound`: `n` bytes as uncompressed LZMA2 chunks (3-byte headers) and the
+/// end marker.
+fn lzma2_bound(n: u64) -> u64 {
+    n + n.div_ceil(CHUNK) * 3 + 1
+}
+
 /// liblzma's `lzma_block_buffer_bound64`: the most a block of `n` input bytes can take,
 /// headers included (incompressible data is stored in 64 KiB chunks with 3-byte headers).
 fn block_bound(n: u64) -> u64 {
     const HEADERS_BOUND: u64 = (1 + 1 + 2 * 9 + 3 + 4 + 64 + 3) & !3;
-    let lzma2 = n + n.div_ceil(1 << 16) * 3 + 1;
-    HEADERS_BOUND + ((lzma2 + 3) & !3)
+    HEADERS_BOUND + ((lzma2_bound(n) + 3) & !3)
+}
+
+/// The length of a block header that records both sizes and one LZMA2 filter.
+fn header_len(compressed: u64, uncompressed: u64) -> u64 {
+    let size = 1 + 1 + 4 + vli_len(compressed) + vli_len(uncompressed) + 3;
+    (size + 3) & !3
 }
 
 fn vli_len(mut n: u64) -> u64 {
@@ -122,6 +163,8 @@ pub struct Block {
     /// Bytes of LZMA2 data, without header, padding and check.
     pub compressed: u64,
     pub crc64: u64,
+    /// Stored as uncompressed chunks (see [`Params::would_store`]).
+    pub stored: bool,
 }
 
 /// The 12-byte stream header.
@@ -134,11 +177,13 @@ pub fn stream_header() -> Vec<u8> {
 
 /// The header that goes before a block's LZMA2 data.
 pub fn block_header(params: &Params, b: &Block) -> Vec<u8> {
-    let size = params.header_size();
+    let size = params.header_of(b);
     let mut out = vec![(size / 4 - 1) as u8, 0xC0];
     put_vli(&mut out, b.compressed);
     put_vli(&mut out, b.uncompressed);
-    out.extend_from_slice(&[LZMA2_ID, 1, params.dict_byte()]);
+    // A stored block names the smallest dictionary, 4 KiB (property byte 0).
+    let dict = if b.stored { 0 } else { params.dict_byte() };
+    out.extend_from_slice(&[LZMA2_ID, 1, dict]);
     out.resize(size as usize - 4, 0);
     let crc = CRC32.checksum(&out);
     out.extend_from_slice(&crc.to_le_bytes());
@@ -157,7 +202,7 @@ pub fn index_and_footer(params: &Params, blocks: &[Block]) -> Vec<u8> {
     let mut out = vec![0u8];
     put_vli(&mut out, blocks.len() as u64);
     for b in blocks {
-        put_vli(&mut out, params.header_size() + b.compressed + CHECK_SIZE);
+        put_vli(&mut out, params.header_of(b) + b.compressed + CHECK_SIZE);
         put_vli(&mut out, b.uncompressed);
     }
     pad4(&mut out);
@@ -172,42 +217,88 @@ pub fn index_and_footer(params: &Params, blocks: &[Block]) -> Vec<u8> {
     out
 }
 
-/// Compresses the input of one block into raw LZMA2 data in `W`.
+/// Compresses the input of one block into raw LZMA2 data in `W`, or stores it.
 pub struct BlockEncoder<W: Write> {
-    inner: liblzma::write::XzEncoder<W>,
+    inner: Inner<W>,
     crc: crc::Digest<'static, u64, Table<16>>,
     uncompressed: u64,
+}
+
+enum Inner<W: Write> {
+    Lzma2(liblzma::write::XzEncoder<W>),
+    /// Uncompressed LZMA2 chunks of a block of `len` bytes.
+    Stored {
+        out: W,
+        len: u64,
+    },
 }
 
 impl<W: Write> BlockEncoder<W> {
     pub fn new(params: &Params, out: W) -> io::Result<Self> {
         let stream = Stream::new_raw_encoder(&filters(params.level)?).map_err(io::Error::other)?;
-        Ok(BlockEncoder {
-            inner: liblzma::write::XzEncoder::new_stream(out, stream),
-            crc: CRC64.digest(),
-            uncompressed: 0,
-        })
+        let inner = Inner::Lzma2(liblzma::write::XzEncoder::new_stream(out, stream));
+        Ok(BlockEncoder { inner, crc: CRC64.digest(), uncompressed: 0 })
+    }
+
+    /// An encoder that stores the `len` bytes of a block uncompressed, as
+    /// `lzma_block_uncomp_encode` does: for a block that [would be stored](Params::would_store).
+    pub fn stored(out: W, len: u64) -> Self {
+        BlockEncoder { inner: Inner::Stored { out, len }, crc: CRC64.digest(), uncompressed: 0 }
     }
 
     /// Ends the LZMA2 data; returns the output and the block's sizes and check.
-    pub fn finish(mut self) -> io::Result<(W, Block)> {
-        self.inner.try_finish()?;
-        let compressed = self.inner.total_out();
-        let out = self.inner.finish()?;
-        Ok((out, Block { uncompressed: self.uncompressed, compressed, crc64: self.crc.finalize() }))
+    pub fn finish(self) -> io::Result<(W, Block)> {
+        let (uncompressed, crc64) = (self.uncompressed, self.crc.finalize());
+        match self.inner {
+            Inner::Lzma2(mut e) => {
+                e.try_finish()?;
+                let compressed = e.total_out();
+                Ok((e.finish()?, Block { uncompressed, compressed, crc64, stored: false }))
+            }
+            Inner::Stored { mut out, len } => {
+                if uncompressed != len {
+                    return Err(io::Error::other(format!(
+                        "a stored block of {len} bytes got {uncompressed}"
+                    )));
+                }
+                out.write_all(&[0])?;
+                Ok((out, Block { uncompressed, compressed: lzma2_bound(len), crc64, stored: true }))
+            }
+        }
     }
 }
 
 impl<W: Write> Write for BlockEncoder<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
+        let n = match &mut self.inner {
+            Inner::Lzma2(e) => e.write(buf)?,
+            Inner::Stored { out, len } => {
+                let pos = self.uncompressed;
+                let left = len.saturating_sub(pos);
+                if left == 0 {
+                    return Err(io::Error::other("more input than the stored block's length"));
+                }
+                // A chunk header at each 64 KiB: the first resets the dictionary.
+                let in_chunk = (CHUNK - pos % CHUNK).min(left);
+                if pos % CHUNK == 0 {
+                    let size = in_chunk - 1;
+                    out.write_all(&[if pos == 0 { 1 } else { 2 }, (size >> 8) as u8, size as u8])?;
+                }
+                let n = buf.len().min(in_chunk as usize);
+                out.write_all(&buf[..n])?;
+                n
+            }
+        };
         self.crc.update(&buf[..n]);
         self.uncompressed += n as u64;
         Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
+        match &mut self.inner {
+            Inner::Lzma2(e) => e.flush(),
+            Inner::Stored { out, .. } => out.flush(),
+        }
     }
 }
 
@@ -363,6 +454,61 @@ mod tests {
         let mut back = Vec::new();
         liblzma::read::XzDecoder::new(&out[..]).read_to_end(&mut back).unwrap();
         assert_eq!(back, data);
+    }
+
+    /// Random bytes: no LZMA2 encoding of them is smaller than the input.
+    fn noise(len: usize) -> Vec<u8> {
+        let mut x = 0x9E3779B97F4A7C15u64;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    /// Blocks as push makes them: compressed, or stored when liblzma would store them.
+    fn by_blocks(data: &[u8], level: u32) -> (Vec<u8>, usize) {
+        let params = Params::new(level).unwrap();
+        let mut out = stream_header();
+        let mut blocks = Vec::new();
+        for (off, len) in params.blocks(data.len() as u64) {
+            let input = &data[off as usize..(off + len) as usize];
+            let mut e = BlockEncoder::new(&params, Vec::new()).unwrap();
+            e.write_all(input).unwrap();
+            let (mut bytes, mut b) = e.finish().unwrap();
+            if params.would_store(&b) {
+                let mut s = BlockEncoder::stored(Vec::new(), len);
+                for piece in input.chunks(10_007) {
+                    s.write_all(piece).unwrap();
+                }
+                (bytes, b) = s.finish().unwrap();
+            }
+            out.extend(block_header(&params, &b));
+            out.extend(bytes);
+            out.extend(block_trailer(&b));
+            blocks.push(b);
+        }
+        out.extend(index_and_footer(&params, &blocks));
+        (out, blocks.iter().filter(|b| b.stored).count())
+    }
+
+    #[test]
+    fn incompressible_blocks_are_stored_as_liblzma_stores_them() {
+        // 24 MiB blocks (levels 5 to 9) of noise overflow liblzma's buffer by a few dozen
+        // bytes (12 MiB ones, at level 4, fit); a short last block does not.
+        let data = noise((24 << 20) + (1 << 20) + 12_345);
+        let (ours, stored) = by_blocks(&data, 5);
+        assert_eq!(stored, 1, "the full block of noise is stored, the short last one is not");
+        assert_eq!(ours, liblzma_mt(&data, 5, 2));
+        let mut back = Vec::new();
+        liblzma::read::XzDecoder::new(&ours[..]).read_to_end(&mut back).unwrap();
+        assert_eq!(back, data);
+        // Compressible data never is.
+        let text = sample(3 << 20);
+        assert_eq!(by_blocks(&text, 0), (liblzma_mt(&text, 0, 2), 0));
     }
 
     #[test]

@@ -12,6 +12,8 @@ pub const SECRET: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/test-1
 pub const PUBLIC: &str = "test-1:Fc8Yn1bFNVbmKCO0IZp2PQHah/AV6MrB0hAzmo5+Pys=";
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures.nix");
 const BIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/big.nix");
+/// One path of random bytes: a full xz block that is stored uncompressed.
+pub const RANDOM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/random.nix");
 
 /// Settings for every Nix command here: no network substituters, the nix command enabled.
 const NIX_CONFIG: &str = "substituters =\nexperimental-features = nix-command\n";

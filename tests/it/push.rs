@@ -136,6 +136,27 @@ fn xz_blocks_equal_nix_parallel_compression() {
 }
 
 #[test]
+fn incompressible_xz_blocks_equal_nix_parallel_compression() {
+    // Random bytes: liblzma's multithreaded encoder stores the full block uncompressed.
+    let random = ok(nix_cmd("nix-build").args([RANDOM, "--no-out-link", "--argstr", "salt", "stored"]))
+        .trim()
+        .to_owned();
+    let t = tmp();
+    let (ours_dir, nix_dir) = (t.path().join("ours"), t.path().join("nix"));
+    ok(nixcache().args(["push", "-q", "-k", SECRET, "--dest"]).arg(&ours_dir).arg(&random));
+    let to = format!("file://{}?compression=xz&parallel-compression=true", nix_dir.display());
+    ok(nix_cmd("nix").args(["copy", "--to", &to, &random]));
+    let (ours, theirs) = (narinfo(&ours_dir, &random), narinfo(&nix_dir, &random));
+    assert_eq!((&ours.url, ours.file_size), (&theirs.url, theirs.file_size));
+    assert!(
+        std::fs::read(ours_dir.join(&ours.url)).unwrap() == std::fs::read(nix_dir.join(&theirs.url)).unwrap()
+    );
+    let root = t.path().join("root");
+    restore(&file_url(&ours_dir), &root, &[&random]);
+    assert_restored_identical(&root, std::slice::from_ref(&random));
+}
+
+#[test]
 fn symlinks_stdin_and_paths_inside_store_paths_resolve() {
     let f = fixtures();
     let t = tmp();
