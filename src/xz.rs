@@ -280,7 +280,7 @@ impl<W: Write> Write for BlockEncoder<W> {
                 }
                 // A chunk header at each 64 KiB: the first resets the dictionary.
                 let in_chunk = (CHUNK - pos % CHUNK).min(left);
-                if pos % CHUNK == 0 {
+                if pos.is_multiple_of(CHUNK) {
                     let size = in_chunk - 1;
                     out.write_all(&[if pos == 0 { 1 } else { 2 }, (size >> 8) as u8, size as u8])?;
                 }
