@@ -448,11 +448,15 @@ impl Run<'_> {
         let result = match self.plan(&self.infos[i]) {
             Ok(Plan::Done(done)) => Ok(*done),
             Ok(Plan::Write(outcome)) => match self.xz_blocks(i) {
-                Some(params) => match self.start_blocks(i, params, outcome) {
+                Some(params) => match self.open_blocks(i, params, outcome) {
                     Ok(b) => {
-                        let n = b.ranges.len();
-                        self.blocked.lock().unwrap_or_else(|e| e.into_inner()).insert(i, Arc::new(b));
-                        self.queue.add((0..n).map(|k| Unit { block: k + 1, ..u }));
+                        let b = Arc::new(b);
+                        self.blocked.lock().unwrap_or_else(|e| e.into_inner()).insert(i, b.clone());
+                        if let Some(result) = self.pass_blocks(i, &b, u) {
+                            self.blocked.lock().unwrap_or_else(|e| e.into_inner()).remove(&i);
+                            drop(b);
+                            self.path_finished(i, result);
+                        }
                         return;
                     }
                     Err(e) => Err(e),
@@ -514,7 +518,7 @@ impl Run<'_> {
                 }
                 if opts.nar_listing && cache.file_size(&listing_rel(&info.path)).is_none() {
                     // Listing missing for a path that is otherwise there: list it from the store.
-                    let pass = self.hash_pass(info, true, u64::MAX)?;
+                    let pass = self.hash_pass(info, true, u64::MAX, &mut |_, _| {})?;
                     staged = side_files(cache, info, &narinfo.url, pass.listing.as_ref(), opts)?;
                 }
                 let outcome = if added { Outcome::Signed } else { Outcome::Skipped };
@@ -535,21 +539,26 @@ impl Run<'_> {
     }
 
     /// Reads the path's NAR once for its hash (checked against the database) and listing,
-    /// and for each `chunk`-byte range (each xz block's input) its hash, checked again when
-    /// the block is compressed, and where to resume writing it from.
-    fn hash_pass(&self, info: &PathInfo, listing: bool, chunk: u64) -> Result<HashPass, PushError> {
+    /// and the hash of each `chunk`-byte range (each xz block's input). `on_point(k, p)` is
+    /// called as soon as the pass knows where range `k + 1` can be written from.
+    fn hash_pass(
+        &self,
+        info: &PathInfo,
+        listing: bool,
+        chunk: u64,
+        on_point: &mut dyn FnMut(usize, &ResumePoint),
+    ) -> Result<HashPass, PushError> {
         let abs = self.store.store_dir.display(&info.path);
         let sink = BufWriter::with_capacity(NAR_BUFFER, HashingWriter::new(ChunkHasher::new(chunk)));
         let starts = (1..).map_while(|k: u64| k.checked_mul(chunk)).take_while(|&o| o < info.nar_size);
-        let mut marks = Marks::new(starts.collect());
+        let mut marks = Marks::new(starts.collect()).on_point(on_point);
         let (sink, listing) =
             dump_marked(&self.store.real_path(&info.path), sink, listing, Some(&mut marks))?;
+        marks.finish();
         let sink = sink.into_inner().map_err(|e| write_err(e.into_error()))?;
         let (chunks, nar_size, nar_hash) = sink.finish();
         check_hash(&abs, info, nar_hash, nar_size)?;
-        let mut resume = vec![ResumePoint::default()];
-        resume.extend(marks.finish());
-        Ok(HashPass { listing, nar_size, nar_hash, chunks: chunks.finish(), resume })
+        Ok(HashPass { listing, nar_size, nar_hash, chunks: chunks.finish() })
     }
 
     /// Compresses a path in one stream on this thread:
@@ -578,72 +587,102 @@ impl Run<'_> {
         self.publish_nar(info, tmp, outcome, (nar_size, nar_hash), (file_size, file_hash), listing.as_ref())
     }
 
-    /// Hashes a multi-block path and opens its output; its blocks are then queued.
-    fn start_blocks(&self, i: usize, params: xz::Params, outcome: Outcome) -> Result<Blocked, PushError> {
+    /// Opens the output of a path compressed a block per unit, with blocks cut from the
+    /// NarSize the store records (a different size fails the hash pass).
+    fn open_blocks(&self, i: usize, params: xz::Params, outcome: Outcome) -> Result<Blocked, PushError> {
         let info = &self.infos[i];
-        let want_listing = self.opts.nar_listing || self.opts.index_debug_info;
-        let HashPass { listing, nar_size, nar_hash, chunks, resume } =
-            self.hash_pass(info, want_listing, params.block_size())?;
         let mut tmp = self.cache.temp_file("nar", self.opts.compression.extension())?;
         let file = tmp.file().try_clone().map_err(write_err)?;
         let mut out = HashingWriter::new(BufWriter::with_capacity(FILE_BUFFER, ToCache(file)));
         out.write_all(&xz::stream_header()).map_err(write_err)?;
-        let ranges: Vec<_> = params.blocks(nar_size).collect();
+        let ranges: Vec<_> = params.blocks(info.nar_size).collect();
         let n = ranges.len();
+        let mut resume = vec![None; n];
+        resume[0] = Some(ResumePoint::default());
         Ok(Blocked {
             params,
             ranges,
             outcome,
-            nar: (nar_size, nar_hash),
-            block_hashes: chunks,
-            resume,
-            listing,
-            bar: self.progress.path(info.path.as_str(), nar_size),
+            bar: self.progress.path(info.path.as_str(), info.nar_size),
             state: Mutex::new(BlockedState {
                 tmp: Some(tmp),
                 out: Some(out),
                 waiting: (0..n).map(|_| None).collect(),
                 next: 0,
                 blocks: Vec::with_capacity(n),
-                left: n,
+                resume,
+                read: vec![None; n],
+                pass: None,
+                left: n + 1,
                 error: None,
             }),
         })
     }
 
+    /// Runs the hash pass of a path compressed a block per unit (unit `u`), queueing each
+    /// block as soon as the pass knows where it starts: the first at once, so other threads
+    /// compress while this one hashes. Returns the path's result if this was its last unit.
+    fn pass_blocks(&self, i: usize, b: &Blocked, u: Unit) -> Option<Result<Done, PushError>> {
+        let info = &self.infos[i];
+        let want_listing = self.opts.nar_listing || self.opts.index_debug_info;
+        self.queue.add([Unit { block: 1, ..u }]);
+        let mut queued = 1;
+        let mut queue_next = |k: usize, point: &ResumePoint| {
+            if let Some(slot) = b.state.lock().unwrap_or_else(|e| e.into_inner()).resume.get_mut(k + 1) {
+                *slot = Some(point.clone());
+                self.queue.add([Unit { block: k + 2, ..u }]);
+                queued += 1;
+            }
+        };
+        let pass = self.hash_pass(info, want_listing, b.params.block_size(), &mut queue_next);
+        let mut st = b.state.lock().unwrap_or_else(|e| e.into_inner());
+        match pass {
+            Ok(p) => st.pass = Some(p),
+            Err(e) => {
+                // What the pass found (a corrupt path) says more than a block's error.
+                st.error = Some(e);
+                st.left -= b.ranges.len() - queued;
+            }
+        }
+        st.left -= 1;
+        (st.left == 0).then(|| self.finish_blocks(info, b, &mut st))
+    }
+
     /// Compresses block `k` of path `i`, then appends every block that is next in order to
-    /// the output. Returns the path's result when this was its last block to finish.
+    /// the output. Returns the path's result when this was its last unit to finish.
     fn block(&self, i: usize, b: &Blocked, k: usize) -> Option<Result<Done, PushError>> {
         let info = &self.infos[i];
-        let failed = b.state.lock().unwrap_or_else(|e| e.into_inner()).error.is_some();
+        let (failed, resume) = {
+            let st = b.state.lock().unwrap_or_else(|e| e.into_inner());
+            (st.error.is_some(), st.resume[k].clone().expect("a block is queued once its start is known"))
+        };
         let compressed = if failed {
             None
         } else {
             let (offset, len) = b.ranges[k];
             let range = offset..offset + len;
-            // Never publish bytes other than the ones hashed.
-            let checked = |(spill, block, read): (SpillData, xz::Block, NixHash)| {
-                if block.uncompressed == len && b.block_hashes.get(k) == Some(&read) {
-                    Ok((spill, block))
-                } else {
-                    Err(PushError::Changed { path: self.store.store_dir.display(&info.path), block: k })
-                }
-            };
-            Some(self.compress_block(info, b, range.clone(), k, false).and_then(checked).and_then(
-                |(spill, block)| {
-                    if b.params.would_store(&block) {
-                        // As liblzma's multithreaded encoder: read the input again, stored.
-                        drop(spill);
-                        self.compress_block(info, b, range, k, true).and_then(checked)
-                    } else {
-                        Ok((spill, block))
+            let changed = || PushError::Changed { path: self.store.store_dir.display(&info.path), block: k };
+            Some(self.compress_block(info, b, range.clone(), &resume, false).and_then(
+                |(spill, block, read)| {
+                    if block.uncompressed != len {
+                        return Err(changed());
                     }
+                    if !b.params.would_store(&block) {
+                        return Ok((spill, block, read));
+                    }
+                    // As liblzma's multithreaded encoder: read the input again, stored.
+                    drop(spill);
+                    let (spill, block, again) = self.compress_block(info, b, range, &resume, true)?;
+                    if again == read { Ok((spill, block, read)) } else { Err(changed()) }
                 },
             ))
         };
         let mut st = b.state.lock().unwrap_or_else(|e| e.into_inner());
         match compressed {
-            Some(Ok(done)) => st.waiting[k] = Some(done),
+            Some(Ok((spill, block, read))) => {
+                st.waiting[k] = Some((spill, block));
+                st.read[k] = Some(read);
+            }
             Some(Err(e)) => {
                 st.error.get_or_insert(e);
             }
@@ -655,13 +694,7 @@ impl Run<'_> {
             st.error = Some(write_err(e));
         }
         st.left -= 1;
-        if st.left > 0 {
-            return None;
-        }
-        if let Some(e) = st.error.take() {
-            return Some(Err(e));
-        }
-        Some(self.finish_blocks(info, b, &mut st))
+        (st.left == 0).then(|| self.finish_blocks(info, b, &mut st))
     }
 
     /// Compresses (or, if `stored`, stores) one block's range of the NAR; returns it with
@@ -671,7 +704,7 @@ impl Run<'_> {
         info: &PathInfo,
         b: &Blocked,
         range: std::ops::Range<u64>,
-        k: usize,
+        resume: &ResumePoint,
         stored: bool,
     ) -> Result<(SpillData, xz::Block, NixHash), PushError> {
         let spill = Spill { cache: self.cache, data: SpillData::Memory(Vec::new()) };
@@ -684,22 +717,31 @@ impl Run<'_> {
         let uncounted = PathProgress::none();
         let bar = if stored { &uncounted } else { &b.bar };
         let nar = BufWriter::with_capacity(NAR_BUFFER, HashingWriter::new(ProgressWriter::new(encoder, bar)));
-        let resume = b.resume.get(k).cloned().unwrap_or_default();
-        let nar = dump_range_at(&self.store.real_path(&info.path), range, &resume, nar)?;
+        let nar = dump_range_at(&self.store.real_path(&info.path), range, resume, nar)?;
         let (shown, _, read) = nar.into_inner().map_err(|e| write_err(e.into_error()))?.finish();
         let (spill, block) = shown.into_inner().finish().map_err(write_err)?;
         Ok((spill.data, block, read))
     }
 
-    /// Ends the stream of a multi-block path and puts its NAR in place.
+    /// Once every unit of a path compressed a block per unit is done: checks that each
+    /// block read the bytes the hash pass hashed, ends the stream and puts its NAR in place.
     fn finish_blocks(&self, info: &PathInfo, b: &Blocked, st: &mut BlockedState) -> Result<Done, PushError> {
+        if let Some(e) = st.error.take() {
+            return Err(e);
+        }
+        let pass = st.pass.take().expect("the pass succeeded when nothing failed");
+        // Never publish bytes other than the ones hashed.
+        if let Some(k) = (0..b.ranges.len()).find(|&k| st.read[k].as_ref() != pass.chunks.get(k)) {
+            return Err(PushError::Changed { path: self.store.store_dir.display(&info.path), block: k });
+        }
         let mut out = st.out.take().expect("finished once");
         out.write_all(&xz::index_and_footer(&b.params, &st.blocks)).map_err(write_err)?;
         let (mut buffered, file_size, file_hash) = out.finish();
         buffered.flush().map_err(write_err)?;
         drop(buffered);
         let tmp = st.tmp.take().expect("finished once");
-        self.publish_nar(info, tmp, b.outcome, b.nar, (file_size, file_hash), b.listing.as_ref())
+        let nar = (pass.nar_size, pass.nar_hash);
+        self.publish_nar(info, tmp, b.outcome, nar, (file_size, file_hash), pass.listing.as_ref())
     }
 
     /// Moves a written NAR into place with its side files; returns the narinfo to publish.
@@ -808,8 +850,6 @@ struct HashPass {
     nar_hash: NixHash,
     /// The hash of each chunk (xz block input) of the NAR.
     chunks: Vec<NixHash>,
-    /// Where each chunk's bytes can be written from without walking what comes before.
-    resume: Vec<ResumePoint>,
 }
 
 /// A path whose xz blocks are compressed as separate units.
@@ -818,13 +858,6 @@ struct Blocked {
     /// (offset, length) in the NAR of each block.
     ranges: Vec<(u64, u64)>,
     outcome: Outcome,
-    /// NarSize and NarHash, from the hash pass.
-    nar: (u64, NixHash),
-    /// The hash of each block's input, from the hash pass.
-    block_hashes: Vec<NixHash>,
-    /// Where each block's input is resumed from, from the hash pass.
-    resume: Vec<ResumePoint>,
-    listing: Option<Entry>,
     bar: PathProgress,
     state: Mutex<BlockedState>,
 }
@@ -838,7 +871,13 @@ struct BlockedState {
     next: usize,
     /// Blocks appended, for the index.
     blocks: Vec<xz::Block>,
-    /// Blocks not yet finished.
+    /// Where each block's input is written from, once the hash pass has passed its start.
+    resume: Vec<Option<ResumePoint>>,
+    /// The hash of the input each block read.
+    read: Vec<Option<NixHash>>,
+    /// What the hash pass found, once it is done.
+    pass: Option<HashPass>,
+    /// Units not yet done: the blocks and the hash pass.
     left: usize,
     error: Option<PushError>,
 }

@@ -46,9 +46,10 @@ pub struct ResumePoint {
 }
 
 /// Records, while a NAR is written, the [`ResumePoint`] of each of a set of offsets: the
-/// last entry start at or before it. Memory: one chain of names per offset.
-#[derive(Debug)]
-pub struct Marks {
+/// last entry start at or before it. Memory: one chain of names per offset. A point is
+/// final, and handed to the callback, as soon as the NAR has passed its offset and a later
+/// entry starts (or the NAR ends), so work on a range can start before the pass is over.
+pub struct Marks<'a> {
     /// Increasing.
     offsets: Vec<u64>,
     /// Offsets before `next` are passed: their points are final.
@@ -57,20 +58,39 @@ pub struct Marks {
     current: ResumePoint,
     /// Names of the entries being written, outermost first.
     stack: Vec<Vec<u8>>,
+    on_point: Option<OnPoint<'a>>,
 }
 
-impl Marks {
+/// Told each offset's index and point as it becomes final.
+pub type OnPoint<'a> = &'a mut dyn FnMut(usize, &ResumePoint);
+
+impl<'a> Marks<'a> {
     pub fn new(offsets: Vec<u64>) -> Self {
         debug_assert!(offsets.windows(2).all(|w| w[0] < w[1]));
         let points = vec![ResumePoint::default(); offsets.len()];
-        Marks { offsets, next: 0, points, current: ResumePoint::default(), stack: Vec::new() }
+        Marks { offsets, next: 0, points, current: ResumePoint::default(), stack: Vec::new(), on_point: None }
+    }
+
+    /// Calls `f(k, point)` once for each offset `k`, as its point becomes final.
+    pub fn on_point(mut self, f: OnPoint<'a>) -> Self {
+        self.on_point = Some(f);
+        self
+    }
+
+    /// The point of the next offset is final.
+    fn settle(&mut self) {
+        let k = self.next;
+        self.points[k] = self.current.clone();
+        if let Some(f) = self.on_point.as_mut() {
+            f(k, &self.points[k]);
+        }
+        self.next += 1;
     }
 
     /// The entry `name` of the directory being written starts at `pos`.
     fn entry(&mut self, pos: u64, name: &[u8]) {
         while self.offsets.get(self.next).is_some_and(|&o| o < pos) {
-            self.points[self.next] = self.current.clone();
-            self.next += 1;
+            self.settle();
         }
         if self.next < self.offsets.len() {
             let mut chain = self.stack.clone();
@@ -79,10 +99,10 @@ impl Marks {
         }
     }
 
-    /// The point of each offset, in order.
+    /// The point of each offset, in order. Call once the whole NAR is written.
     pub fn finish(mut self) -> Vec<ResumePoint> {
-        for k in self.next..self.offsets.len() {
-            self.points[k] = self.current.clone();
+        while self.next < self.offsets.len() {
+            self.settle();
         }
         self.points
     }
@@ -104,7 +124,7 @@ pub fn dump_marked<W: Write>(
     path: &Path,
     w: W,
     listing: bool,
-    marks: Option<&mut Marks>,
+    marks: Option<&mut Marks<'_>>,
 ) -> Result<(W, Option<Entry>), DumpError> {
     let mut nar = NarWriter::new(w);
     let root = nar.root().map_err(at(path))?;
@@ -180,7 +200,7 @@ fn write_entries<'n, W: Write>(
     dir: &mut Directory<'_, W>,
     names: impl Iterator<Item = &'n OsString>,
     listing: bool,
-    mut marks: Option<&mut Marks>,
+    mut marks: Option<&mut Marks<'_>>,
 ) -> Result<Vec<(Vec<u8>, Entry)>, DumpError> {
     let mut entries = Vec::new();
     for name in names {
@@ -205,7 +225,7 @@ fn dump_node<W: Write>(
     path: &Path,
     node: Node<'_, W>,
     listing: bool,
-    marks: Option<&mut Marks>,
+    marks: Option<&mut Marks<'_>>,
 ) -> Result<Option<Entry>, DumpError> {
     let meta = fs::symlink_metadata(path).map_err(at(path))?;
     let ft = meta.file_type();
@@ -301,10 +321,13 @@ mod tests {
         let len = full.len() as u64;
         for step in [1, 7, 64, 333, 1000, 4096] {
             let offsets: Vec<u64> = (1..).map(|k| k * step).take_while(|&o| o < len).collect();
-            let mut marks = Marks::new(offsets.clone());
+            let mut told = Vec::new();
+            let mut tell = |k: usize, p: &ResumePoint| told.push((k, p.clone()));
+            let mut marks = Marks::new(offsets.clone()).on_point(&mut tell);
             let (again, _) = dump_marked(&root, Vec::new(), false, Some(&mut marks)).unwrap();
             assert_eq!(again, full);
             let points = marks.finish();
+            assert_eq!(told, points.iter().cloned().enumerate().collect::<Vec<_>>());
             assert_eq!(points.len(), offsets.len());
             for (o, p) in offsets.iter().zip(&points) {
                 assert!(p.pos <= *o, "{p:?} is after {o}");

@@ -156,6 +156,14 @@ fn linked_and_special_files_are_reported_replaced_and_never_followed() {
     assert!(outside.exists(), "gc deleted a link's target");
     assert!(fs::symlink_metadata(narinfo_file(&cache, dep)).is_err());
     assert!(!narinfo_file(&cache, tree).exists(), "its referrer lost a reference and must go");
+    // Nothing trusted names the dep's NAR, and it is young: kept through the grace period.
+    let dep_nar = format!(
+        "nar/{}",
+        fs::read_to_string(&outside).unwrap().split("URL: nar/").nth(1).unwrap().lines().next().unwrap()
+    );
+    assert_eq!(verify(&cache), (1, vec![(dep_nar.clone(), "unused-nar".into())]));
+    set_old(&cache.join(&dep_nar));
+    ok(nixcache().args(["gc", "--older-than", "1d", "--dest"]).arg(&cache));
     assert_eq!(verify(&cache), (0, vec![]));
 
     // A FIFO as nix-cache-info or as a narinfo hangs nothing.
@@ -378,6 +386,18 @@ fn a_cache_written_by_nix_keeps_its_nix_cache_info() {
     assert_eq!(after, "StoreDir: /nix/store\nPriority: 50\n");
 }
 
+/// The bytes of the regular files under `p`.
+fn walk_sizes(p: &Path) -> u64 {
+    let m = fs::symlink_metadata(p).unwrap();
+    if m.is_dir() {
+        fs::read_dir(p).unwrap().map(|e| walk_sizes(&e.unwrap().path())).sum()
+    } else if m.is_file() {
+        m.len()
+    } else {
+        0
+    }
+}
+
 #[test]
 fn a_path_that_changes_while_pushed_is_not_published() {
     // A fresh path, damaged during the push and deleted afterwards.
@@ -393,7 +413,8 @@ fn a_path_that_changes_while_pushed_is_not_published() {
     let _d = Delete(&big);
     let t = tmp();
     let cache = t.path().join("cache");
-    // One thread: the last block is read seconds after the first pass ends.
+    // One thread: the first pass, then the blocks in order; the last block is read seconds
+    // after the first pass ends.
     let child = nixcache()
         .args(["push", "-j", "1", "--dest"])
         .arg(&cache)
@@ -401,17 +422,19 @@ fn a_path_that_changes_while_pushed_is_not_published() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // The hash pass is over when the NAR's temporary file appears.
+    // The hash pass is over when the process has read every file byte of the path once.
+    let content: u64 = walk_sizes(Path::new(&big));
+    let io = format!("/proc/{}/io", child.id());
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let started = fs::read_dir(cache.join("nar"))
-            .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with(".nixcache-tmp-")))
-            .unwrap_or(false);
-        if started {
+        let rchar = fs::read_to_string(&io).ok().and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("rchar: ").map(|n| n.parse::<u64>().unwrap()))
+        });
+        if rchar.is_some_and(|r| r >= content) {
             break;
         }
-        assert!(Instant::now() < deadline, "the push never started its blocks");
-        std::thread::sleep(Duration::from_millis(5));
+        assert!(Instant::now() < deadline, "the push never finished its first pass");
+        std::thread::sleep(Duration::from_millis(2));
     }
     // Same size, other bytes, near the end of the NAR (e-xs is the last large file).
     let file = Path::new(&big).join("e-xs");
