@@ -9,6 +9,11 @@
 //! debug-info links of what went, and stale temporary files.
 //!
 //! Invariant afterwards: every remaining narinfo has its NAR and all its references.
+//!
+//! A writer that does not take our lock (`nix copy --to file://`, rsync, another machine on
+//! shared storage) writes a NAR before the narinfo that names it. So a NAR file no narinfo
+//! names, and a temporary file, go only once older than [`grace`] (the window, at least
+//! [`MIN_GRACE`]); a NAR named by a narinfo this run removes goes at once.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
@@ -33,6 +38,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => return Err(err()),
     };
     n.checked_mul(secs).map(Duration::from_secs).ok_or_else(err)
+}
+
+/// The least time a NAR file no narinfo names, or a temporary file, is kept: long enough for
+/// any writer to name the NAR it just wrote.
+pub const MIN_GRACE: Duration = Duration::from_secs(3600);
+
+/// How old an unnamed NAR or temporary file must be to go: the window, at least [`MIN_GRACE`].
+pub fn grace(older_than: Duration) -> Duration {
+    older_than.max(MIN_GRACE)
 }
 
 #[derive(Debug, Error)]
@@ -180,14 +194,28 @@ pub fn gc(
         }
     }
 
-    // NAR files that no remaining narinfo uses.
+    // NAR files that no remaining narinfo uses: those a removed narinfo named, and others
+    // once they are past the grace period (a writer may be about to name them).
+    let freed: HashSet<String> = doomed
+        .iter()
+        .filter_map(|h| index.entries[*h].narinfo.as_ref().ok())
+        .filter_map(|ni| ni.nar_file())
+        .collect();
+    let unnamed_cutoff = now.checked_sub(grace(older_than)).unwrap_or(SystemTime::UNIX_EPOCH);
+    let stale = |rel: &str| {
+        cache
+            .resolve(rel)
+            .and_then(|p| std::fs::symlink_metadata(p).ok())
+            .and_then(|m| m.modified().ok())
+            .is_some_and(|t| t < unnamed_cutoff)
+    };
     let used: HashSet<String> = live
         .iter()
         .filter_map(|h| index.entries[h].narinfo.as_ref().ok())
         .filter_map(|ni| ni.nar_file())
         .collect();
     for rel in cache.nar_files()? {
-        if !used.contains(&rel) {
+        if !used.contains(&rel) && (freed.contains(&rel) || stale(&rel)) {
             report.removals.push(Removal { bytes: size(&rel), file: rel, store_path: None, reason: None });
         }
     }
@@ -207,7 +235,9 @@ pub fn gc(
     }
     for p in cache.temp_files()? {
         let rel = p.strip_prefix(cache.dir()).unwrap_or(&p).display().to_string();
-        report.removals.push(Removal { bytes: size(&rel), file: rel, store_path: None, reason: None });
+        if stale(&rel) {
+            report.removals.push(Removal { bytes: size(&rel), file: rel, store_path: None, reason: None });
+        }
     }
     report.bytes_freed = report.removals.iter().map(|r| r.bytes).sum();
 

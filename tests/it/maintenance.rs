@@ -279,7 +279,11 @@ fn gc_removes_incomplete_closures_and_leftovers() {
     // Break edge-dep: its NAR goes. edge-tree, edge-symlink and the top then reference an
     // incomplete path; gc must remove them to keep its invariant.
     std::fs::remove_file(cache.join(narinfo(&cache, f.path("edge-dep")).url)).unwrap();
-    std::fs::write(cache.join("nar/.nixcache-tmp-9-9.nar.xz"), b"partial").unwrap();
+    // Left by a run killed two days ago (a younger one may belong to a writer at work).
+    let partial = cache.join("nar/.nixcache-tmp-9-9.nar.xz");
+    std::fs::write(&partial, b"partial").unwrap();
+    let two_days_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 86400);
+    std::fs::File::options().write(true).open(&partial).unwrap().set_modified(two_days_ago).unwrap();
     let out = nixcache().args(["gc", "--older-than", "1d", "--dest"]).arg(&cache).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     for gone in ["edge-dep", "edge-tree", "edge-symlink", "edge-top"] {
@@ -347,4 +351,46 @@ fn listings_and_debug_info_match_nix() {
     std::fs::remove_file(ours.join(format!("{}.ls", hash_part(f.path("edge-tree"))))).unwrap();
     push(&ours, &["--nar-listing"], &[&f.top]);
     assert!(ours.join(format!("{}.ls", hash_part(f.path("edge-tree")))).exists());
+}
+
+#[test]
+fn gc_never_deletes_what_a_writer_without_our_lock_is_writing() {
+    // nix copy takes no lock: it writes a NAR (under a temporary name, then renamed), then
+    // the narinfo that names it. gc running all the while must leave both alone.
+    let t = tmp();
+    let cache = t.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    let salt = format!("{}-{:?}", std::process::id(), std::time::SystemTime::now());
+    let expr = format!(
+        r#"builtins.genList (i: builtins.toFile "race-${{toString i}}" (builtins.concatStringsSep "" (builtins.genList (j: "{salt} line ${{toString j}} of ${{toString i}}\n") 40000))) 20"#
+    );
+    let out =
+        ok(nix_cmd("nix-instantiate").args(["--eval", "--strict", "--read-write-mode", "--expr", &expr]));
+    let paths: Vec<&str> = out.split('"').filter(|s| s.starts_with("/nix/store/")).collect();
+    assert_eq!(paths.len(), 20, "{out}");
+    let url = format!("file://{}?compression=zstd", cache.display());
+    let mut gcs = 0;
+    for (round, p) in paths.iter().enumerate() {
+        let mut copy = nix_cmd("nix")
+            .args(["copy", "--to", &url, p])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        while copy.try_wait().unwrap().is_none() {
+            ok(nixcache().args(["gc", "-q", "--older-than", "1h", "--dest"]).arg(&cache));
+            gcs += 1;
+        }
+        let copied = copy.wait_with_output().unwrap();
+        assert!(copied.status.success(), "round {round}: nix copy failed: {}", stderr(&copied));
+        assert_eq!(problems(&verify(&cache, &[]).1), vec![], "round {round}");
+        let ni = cache.join(format!("{}.narinfo", hash_part(p)));
+        assert!(
+            ni.exists(),
+            "round {round}: gc removed the NAR nix copy had just written, so its narinfo went too"
+        );
+    }
+    assert!(gcs >= 20, "gc ran {gcs} times: the rounds did not overlap");
+    // Every path restores from what the race left.
+    let root = t.path().join("root");
+    ok(nix_cmd("nix").args(["copy", "--from", &url, "--to"]).arg(&root).args(&paths));
 }
