@@ -13,7 +13,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::fs::File;
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use thiserror::Error;
@@ -143,6 +143,20 @@ pub enum PushError {
     Sync(#[source] Arc<CacheError>),
     #[error("not published because its reference {dependency} failed")]
     Dependency { dependency: StorePath },
+}
+
+impl PushError {
+    /// Whether the cache's filesystem was full (or over quota).
+    pub fn is_cache_full(&self) -> bool {
+        let full =
+            |e: &io::Error| matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded);
+        match self {
+            PushError::CacheFull(_) => true,
+            PushError::Cache(CacheError::Io { source, .. }) => full(source),
+            PushError::Sync(e) => matches!(&**e, CacheError::Io { source, .. } if full(source)),
+            _ => false,
+        }
+    }
 }
 
 /// What happened to one path.
@@ -386,6 +400,7 @@ pub fn push(
         xz: (opts.compression == Compression::Xz).then(|| xz::Params::new(opts.level as u32).ok()).flatten(),
         blocked: Mutex::new(HashMap::new()),
         finished: AtomicUsize::new(0),
+        said_full: AtomicBool::new(false),
     };
     let worker = || {
         while let Some(unit) = run.queue.next() {
@@ -424,6 +439,8 @@ struct Run<'a> {
     /// Paths whose xz blocks are being compressed, by index.
     blocked: Mutex<HashMap<usize, Arc<Blocked>>>,
     finished: AtomicUsize,
+    /// A path failed on a full cache disk and that was said.
+    said_full: AtomicBool,
 }
 
 /// What a path needs, decided from what the cache already has.
@@ -475,11 +492,14 @@ impl Run<'_> {
             Err(e) => vec![(i, e)],
         };
         for (k, e) in failed {
-            self.progress.warn(&format!(
-                "error: {}: {}",
-                self.store.store_dir.display(&self.infos[k].path),
-                crate::error_chain(&e)
-            ));
+            // A full disk is said once; the summary says how much space is missing.
+            if !e.is_cache_full() || !self.said_full.swap(true, Ordering::Relaxed) {
+                self.progress.warn(&format!(
+                    "error: {}: {}",
+                    self.store.store_dir.display(&self.infos[k].path),
+                    crate::error_chain(&e)
+                ));
+            }
             self.publisher.fail(k, e);
         }
         let d = self.finished.fetch_add(1, Ordering::Relaxed) + 1;

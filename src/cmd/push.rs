@@ -104,6 +104,23 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
                 crate::elog!("error: {}: {}", store.store_dir().display(p), crate::error_chain(e));
             }
         }
+        let full = report.failed.iter().filter(|(_, e)| e.is_cache_full()).count();
+        if full > 0 {
+            // What is left to write, at the compression ratio of what was written.
+            let sizes: std::collections::HashMap<_, _> =
+                infos.iter().map(|i| (&i.path, i.nar_size)).collect();
+            let left: u64 = report.failed.iter().filter_map(|(p, _)| sizes.get(p)).sum();
+            let ratio =
+                if report.nar_bytes > 0 { report.file_bytes as f64 / report.nar_bytes as f64 } else { 1.0 };
+            crate::elog!(
+                "error: the cache's filesystem is full ({} paths could not be written to {}); about {} more free space is needed ({} of NAR left, at the {:.0}% ratio of this run): free space there, then push again",
+                full,
+                args.dest.display(),
+                progress::bytes((left as f64 * ratio) as u64),
+                progress::bytes(left),
+                ratio * 100.0
+            );
+        }
         crate::elog!(
             "error: {} of {} paths were not published; the cache is consistent, fix the errors above and push again",
             report.failed.len(),

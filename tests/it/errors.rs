@@ -227,3 +227,31 @@ fn failed_output_never_panics() {
     ok(nixcache().args(["verify", "--trusted-public-key", PUBLIC, "--dest"]).arg(&cache));
     restore(&file_url(&cache), &t.path().join("root"), &[&f.top]);
 }
+
+#[test]
+fn a_full_cache_disk_is_said_once_with_the_space_needed() {
+    // Three 4 MB paths and the fixtures into 512 KiB: several paths fail on the full disk.
+    let top = build_fixtures_with("full-disk", 3);
+    let t = tmp();
+    let cache = t.path().join("small");
+    std::fs::create_dir(&cache).unwrap();
+    ok(Command::new("mount").args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"]).arg(&cache));
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _u = Unmount(&cache);
+    let out = fails(nixcache().args(["push", "-c", "none", "-j", "1", "--dest"]).arg(&cache).arg(&top));
+    let e = failed_cleanly(&out);
+    let per_path = e.lines().filter(|l| l.contains("No space left on device")).count();
+    assert_eq!(per_path, 1, "one line for the full disk, not one per path:\n{e}");
+    let summary =
+        e.lines().find(|l| l.contains("more free space is needed")).unwrap_or_else(|| panic!("{e}"));
+    // The three 4 MB paths and edge-tree did not fit; at least 12 MB (uncompressed) is left.
+    assert!(summary.contains("4 paths could not be written"), "{summary}");
+    let needed: f64 = summary.split("about ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(summary.contains(" MiB more free space is needed") && needed >= 11.4, "{summary}");
+    assert_consistent(&cache);
+}
