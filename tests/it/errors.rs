@@ -255,3 +255,30 @@ fn a_full_cache_disk_is_said_once_with_the_space_needed() {
     assert!(summary.contains(" MiB more free space is needed") && needed >= 11.4, "{summary}");
     assert_consistent(&cache);
 }
+
+#[test]
+fn fault_sweep_sampled() {
+    // scripts/faults, sampled and time-bounded: ENOSPC and EIO at calls of write, pwrite64,
+    // fsync, rename, openat, mkdir and flock of push (empty and half-full cache), sign and gc.
+    // Nix must be there: this panics when it is not.
+    let _ = nix_cmd("nix-store");
+    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/faults"))
+        .args([
+            "--sample",
+            "3",
+            "--seconds",
+            "150",
+            "--restore-every",
+            "5",
+            "--nixcache",
+            env!("CARGO_BIN_EXE_nixcache"),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    let total = text.lines().find(|l| l.starts_with("TOTAL: ")).unwrap_or_else(|| panic!("{text}"));
+    let points: usize = total["TOTAL: ".len()..].split(' ').next().unwrap().parse().unwrap();
+    assert!(points >= 50, "too few points ran: {total}");
+    assert!(total.ends_with(" 0 broken, 0 panics"), "{text}");
+}
