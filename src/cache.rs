@@ -408,7 +408,9 @@ impl Cache {
     /// Sets a file's modification time to now: the record of when a push last included a
     /// path, which `gc` reads. Only a regular file's.
     pub fn touch(&self, rel: &str) -> Result<(), CacheError> {
-        let path = self.resolve(rel).unwrap_or_else(|| self.path(rel));
+        let Some(path) = self.resolve(rel) else {
+            return Err(io_err("open", &self.path(rel))(io::ErrorKind::NotFound.into()));
+        };
         let f = match open_regular(&path, File::options().write(true)) {
             Ok(Some(f)) => f,
             Ok(None) => return Err(io_err("open", &path)(io::ErrorKind::NotFound.into())),

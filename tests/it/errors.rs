@@ -158,6 +158,21 @@ fn unreadable_file_is_named() {
     assert_consistent(&cache);
 }
 
+/// Unmounts on drop.
+struct Unmount<'a>(&'a Path);
+
+impl Drop for Unmount<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0).status();
+    }
+}
+
+/// Mounts a tmpfs of `size` on the directory `dir` until the guard is dropped.
+fn small_disk<'a>(dir: &'a Path, size: &str) -> Unmount<'a> {
+    ok(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir));
+    Unmount(dir)
+}
+
 #[test]
 fn full_disk_fails_cleanly() {
     let f = fixtures();
@@ -165,14 +180,7 @@ fn full_disk_fails_cleanly() {
     let cache = t.path().join("small");
     std::fs::create_dir(&cache).unwrap();
     // A 256 KiB filesystem: the fixtures' 1.3 MB of NARs cannot fit uncompressed.
-    ok(Command::new("mount").args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"]).arg(&cache));
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _u = Unmount(&cache);
+    let _u = small_disk(&cache, "256k");
     let out = fails(nixcache().args(["push", "-c", "none", "--dest"]).arg(&cache).arg(&f.top));
     let e = failed_cleanly(&out);
     assert!(e.contains("No space left on device"), "{e}");
@@ -235,14 +243,7 @@ fn a_full_cache_disk_is_said_once_with_the_space_needed() {
     let t = tmp();
     let cache = t.path().join("small");
     std::fs::create_dir(&cache).unwrap();
-    ok(Command::new("mount").args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"]).arg(&cache));
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _u = Unmount(&cache);
+    let _u = small_disk(&cache, "512k");
     let out = fails(nixcache().args(["push", "-c", "none", "-j", "1", "--dest"]).arg(&cache).arg(&top));
     let e = failed_cleanly(&out);
     let per_path = e.lines().filter(|l| l.contains("No space left on device")).count();

@@ -51,6 +51,15 @@ fn narinfo_file(cache: &Path, path: &str) -> std::path::PathBuf {
     cache.join(format!("{}.narinfo", hash_part(path)))
 }
 
+/// A narinfo's text with its References line emptied, everything else as it was.
+fn without_references(narinfo: &str) -> String {
+    narinfo
+        .lines()
+        .map(|l| if l.starts_with("References: ") { "References: " } else { l })
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
 fn set_old(path: &Path) {
     let old = SystemTime::now() - Duration::from_secs(30 * 86400);
     fs::File::options().write(true).open(path).unwrap().set_modified(old).unwrap();
@@ -222,11 +231,7 @@ fn push_rewrites_a_narinfo_that_disagrees_with_the_store_instead_of_signing_it()
     let file = narinfo_file(&cache, tree);
     let good = fs::read_to_string(&file).unwrap();
     // References emptied, everything else intact and unsigned.
-    let tampered: String = good
-        .lines()
-        .map(|l| if l.starts_with("References: ") { "References: " } else { l })
-        .map(|l| format!("{l}\n"))
-        .collect();
+    let tampered = without_references(&good);
     assert_ne!(tampered, good);
     fs::write(&file, &tampered).unwrap();
     let out = nixcache()
@@ -265,11 +270,7 @@ fn sign_signs_only_what_the_cache_proves() {
     // A misnamed narinfo holding the tree's narinfo with its References emptied.
     let misnamed = cache.join(format!("{}.narinfo", "2".repeat(32)));
     let tree_good = fs::read_to_string(narinfo_file(&cache, tree)).unwrap();
-    let tree_bad: String = tree_good
-        .lines()
-        .map(|l| if l.starts_with("References: ") { "References: " } else { l })
-        .map(|l| format!("{l}\n"))
-        .collect();
+    let tree_bad = without_references(&tree_good);
     assert_ne!(tree_bad, tree_good);
     fs::write(&misnamed, &tree_bad).unwrap();
     let out = fails(nixcache().args(["sign", "-k", SECRET, "--dest"]).arg(&cache));
