@@ -26,7 +26,7 @@
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -134,6 +134,28 @@ fn read_text(path: &Path, limit: u64) -> Result<Option<String>, FileProblem> {
         return Err(FileProblem::TooLarge { size: buf.len() as u64, limit });
     }
     String::from_utf8(buf).map(Some).map_err(|_| FileProblem::NotText)
+}
+
+/// Cache files a web server must read whatever the pusher's umask: `open` and `mkdir` take
+/// the umask off, `chmod` does not.
+const FILE_MODE: u32 = 0o644;
+const DIR_MODE: u32 = 0o755;
+
+/// Creates the directory `p` (and its parents) when missing; one this call creates is
+/// 0755. An existing one keeps its mode: it is the admin's.
+fn make_dir(p: &Path) -> Result<(), CacheError> {
+    if !p.exists() {
+        match fs::create_dir_all(p) {
+            Ok(()) => fs::set_permissions(p, fs::Permissions::from_mode(DIR_MODE))
+                .map_err(io_err("set the mode of", p))?,
+            Err(_) if p.exists() => {}
+            Err(e) => return Err(io_err("create directory", p)(e)),
+        }
+    }
+    if !p.is_dir() {
+        return Err(CacheError::NotADirectory { path: p.to_owned() });
+    }
+    Ok(())
 }
 
 /// The subdirectories of `dir` that exist but are not real directories, with what they are.
@@ -255,17 +277,19 @@ impl Cache {
             return Err(CacheError::NotADirectory { path: dir.to_owned() });
         }
         for sub in ["", "nar", "log", "realisations"] {
-            let p = dir.join(sub);
-            match fs::create_dir_all(&p) {
-                Ok(()) => {}
-                Err(_) if p.exists() => {}
-                Err(e) => return Err(io_err("create directory", &p)(e)),
-            }
-            if !p.is_dir() {
-                return Err(CacheError::NotADirectory { path: p });
-            }
+            make_dir(&dir.join(sub))?;
         }
         Self::open(dir)
+    }
+
+    /// Creates the subdirectory `sub` (`debuginfo`) when missing.
+    pub fn create_subdir(&mut self, sub: &'static str) -> Result<(), CacheError> {
+        make_dir(&self.dir.join(sub))?;
+        self.bad_dirs = bad_subdirs(&self.dir);
+        match self.bad_dirs.iter().find(|(b, _)| *b == sub) {
+            Some((_, kind)) => Err(CacheError::NotARealDirectory { path: self.dir.join(sub), kind }),
+            None => Ok(()),
+        }
     }
 
     /// Opens an existing cache for writing. Refuses one whose subdirectories are links or
@@ -308,6 +332,10 @@ impl Cache {
         let f = open_regular(&path, opts.create(true).truncate(false).write(true))
             .map_err(|source| CacheError::BadFile { path: path.clone(), source })?
             .ok_or_else(|| io_err("open lock file", &path)(io::ErrorKind::NotFound.into()))?;
+        // Readers (verify, as another user) take it shared: readable by all.
+        if f.metadata().is_ok_and(|m| m.permissions().mode() & 0o777 != FILE_MODE) {
+            let _ = f.set_permissions(fs::Permissions::from_mode(FILE_MODE));
+        }
         acquire(&f, &path, false, on_wait)?;
         self.lock = Some(f);
         Ok(())
@@ -426,7 +454,13 @@ impl Cache {
         let path = self.dir.join(sub).join(name);
         let file =
             OpenOptions::new().write(true).create_new(true).open(&path).map_err(io_err("create", &path))?;
-        Ok(TempFile { path, file: Some(file), persisted: false })
+        let tmp = TempFile { path, file: Some(file), persisted: false };
+        tmp.file
+            .as_ref()
+            .expect("just opened")
+            .set_permissions(fs::Permissions::from_mode(FILE_MODE))
+            .map_err(io_err("set the mode of", &tmp.path))?;
+        Ok(tmp)
     }
 
     /// A file without a name in the cache subdirectory `sub`, gone when closed: scratch space

@@ -81,6 +81,26 @@ fn parse_jobs(s: &str) -> Result<NonZeroUsize, String> {
     }
 }
 
+/// Parses `--dest`: a directory, or a `file://` URL of one (the `nix copy --to` habit). Other
+/// schemes and URL parameters get a sentence.
+pub fn parse_dest(s: &str) -> Result<PathBuf, String> {
+    let Some((scheme, rest)) = s.split_once("://") else { return Ok(PathBuf::from(s)) };
+    match scheme {
+        "file" if rest.contains('?') => Err(format!(
+            "{s:?}: nixcache reads no settings from the URL; use its flags (-c/--compression, --priority, ...) and --dest file://{}",
+            rest.split('?').next().unwrap_or_default()
+        )),
+        "file" if rest.is_empty() => Err("file:// needs a directory: file:///var/cache/nix".into()),
+        "file" => Ok(PathBuf::from(rest)),
+        "http" | "https" => Err(format!(
+            "{s:?} is a URL to read a cache from; nixcache writes the directory a web server serves: give that directory"
+        )),
+        _ => Err(format!(
+            "{s:?}: nixcache writes a cache directory (or file:///dir); {scheme}:// is not supported"
+        )),
+    }
+}
+
 /// Where store paths and their metadata come from.
 #[derive(Debug, Args)]
 pub struct StoreArgs {
@@ -113,7 +133,7 @@ impl StoreArgs {
 #[derive(Debug, Args)]
 pub struct PushArgs {
     /// The cache directory; created if missing.
-    #[arg(long, short = 'd', value_name = "DIR")]
+    #[arg(long, short = 'd', value_name = "DIR", value_parser = parse_dest)]
     pub dest: PathBuf,
     /// Store paths, or symlinks into the store such as ./result. Their closures are pushed.
     #[arg(value_name = "PATH")]
@@ -127,6 +147,22 @@ pub struct PushArgs {
     /// How to compress NARs.
     #[arg(long, short = 'c', value_enum, default_value_t = Compression::Xz)]
     pub compression: Compression,
+    /// nix-push's --bzip2: the same as -c bzip2.
+    #[arg(long, hide = true, conflicts_with_all = ["compression", "none"])]
+    pub bzip2: bool,
+    /// nix-push's --none: the same as -c none.
+    #[arg(long, hide = true, conflicts_with = "compression")]
+    pub none: bool,
+    /// nix-push options nixcache has no use for: each gets a sentence (see PushArgs::check).
+    #[arg(long, hide = true)]
+    pub link: bool,
+    #[arg(long, hide = true)]
+    pub manifest: bool,
+    #[arg(long, hide = true, value_name = "URL")]
+    pub url_prefix: Option<String>,
+    /// `nix copy --to` habit: see PushArgs::check.
+    #[arg(long, hide = true, value_name = "DEST")]
+    pub to: Option<String>,
     /// Compression level [default: xz 6, bzip2 9, zstd 3].
     #[arg(long, value_name = "N", allow_negative_numbers = false)]
     pub compression_level: Option<i32>,
@@ -164,6 +200,34 @@ pub struct PushArgs {
 }
 
 impl PushArgs {
+    /// The compression, nix-push's --bzip2 and --none included.
+    pub fn compression(&self) -> Compression {
+        if self.bzip2 {
+            Compression::Bzip2
+        } else if self.none {
+            Compression::None
+        } else {
+            self.compression
+        }
+    }
+
+    /// Options from nix-push and nix copy that nixcache does not take: a usage error with
+    /// a sentence saying what replaces them.
+    pub fn check(&self) -> Result<(), clap::Error> {
+        let why = if self.link {
+            "--link is nix-push's: nixcache copies NARs into the cache and never links store files; leave it out"
+        } else if self.manifest {
+            "--manifest is nix-push's: binary caches use narinfo files, not manifests, since Nix 1.x; leave it out"
+        } else if self.url_prefix.is_some() {
+            "--url-prefix is nix-push's: NAR URLs are relative (nar/...), so the cache can be served from any URL; leave it out"
+        } else if self.to.is_some() {
+            "the cache is --dest DIR (or --dest file:///DIR), not --to"
+        } else {
+            return Ok(());
+        };
+        Err(Cli::command().error(clap::error::ErrorKind::ArgumentConflict, why))
+    }
+
     /// The WantMassQuery the user asked for, if any.
     pub fn want_mass_query(&self) -> Option<bool> {
         match (self.want_mass_query, self.no_want_mass_query) {
@@ -187,7 +251,7 @@ pub struct KeygenArgs {
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
     /// The cache directory.
-    #[arg(long, short = 'd', value_name = "DIR")]
+    #[arg(long, short = 'd', value_name = "DIR", value_parser = parse_dest)]
     pub dest: PathBuf,
     /// Require a valid signature by one of these keys (NAME:BASE64, as in
     /// trusted-public-keys; or a file holding one); repeatable.
@@ -207,7 +271,7 @@ pub struct VerifyArgs {
 #[derive(Debug, Args)]
 pub struct SignArgs {
     /// The cache directory.
-    #[arg(long, short = 'd', value_name = "DIR")]
+    #[arg(long, short = 'd', value_name = "DIR", value_parser = parse_dest)]
     pub dest: PathBuf,
     /// The secret key file to sign with.
     #[arg(long = "secret-key", visible_alias = "key-file", short = 'k', value_name = "FILE")]
@@ -228,7 +292,7 @@ pub struct SignArgs {
 #[derive(Debug, Args)]
 pub struct GcArgs {
     /// The cache directory.
-    #[arg(long, short = 'd', value_name = "DIR")]
+    #[arg(long, short = 'd', value_name = "DIR", value_parser = parse_dest)]
     pub dest: PathBuf,
     /// Keep paths a push named or walked within this long: 90s, 30m, 36h, 14d, 2w.
     #[arg(long, value_name = "DURATION", value_parser = crate::gc::parse_duration)]

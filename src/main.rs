@@ -10,7 +10,10 @@ use nixcache::cmd;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
-        Command::Push(a) => cmd::push::run(a),
+        Command::Push(a) => match a.check() {
+            Ok(()) => cmd::push::run(a),
+            Err(e) => e.exit(),
+        },
         Command::Keygen(a) => cmd::keygen::run(a).map(|()| true),
         Command::Sign(a) => cmd::sign::run(a),
         Command::Gc(a) => cmd::gc::run(a),

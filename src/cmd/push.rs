@@ -21,7 +21,7 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     let started = Instant::now();
     let keys =
         args.secret_keys.iter().map(|p| super::read_secret_key(p)).collect::<anyhow::Result<Vec<_>>>()?;
-    let level = args.compression.level(args.compression_level)?;
+    let level = args.compression().level(args.compression_level)?;
     let jobs = args
         .jobs
         .map(usize::from)
@@ -63,11 +63,10 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     let total: u64 = infos.iter().map(|i| i.nar_size).sum();
     let progress = Progress::new(mode, "pushing", infos.len(), total);
     if args.index_debug_info {
-        std::fs::create_dir_all(cache.path("debuginfo"))
-            .with_context(|| format!("cannot create {}", cache.path("debuginfo").display()))?;
+        cache.create_subdir("debuginfo")?;
     }
     let opts = PushOptions {
-        compression: args.compression,
+        compression: args.compression(),
         level,
         jobs,
         force: args.force,
@@ -94,7 +93,7 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
             report.failed.len(),
             progress::bytes(report.nar_bytes),
             progress::bytes(report.file_bytes),
-            args.compression,
+            args.compression(),
             started.elapsed().as_secs_f64(),
         );
     }

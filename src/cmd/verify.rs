@@ -54,6 +54,7 @@ pub fn run(args: &VerifyArgs) -> ExitCode {
             "ok": ok,
             "narinfos": report.narinfos,
             "narBytes": report.nar_bytes,
+            "signaturesChecked": !args.trusted_public_keys.is_empty(),
             "problems": report.problems,
         });
         crate::outln!("{value:#}");
@@ -63,13 +64,18 @@ pub fn run(args: &VerifyArgs) -> ExitCode {
         }
         if !args.quiet {
             crate::elog!(
-                "{} narinfos, {} of NAR checked: {}",
+                "{} narinfos, {} of NAR checked: {}{}",
                 report.narinfos,
                 crate::progress::bytes(report.nar_bytes),
                 if report.problems.is_empty() {
                     "no problems".to_owned()
                 } else {
                     format!("{} problems", report.problems.len())
+                },
+                if args.trusted_public_keys.is_empty() {
+                    "; signatures were not checked (give --trusted-public-key NAME:KEY to check them)"
+                } else {
+                    ""
                 }
             );
         }

@@ -6,6 +6,7 @@
 
 mod errors;
 mod examples;
+mod habits;
 mod helpers;
 mod http;
 mod keys;

@@ -1,0 +1,103 @@
+//! The command line a Nix user already knows, and a cache a web server can read.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+use crate::helpers::*;
+
+#[test]
+fn file_urls_and_nix_push_flags() {
+    let f = fixtures();
+    let tree = f.path("edge-tree");
+    let t = tmp();
+    let dir = t.path().join("cache");
+    let url = format!("file://{}", dir.display());
+    // --dest file:///dir is the directory, for every command.
+    ok(nixcache().current_dir(t.path()).args(["push", "-q", "-k", SECRET, "--dest", &url, tree]));
+    assert!(dir.join("nix-cache-info").exists());
+    assert!(!t.path().join("file:").exists(), "made ./file: instead of using the URL's directory");
+    ok(nixcache().args(["verify", "-q", "--trusted-public-key", PUBLIC, "--dest", &url]));
+    ok(nixcache().args(["sign", "-q", "-k", SECRET, "--dest", &url]));
+    ok(nixcache().args(["gc", "-q", "--older-than", "1d", "--dest", &url]));
+    restore(&url, &t.path().join("root"), &[tree]);
+    // Other schemes and URL settings: one sentence, exit 2, nothing made.
+    for (dest, says) in [
+        ("s3://bucket/prefix", "s3:// is not supported"),
+        ("https://cache.example.org", "give that directory"),
+        ("file:///tmp/x?compression=zstd", "reads no settings from the URL"),
+    ] {
+        let out = fails(nixcache().args(["push", "--dest", dest, tree]));
+        assert_eq!(out.status.code(), Some(2), "{dest}");
+        assert!(stderr(&out).contains(says), "{dest}: {}", stderr(&out));
+    }
+    // nix-push's --bzip2 and --none are -c bzip2 and -c none.
+    for (flag, compression) in [("--bzip2", "bzip2"), ("--none", "none")] {
+        let d = t.path().join(flag.trim_start_matches('-'));
+        ok(nixcache().args(["push", "-q", flag, "-k", SECRET, "--dest"]).arg(&d).arg(tree));
+        assert_eq!(narinfo(&d, tree).compression, compression);
+        restore(&file_url(&d), &t.path().join(format!("root-{compression}")), &[tree]);
+    }
+    // nix-push options with no use here, and nix copy's --to: a sentence each, exit 2.
+    let gone = t.path().join("gone");
+    for (args, says) in [
+        (vec!["--link"], "--link is nix-push's"),
+        (vec!["--manifest"], "--manifest is nix-push's"),
+        (vec!["--url-prefix", "http://x/"], "--url-prefix is nix-push's"),
+        (vec!["--to", "/tmp/elsewhere"], "the cache is --dest DIR"),
+    ] {
+        let out = fails(nixcache().arg("push").args(&args).arg("--dest").arg(&gone).arg(tree));
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+        assert!(!gone.exists(), "{args:?} made the cache");
+    }
+}
+
+#[test]
+fn a_cache_pushed_under_umask_077_is_readable_by_the_web_server() {
+    let f = fixtures();
+    let t = tmp();
+    let cache = t.path().join("cache");
+    let bin = env!("CARGO_BIN_EXE_nixcache");
+    let script = format!(
+        "umask 077 && exec {bin} push -q --nar-listing --index-debug-info -k {SECRET} --dest {} {}",
+        cache.display(),
+        f.top
+    );
+    ok(Command::new("sh").args(["-c", &script]).env("NIX_CONFIG", "experimental-features = nix-command"));
+    let script = format!("umask 077 && exec {bin} sign -q -k {SECRET} --dest {}", cache.display());
+    ok(Command::new("sh").args(["-c", &script]));
+    let mut seen = (0, 0);
+    let mut walk = vec![cache.clone()];
+    while let Some(d) = walk.pop() {
+        let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o755, "{}", d.display());
+        seen.0 += 1;
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                walk.push(p);
+            } else {
+                assert_eq!(m.permissions().mode() & 0o777, 0o644, "{}", p.display());
+                seen.1 += 1;
+            }
+        }
+    }
+    assert!(seen.0 >= 5 && seen.1 > 15, "{seen:?}");
+}
+
+#[test]
+fn verify_says_when_signatures_were_not_checked() {
+    let f = fixtures();
+    let t = tmp();
+    let cache = t.path().join("cache");
+    ok(nixcache().args(["push", "-q", "--dest"]).arg(&cache).arg(f.path("edge-dep")));
+    let out = nixcache().args(["verify", "--dest"]).arg(&cache).output().unwrap();
+    assert!(out.status.success());
+    assert!(stderr(&out).contains("signatures were not checked"), "{}", stderr(&out));
+    let out =
+        nixcache().args(["verify", "--trusted-public-key", PUBLIC, "--dest"]).arg(&cache).output().unwrap();
+    assert!(!stderr(&out).contains("signatures were not checked"), "{}", stderr(&out));
+    let json = ok(nixcache().args(["verify", "--json", "--dest"]).arg(&cache));
+    assert!(json.contains("\"signaturesChecked\": false"), "{json}");
+}
