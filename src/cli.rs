@@ -175,6 +175,10 @@ pub struct PushArgs {
     /// Rewrite narinfos and NARs that already exist.
     #[arg(long)]
     pub force: bool,
+    /// Check the NAR of every path already in the cache (decompress it, compare NarSize and
+    /// NarHash, FileSize and FileHash) and rewrite those that are wrong: what `verify` names.
+    #[arg(long, conflicts_with = "force")]
+    pub repair: bool,
     /// Write <hashpart>.ls NAR listings, as Nix's write-nar-listing=true.
     #[arg(long)]
     pub nar_listing: bool,

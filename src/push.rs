@@ -113,6 +113,8 @@ pub struct PushOptions {
     pub jobs: usize,
     /// Rewrite narinfos and NARs that are already there.
     pub force: bool,
+    /// Check the NARs already there, and rewrite those that are wrong.
+    pub repair: bool,
     pub keys: Vec<SecretKey>,
     /// Write `<hashpart>.ls` NAR listings.
     pub nar_listing: bool,
@@ -527,7 +529,9 @@ impl Run<'_> {
             _ => None,
         };
         Ok(match found {
-            Some(ni) if !opts.force && cache.has_nar(&ni) => {
+            Some(ni)
+                if !opts.force && cache.has_nar(&ni) && !(opts.repair && self.nar_is_wrong(&abs, &ni)) =>
+            {
                 let mut narinfo = *ni;
                 let mut added = false;
                 let mut staged = Vec::new();
@@ -550,6 +554,17 @@ impl Run<'_> {
             _ if existed && !opts.force => Plan::Write(Outcome::Repaired),
             _ => Plan::Write(Outcome::Pushed),
         })
+    }
+
+    /// With `--repair`: whether the NAR a narinfo names is not what the narinfo says (read and
+    /// decompressed in full). Says what is wrong.
+    fn nar_is_wrong(&self, abs: &str, ni: &NarInfo) -> bool {
+        let mut wrong = Vec::new();
+        crate::verify::check_nar(self.cache, ni, true, &mut |_, m| wrong.push(m));
+        if !wrong.is_empty() {
+            self.progress.warn(&format!("warning: {abs}: {}; rewriting it", wrong.join("; ")));
+        }
+        !wrong.is_empty()
     }
 
     /// The xz parameters of a path whose NAR is compressed a block per unit: one of several

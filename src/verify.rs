@@ -149,7 +149,10 @@ fn check_one(
         }
     };
     let path = ni.store_dir.display(&ni.store_path);
-    let mut problem = |kind, message: String| problems.push(Problem { path: path.clone(), kind, message });
+    let mut problem = |kind, message: String| {
+        let message = format!("{message} ({})", fix(kind));
+        problems.push(Problem { path: path.clone(), kind, message })
+    };
     if file != ni.file_name() {
         problem("file-name", format!("is in {file} but belongs in {}", ni.file_name()));
     }
@@ -181,6 +184,18 @@ fn check_one(
     let nar_file = ni.nar_file();
     let file_bytes = nar_file.as_deref().and_then(|f| cache.file_size(f)).unwrap_or(0);
     (problems, nar_file, nar_bytes, file_bytes)
+}
+
+/// What repairs a problem of `kind` found in a narinfo or its NAR.
+fn fix(kind: &str) -> &'static str {
+    match kind {
+        "missing-reference" => "push the path again: a push writes the whole closure",
+        "untrusted" => "`nixcache sign --secret-key KEY` signs it, or push it again with the key",
+        "store-dir" => "a cache serves one store directory: use one cache per store directory",
+        "file-name" => "`nixcache gc` removes it; pushing the path writes the right file",
+        // Its NAR: missing, unreadable, the wrong size, bytes or hash, or named wrongly.
+        _ => "`nixcache push --repair PATH` rewrites it from the store",
+    }
 }
 
 /// A cache file that is not what its name says.

@@ -70,6 +70,7 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
         level,
         jobs,
         force: args.force,
+        repair: args.repair,
         keys,
         nar_listing: args.nar_listing,
         index_debug_info: args.index_debug_info,

@@ -101,3 +101,43 @@ fn verify_says_when_signatures_were_not_checked() {
     let json = ok(nixcache().args(["verify", "--json", "--dest"]).arg(&cache));
     assert!(json.contains("\"signaturesChecked\": false"), "{json}");
 }
+
+#[test]
+fn push_repair_rewrites_exactly_the_nars_verify_names() {
+    let f = fixtures();
+    let t = tmp();
+    let cache = t.path().join("cache");
+    ok(nixcache().args(["push", "-q", "-c", "xz", "-k", SECRET, "--dest"]).arg(&cache).arg(&f.top));
+    // One byte of one NAR flipped, its size unchanged: only reading it finds it.
+    let bad = f.path("edge-tree");
+    let nar = cache.join(narinfo(&cache, bad).url);
+    let mut bytes = std::fs::read(&nar).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&nar, bytes).unwrap();
+    let out = nixcache().args(["verify", "--dest"]).arg(&cache).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(listed.contains(bad) && listed.contains("`nixcache push --repair PATH`"), "{listed}");
+    // A plain push trusts what is there (size and narinfo agree) and does not read it.
+    let out = nixcache().args(["push", "--dest"]).arg(&cache).arg(&f.top).output().unwrap();
+    assert!(stderr(&out).contains(" 0 repaired"), "{}", stderr(&out));
+    // --repair reads every NAR and rewrites the one that is wrong, nothing else.
+    let others: Vec<_> = f.closure.iter().filter(|p| p.as_str() != bad).map(|p| narinfo(&cache, p)).collect();
+    let out = nixcache()
+        .args(["push", "--repair", "-k", SECRET, "--dest"])
+        .arg(&cache)
+        .arg(&f.top)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(e.contains(" 1 repaired") && e.contains(&format!("warning: {bad}")), "{e}");
+    for (p, before) in f.closure.iter().filter(|p| p.as_str() != bad).zip(others) {
+        assert_eq!(narinfo(&cache, p), before, "{p} was rewritten");
+    }
+    ok(nixcache().args(["verify", "--trusted-public-key", PUBLIC, "--dest"]).arg(&cache));
+    let root = t.path().join("root");
+    restore(&file_url(&cache), &root, &[&f.top]);
+    assert_restored_identical(&root, &f.closure);
+}
