@@ -179,6 +179,10 @@ pub struct PushArgs {
     /// NarHash, FileSize and FileHash) and rewrite those that are wrong: what `verify` names.
     #[arg(long, conflicts_with = "force")]
     pub repair: bool,
+    /// Print what a push would do (the closure, what is already there, what would be written
+    /// and its NAR bytes) without creating or changing anything.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
     /// Write <hashpart>.ls NAR listings, as Nix's write-nar-listing=true.
     #[arg(long)]
     pub nar_listing: bool,

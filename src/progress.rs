@@ -7,6 +7,11 @@ use std::time::Duration;
 
 use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+/// `n` and the noun, plural unless `n` is 1: "1 path", "3 paths".
+pub fn plural(n: usize, noun: &str) -> String {
+    if n == 1 { format!("1 {noun}") } else { format!("{n} {noun}s") }
+}
+
 /// Writes a line to stderr. A failed write (a full disk under `2>log`, a closed pipe, a
 /// journal that went away) is ignored: a log line is never worth a panic, and the exit
 /// status still tells the outcome.

@@ -512,27 +512,15 @@ impl Run<'_> {
     fn plan(&self, info: &PathInfo) -> Result<Plan, PushError> {
         let (cache, opts) = (self.cache, self.opts);
         let abs = self.store.store_dir.display(&info.path);
-        let lookup = cache.lookup(&info.path)?;
-        let existed = !matches!(lookup, Lookup::Missing);
-        let found = match lookup {
-            Lookup::Found(ni) => {
-                let wrong = disagreement(&ni, info, &self.store.store_dir);
-                if !wrong.is_empty() {
-                    // Never signed or kept as found: rewritten from the store.
-                    self.progress.warn(&format!(
-                        "warning: {abs}: the cache's narinfo disagrees with the store ({}); rewriting it",
-                        wrong.join(", ")
-                    ));
-                }
-                wrong.is_empty().then_some(ni)
-            }
-            _ => None,
-        };
+        let (found, existed) = existing(cache, &self.store.store_dir, info, |w| {
+            // Never signed or kept as found: rewritten from the store.
+            self.progress.warn(&format!("warning: {abs}: {w}; rewriting it"))
+        })?;
         Ok(match found {
             Some(ni)
                 if !opts.force && cache.has_nar(&ni) && !(opts.repair && self.nar_is_wrong(&abs, &ni)) =>
             {
-                let mut narinfo = *ni;
+                let mut narinfo = ni;
                 let mut added = false;
                 let mut staged = Vec::new();
                 for k in &opts.keys {
@@ -980,6 +968,27 @@ impl Write for Spill<'_> {
 
 fn listing_rel(p: &StorePath) -> String {
     format!("{}.ls", p.hash_part())
+}
+
+/// What the cache holds for `info`: its narinfo if it says what the store says (else `warn`
+/// is told how it differs), and whether any narinfo file is there at all.
+pub fn existing(
+    cache: &Cache,
+    store_dir: &crate::store_path::StoreDir,
+    info: &PathInfo,
+    warn: impl FnOnce(&str),
+) -> Result<(Option<NarInfo>, bool), CacheError> {
+    Ok(match cache.lookup(&info.path)? {
+        Lookup::Missing => (None, false),
+        Lookup::Invalid(_) => (None, true),
+        Lookup::Found(ni) => {
+            let wrong = disagreement(&ni, info, store_dir);
+            if !wrong.is_empty() {
+                warn(&format!("the cache's narinfo disagrees with the store ({})", wrong.join(", ")));
+            }
+            (wrong.is_empty().then_some(*ni), true)
+        }
+    })
 }
 
 /// The fields in which a narinfo found in the cache differs from what the store says of the

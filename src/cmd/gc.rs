@@ -31,9 +31,9 @@ pub fn run(args: &GcArgs) -> anyhow::Result<bool> {
         }
     }
     crate::elog!(
-        "{} paths kept, {} paths {}, {} {}",
-        report.kept,
-        report.removed_paths,
+        "{} kept, {} {}, {} {}",
+        crate::progress::plural(report.kept, "path"),
+        crate::progress::plural(report.removed_paths, "path"),
         if args.dry_run { "would be removed" } else { "removed" },
         bytes(report.bytes_freed),
         if args.dry_run { "would be freed" } else { "freed" }

@@ -14,6 +14,47 @@ use crate::progress::{self, Mode, Progress};
 use crate::push::{PushOptions, push};
 use crate::store::Store;
 
+/// `push --dry-run`: what a push would do, path by path on stdout and in a summary, without
+/// creating, locking or changing anything.
+fn dry_run(args: &PushArgs, store: &Store, infos: &[crate::store::PathInfo]) -> anyhow::Result<bool> {
+    let cache = if args.dest.exists() { Some(Cache::inspect(&args.dest)?) } else { None };
+    let keys =
+        args.secret_keys.iter().map(|p| super::read_secret_key(p)).collect::<anyhow::Result<Vec<_>>>()?;
+    let public: Vec<_> = keys.iter().map(|k| k.public_key()).collect();
+    let (mut there, mut sign, mut write, mut bytes) = (0, 0, 0, 0);
+    for info in infos {
+        let abs = store.store_dir().display(&info.path);
+        let (found, existed) = match &cache {
+            Some(c) => crate::push::existing(c, store.store_dir(), info, |_| {})?,
+            None => (None, false),
+        };
+        let complete = found.filter(|ni| cache.as_ref().is_some_and(|c| c.has_nar(ni)) && !args.force);
+        let what = match complete {
+            Some(ni) if public.iter().all(|k| ni.verified_by(std::slice::from_ref(k))) => {
+                there += 1;
+                "already there"
+            }
+            Some(_) => {
+                sign += 1;
+                "would sign"
+            }
+            None => {
+                write += 1;
+                bytes += info.nar_size;
+                if existed { "would repair" } else { "would push" }
+            }
+        };
+        crate::outln!("{what} {abs} ({})", progress::bytes(info.nar_size));
+    }
+    crate::elog!(
+        "dry run: {} of closure; {there} already there, {sign} to sign, {write} to write ({} of NAR, {}); nothing was changed",
+        progress::plural(infos.len(), "path"),
+        progress::bytes(bytes),
+        args.compression()
+    );
+    Ok(true)
+}
+
 /// nix-serve's default: ahead of cache.nixos.org (40) on clients that use both.
 const DEFAULT_PRIORITY: u32 = 30;
 
@@ -45,6 +86,9 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     let infos = store
         .closure(&roots, args.include_outputs)
         .with_context(|| format!("cannot read the closure from the {}", store.source_name()))?;
+    if args.dry_run {
+        return dry_run(args, &store, &infos);
+    }
 
     let mut cache = Cache::create(&args.dest)?;
     let mode = Mode::detect(args.quiet);
@@ -84,13 +128,15 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
         } else {
             String::new()
         };
+        // Every narinfo written in the run is signed too, when there is a key.
+        let written = if opts.keys.is_empty() { 0 } else { report.pushed + report.repaired };
         crate::elog!(
-            "{} paths: {} pushed, {} skipped, {} repaired, {} signed, {} failed; {} NAR -> {} {}{ratio} in {:.2}s",
-            infos.len(),
+            "{}: {} pushed, {} skipped, {} repaired, {} signed, {} failed; {} NAR -> {} {}{ratio} in {:.2}s",
+            progress::plural(infos.len(), "path"),
             report.pushed,
             report.skipped,
             report.repaired,
-            report.signed,
+            report.signed + written,
             report.failed.len(),
             progress::bytes(report.nar_bytes),
             progress::bytes(report.file_bytes),

@@ -97,8 +97,8 @@ pub fn run(args: &SignArgs) -> anyhow::Result<bool> {
     let (already, failed, refused) = (already.into_inner(), failed.into_inner(), refused.into_inner());
     if !args.quiet {
         crate::elog!(
-            "{} narinfos: {signed} signed by {}, {already} already were, {refused} refused (NAR does not match), {failed} failed, {unusable} unusable",
-            todo.len() + unusable,
+            "{}: {signed} signed by {}, {already} already were, {refused} refused (NAR does not match), {failed} failed, {unusable} unusable",
+            crate::progress::plural(todo.len() + unusable, "narinfo"),
             key.name()
         );
     }

@@ -64,13 +64,13 @@ pub fn run(args: &VerifyArgs) -> ExitCode {
         }
         if !args.quiet {
             crate::elog!(
-                "{} narinfos, {} of NAR checked: {}{}",
-                report.narinfos,
+                "{}, {} of NAR checked: {}{}",
+                crate::progress::plural(report.narinfos, "narinfo"),
                 crate::progress::bytes(report.nar_bytes),
                 if report.problems.is_empty() {
                     "no problems".to_owned()
                 } else {
-                    format!("{} problems", report.problems.len())
+                    crate::progress::plural(report.problems.len(), "problem")
                 },
                 if args.trusted_public_keys.is_empty() {
                     "; signatures were not checked (give --trusted-public-key NAME:KEY to check them)"

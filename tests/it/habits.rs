@@ -141,3 +141,67 @@ fn push_repair_rewrites_exactly_the_nars_verify_names() {
     restore(&file_url(&cache), &root, &[&f.top]);
     assert_restored_identical(&root, &f.closure);
 }
+
+#[test]
+fn push_dry_run_says_what_would_happen_and_changes_nothing() {
+    let f = fixtures();
+    let (tree, dep) = (f.path("edge-tree"), f.path("edge-dep"));
+    let t = tmp();
+    let cache = t.path().join("cache");
+    let dry = |extra: &[&str]| {
+        let out = nixcache()
+            .args(["push", "--dry-run", "--dest"])
+            .arg(&cache)
+            .args(extra)
+            .arg(tree)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        (String::from_utf8_lossy(&out.stdout).into_owned(), stderr(&out))
+    };
+    let (lines, summary) = dry(&[]);
+    assert!(!cache.exists(), "a dry run made the cache");
+    assert!(
+        lines.contains(&format!("would push {tree}")) && lines.contains(&format!("would push {dep}")),
+        "{lines}"
+    );
+    assert!(summary.contains("2 paths of closure; 0 already there, 0 to sign, 2 to write"), "{summary}");
+    // The dependency pushed unsigned: there, but to sign with a key; the tree to write.
+    ok(nixcache().args(["push", "-q", "--dest"]).arg(&cache).arg(dep));
+    let before = tree_with_times(&cache);
+    let (lines, summary) = dry(&["-k", SECRET]);
+    assert!(
+        lines.contains(&format!("would sign {dep}")) && lines.contains(&format!("would push {tree}")),
+        "{lines}"
+    );
+    assert!(summary.contains("0 already there, 1 to sign, 1 to write"), "{summary}");
+    let (lines, _) = dry(&[]);
+    assert!(lines.contains(&format!("already there {dep}")), "{lines}");
+    assert_eq!(tree_with_times(&cache), before, "a dry run changed the cache");
+}
+
+/// Every file under `dir` with its bytes and modification time.
+fn tree_with_times(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>, std::time::SystemTime)> {
+    tree(dir)
+        .into_iter()
+        .map(|(p, bytes)| {
+            let time = std::fs::metadata(dir.join(&p)).unwrap().modified().unwrap();
+            (p, bytes, time)
+        })
+        .collect()
+}
+
+#[test]
+fn summaries_count_what_was_signed_and_speak_plainly() {
+    let f = fixtures();
+    let single = f.path("edge-single-file");
+    let t = tmp();
+    let cache = t.path().join("cache");
+    let out = nixcache().args(["push", "-k", SECRET, "--dest"]).arg(&cache).arg(single).output().unwrap();
+    let e = stderr(&out);
+    assert!(e.contains("1 path: 1 pushed, 0 skipped, 0 repaired, 1 signed, 0 failed"), "{e}");
+    let out = nixcache().args(["verify", "--dest"]).arg(&cache).output().unwrap();
+    assert!(stderr(&out).contains("1 narinfo, "), "{}", stderr(&out));
+    let out = nixcache().args(["gc", "--older-than", "1d", "--dest"]).arg(&cache).output().unwrap();
+    assert!(stderr(&out).contains("1 path kept, 0 paths removed"), "{}", stderr(&out));
+}
