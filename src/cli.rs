@@ -311,7 +311,7 @@ pub struct GcArgs {
     /// List what would be removed and the bytes it would free; remove nothing.
     #[arg(long, short = 'n')]
     pub dry_run: bool,
-    /// Print only the summary and errors.
+    /// Print nothing but errors.
     #[arg(long, short = 'q')]
     pub quiet: bool,
 }

@@ -30,6 +30,9 @@ pub fn run(args: &GcArgs) -> anyhow::Result<bool> {
             }
         }
     }
+    if args.quiet {
+        return Ok(true);
+    }
     crate::elog!(
         "{} kept, {} {}, {} {}",
         crate::progress::plural(report.kept, "path"),

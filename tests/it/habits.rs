@@ -204,4 +204,15 @@ fn summaries_count_what_was_signed_and_speak_plainly() {
     assert!(stderr(&out).contains("1 narinfo, "), "{}", stderr(&out));
     let out = nixcache().args(["gc", "--older-than", "1d", "--dest"]).arg(&cache).output().unwrap();
     assert!(stderr(&out).contains("1 path kept, 0 paths removed"), "{}", stderr(&out));
+    // -q is the same everywhere: nothing but errors.
+    for args in [
+        vec!["push", "-q", "-k", SECRET, single],
+        vec!["sign", "-q", "-k", SECRET],
+        vec!["verify", "-q"],
+        vec!["gc", "-q", "--older-than", "1d"],
+    ] {
+        let out = nixcache().args(&args[..1]).arg("--dest").arg(&cache).args(&args[1..]).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        assert_eq!((stderr(&out), out.stdout.len()), (String::new(), 0), "{args:?}");
+    }
 }
