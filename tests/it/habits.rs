@@ -220,3 +220,22 @@ fn summaries_count_what_was_signed_and_speak_plainly() {
         assert_eq!((stderr(&out), out.stdout.len()), (String::new(), 0), "{args:?}");
     }
 }
+
+#[test]
+fn setup_names_the_rust_it_needs_before_installing_anything() {
+    let t = tmp();
+    let fake = t.path();
+    for (name, body) in [("rustc", "echo 'rustc 1.63.0 (Debian)'"), ("cargo", "exit 0")] {
+        let p = fake.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let setup = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/setup");
+    let old = format!("{}:/usr/bin:/bin", fake.display());
+    for (path, found) in [("/usr/bin:/bin", "found: none"), (old.as_str(), "found: 1.63.0")] {
+        let out = Command::new("bash").arg(setup).env("PATH", path).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{path}");
+        let e = stderr(&out);
+        assert!(e.contains("nixcache needs Rust 1.89 or newer") && e.contains(found), "{e}");
+    }
+}
