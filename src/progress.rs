@@ -3,7 +3,8 @@
 //! never prints by itself; log lines go through [`Progress::println`] so bars don't tear.
 
 use std::io::{self, IsTerminal, Write};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -62,6 +63,15 @@ pub struct Progress {
     mode: Mode,
     multi: MultiProgress,
     total: Option<ProgressBar>,
+    /// In lines mode, a path still being read says how far it got this often.
+    every: Duration,
+}
+
+/// How often a long path's progress is said in lines mode: 30 s, or
+/// `NIXCACHE_PROGRESS_SECONDS` (for tests).
+fn progress_interval() -> Duration {
+    let secs = std::env::var("NIXCACHE_PROGRESS_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
+    Duration::from_secs(secs)
 }
 
 impl Progress {
@@ -85,7 +95,7 @@ impl Progress {
             bar.enable_steady_tick(Duration::from_millis(200));
             bar
         });
-        Progress { mode, multi, total }
+        Progress { mode, multi, total, every: progress_interval() }
     }
 
     pub fn mode(&self) -> Mode {
@@ -125,7 +135,15 @@ impl Progress {
             bar.set_message(name.to_owned());
             bar
         });
-        PathProgress { bar, total: self.total.clone() }
+        let line = (self.mode == Mode::Lines && size > 0).then(|| LineProgress {
+            name: name.to_owned(),
+            size,
+            started: Instant::now(),
+            done: AtomicU64::new(0),
+            next: AtomicU64::new(self.every.as_secs().max(1)),
+            every: self.every.as_secs().max(1),
+        });
+        PathProgress { bar, total: self.total.clone(), line }
     }
 
     /// Adds bytes to the overall bar, for work not fed through a [`PathProgress`].
@@ -155,12 +173,24 @@ impl Progress {
 pub struct PathProgress {
     bar: Option<ProgressBar>,
     total: Option<ProgressBar>,
+    line: Option<LineProgress>,
+}
+
+/// A path's progress in lines mode: a line when it takes long.
+struct LineProgress {
+    name: String,
+    size: u64,
+    started: Instant,
+    done: AtomicU64,
+    /// Seconds since `started` at which the next line is due.
+    next: AtomicU64,
+    every: u64,
 }
 
 impl PathProgress {
     /// Progress that is shown nowhere, for bytes already counted.
     pub fn none() -> PathProgress {
-        PathProgress { bar: None, total: None }
+        PathProgress { bar: None, total: None, line: None }
     }
 
     pub fn inc(&self, n: u64) {
@@ -169,6 +199,23 @@ impl PathProgress {
         }
         if let Some(t) = &self.total {
             t.inc(n);
+        }
+        if let Some(l) = &self.line {
+            let done = l.done.fetch_add(n, Ordering::Relaxed) + n;
+            let secs = l.started.elapsed().as_secs();
+            let due = l.next.load(Ordering::Relaxed);
+            // One thread says it, whichever crosses the time first.
+            if secs >= due
+                && l.next.compare_exchange(due, secs + l.every, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+            {
+                eprint(&format!(
+                    "still reading {}: {} of {} of NAR ({:.0}%) after {secs}s",
+                    l.name,
+                    bytes(done),
+                    bytes(l.size),
+                    100.0 * done as f64 / l.size.max(1) as f64
+                ));
+            }
         }
     }
 }

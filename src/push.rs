@@ -213,6 +213,8 @@ struct Done {
 /// its next batch.
 struct Publisher<'a> {
     cache: &'a Cache,
+    /// Each path is said as its narinfo is published.
+    progress: &'a Progress,
     infos: &'a [PathInfo],
     index: HashMap<&'a StorePath, usize>,
     referrers: Vec<Vec<usize>>,
@@ -241,7 +243,7 @@ struct PubState {
 }
 
 impl<'a> Publisher<'a> {
-    fn new(cache: &'a Cache, infos: &'a [PathInfo], debuginfo: bool) -> Self {
+    fn new(cache: &'a Cache, progress: &'a Progress, infos: &'a [PathInfo], debuginfo: bool) -> Self {
         let index: HashMap<&StorePath, usize> = infos.iter().enumerate().map(|(i, p)| (&p.path, i)).collect();
         let mut referrers = vec![Vec::new(); infos.len()];
         let mut unpublished_refs = vec![0; infos.len()];
@@ -254,7 +256,7 @@ impl<'a> Publisher<'a> {
             }
         }
         let state = PubState { published: vec![false; infos.len()], unpublished_refs, ..Default::default() };
-        Publisher { cache, infos, index, referrers, debuginfo, state: Mutex::new(state) }
+        Publisher { cache, progress, infos, index, referrers, debuginfo, state: Mutex::new(state) }
     }
 
     /// Records a finished path and publishes what is ready, unless another thread is
@@ -289,6 +291,21 @@ impl<'a> Publisher<'a> {
                     continue;
                 }
                 st.published[k] = true;
+                // Said once the narinfo is in place: a client can fetch it from now on.
+                let abs = || done.narinfo.store_dir.display(&self.infos[k].path);
+                let sizes = || {
+                    format!(
+                        "({} -> {})",
+                        crate::progress::bytes(done.nar_bytes),
+                        crate::progress::bytes(done.file_bytes)
+                    )
+                };
+                match done.outcome {
+                    Outcome::Pushed => self.progress.println(&format!("pushed {} {}", abs(), sizes())),
+                    Outcome::Repaired => self.progress.println(&format!("repaired {} {}", abs(), sizes())),
+                    Outcome::Signed => self.progress.println(&format!("signed {}", abs())),
+                    Outcome::Skipped => {}
+                }
                 let r = &mut st.report;
                 match done.outcome {
                     Outcome::Pushed => r.pushed += 1,
@@ -396,7 +413,7 @@ pub fn push(
         infos,
         opts,
         progress,
-        publisher: Publisher::new(cache, infos, opts.index_debug_info),
+        publisher: Publisher::new(cache, progress, infos, opts.index_debug_info),
         queue: Queue::new(order.into_iter().enumerate().map(|(rank, path)| Unit { rank, block: 0, path })),
         // An unusable level fails each path in its encoder, with the error.
         xz: (opts.compression == Compression::Xz).then(|| xz::Params::new(opts.level as u32).ok()).flatten(),
@@ -534,9 +551,6 @@ impl Run<'_> {
                     staged = side_files(cache, info, &narinfo.url, pass.listing.as_ref(), opts)?;
                 }
                 let outcome = if added { Outcome::Signed } else { Outcome::Skipped };
-                if outcome == Outcome::Signed {
-                    self.progress.println(&format!("signed {abs}"));
-                }
                 Plan::Done(Box::new(Done { narinfo, outcome, staged, nar_bytes: 0, file_bytes: 0 }))
             }
             _ if existed && !opts.force => Plan::Write(Outcome::Repaired),
@@ -801,13 +815,6 @@ impl Run<'_> {
         for k in &opts.keys {
             narinfo.add_signature(k);
         }
-        self.progress.println(&format!(
-            "{} {} ({} -> {})",
-            if outcome == Outcome::Repaired { "repaired" } else { "pushed" },
-            self.store.store_dir.display(&info.path),
-            crate::progress::bytes(nar_size),
-            crate::progress::bytes(file_size)
-        ));
         Ok(Done { narinfo, outcome, staged, nar_bytes: nar_size, file_bytes: file_size })
     }
 }

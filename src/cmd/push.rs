@@ -105,6 +105,17 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     cache.ensure_cache_info(store.store_dir(), args.want_mass_query(), args.priority, DEFAULT_PRIORITY)?;
 
     let total: u64 = infos.iter().map(|i| i.nar_size).sum();
+    if mode != Mode::Quiet {
+        // At once, before any path is read: what this run is about.
+        crate::elog!(
+            "pushing {}, {} of NAR, to {}, {}, {}",
+            progress::plural(infos.len(), "path"),
+            progress::bytes(total),
+            args.dest.display(),
+            args.compression(),
+            progress::plural(jobs, "thread")
+        );
+    }
     let progress = Progress::new(mode, "pushing", infos.len(), total);
     if args.index_debug_info {
         cache.create_subdir("debuginfo")?;

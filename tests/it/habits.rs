@@ -239,3 +239,42 @@ fn setup_names_the_rust_it_needs_before_installing_anything() {
         assert!(e.contains("nixcache needs Rust 1.89 or newer") && e.contains(found), "{e}");
     }
 }
+
+#[test]
+fn journal_output_first_line_then_each_path_as_it_is_published() {
+    use std::io::BufRead;
+    let f = fixtures();
+    let big = build_big("journal");
+    let t = tmp();
+    let cache = t.path().join("cache");
+    // Not a terminal, as under systemd; a progress line every second instead of every 30.
+    let mut child = nixcache()
+        .args(["push", "-j", "1", "--dest"])
+        .arg(&cache)
+        .args([&f.top, &big])
+        .env("NIXCACHE_PROGRESS_SECONDS", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines: Vec<String> = std::io::BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map(|l| {
+            let l = l.unwrap();
+            // Said only once a client can fetch it.
+            if let Some(rest) = l.strip_prefix("pushed ") {
+                let path = rest.split(' ').next().unwrap();
+                assert!(
+                    cache.join(format!("{}.narinfo", hash_part(path))).exists(),
+                    "said before published: {l}"
+                );
+            }
+            l
+        })
+        .collect();
+    assert!(child.wait().unwrap().success(), "{lines:?}");
+    let n = f.closure.len() + 1;
+    assert!(lines[0].starts_with(&format!("pushing {n} paths, ")), "{lines:?}");
+    assert!(lines[0].ends_with(&format!("to {}, xz, 1 thread", cache.display())), "{lines:?}");
+    assert_eq!(lines.iter().filter(|l| l.starts_with("pushed ")).count(), n, "{lines:?}");
+    assert!(lines.iter().any(|l| l.starts_with(&format!("still reading {}", &big[11..]))), "{lines:?}");
+}
