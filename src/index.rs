@@ -60,9 +60,13 @@ impl Index {
         self.entries.get(p.hash_part()).and_then(|e| e.narinfo.as_ref().ok())
     }
 
-    /// Finds a store path given as `/nix/store/<hash>-<name>`, `<hash>-<name>` or `<hash>`.
+    /// Finds a store path given as `/nix/store/<hash>-<name>`, a path inside one,
+    /// `<hash>-<name>` or `<hash>`: the first component that is a store path's base name.
     pub fn find(&self, arg: &str) -> Result<StorePath, IndexError> {
-        let base = arg.rsplit('/').next().unwrap_or(arg);
+        let base = arg
+            .split('/')
+            .find(|c| c.parse::<StorePath>().is_ok())
+            .unwrap_or_else(|| arg.rsplit('/').next().unwrap_or(arg));
         let hash = base.get(..crate::store_path::HASH_LEN).unwrap_or(base);
         self.entries
             .get(hash)

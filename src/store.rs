@@ -101,9 +101,54 @@ pub struct StoreLocation {
 }
 
 impl StoreLocation {
+    /// The store at `store_dir` on this machine (no chroot).
+    pub fn local(store_dir: &StoreDir) -> StoreLocation {
+        StoreLocation { store_dir: store_dir.clone(), real_dir: PathBuf::from(store_dir.as_str()) }
+    }
+
     /// Where the path's files are on this machine.
     pub fn real_path(&self, p: &StorePath) -> PathBuf {
         self.real_dir.join(p.as_str())
+    }
+
+    fn in_store(&self, p: &Path) -> Result<Option<StorePath>, StoreError> {
+        let Ok(rest) = p.strip_prefix(&self.real_dir) else {
+            return Ok(None);
+        };
+        let Some(Component::Normal(first)) = rest.components().next() else {
+            return Ok(None);
+        };
+        let sp: StorePath = first.to_string_lossy().parse()?;
+        let real = self.real_path(&sp);
+        std::fs::symlink_metadata(&real).map_err(|source| StoreError::NotFound { path: real, source })?;
+        Ok(Some(sp))
+    }
+
+    /// Turns a command-line argument (a store path, a path inside one, or a symlink chain
+    /// into the store such as `./result`) into a store path. Never follows a symlink that is
+    /// itself inside the store: a store path may be a symlink.
+    pub fn resolve(&self, arg: &Path) -> Result<StorePath, StoreError> {
+        let not_found = |source| StoreError::NotFound { path: arg.to_owned(), source };
+        let mut p = normalize(&std::path::absolute(arg).map_err(not_found)?);
+        for _ in 0..64 {
+            if let Some(sp) = self.in_store(&p)? {
+                return Ok(sp);
+            }
+            let (Some(parent), Some(name)) = (p.parent(), p.file_name()) else {
+                break;
+            };
+            let q = std::fs::canonicalize(parent).map_err(not_found)?.join(name);
+            if let Some(sp) = self.in_store(&q)? {
+                return Ok(sp);
+            }
+            let meta = std::fs::symlink_metadata(&q).map_err(not_found)?;
+            if !meta.file_type().is_symlink() {
+                break;
+            }
+            let target = std::fs::read_link(&q).map_err(not_found)?;
+            p = normalize(&q.parent().unwrap_or(Path::new("/")).join(target));
+        }
+        Err(StoreError::NotInStore { path: arg.to_owned(), store_dir: self.store_dir.to_string() })
     }
 }
 
@@ -176,44 +221,9 @@ impl Store {
         }
     }
 
-    fn in_store(&self, p: &Path) -> Result<Option<StorePath>, StoreError> {
-        let Ok(rest) = p.strip_prefix(&self.real_dir) else {
-            return Ok(None);
-        };
-        let Some(Component::Normal(first)) = rest.components().next() else {
-            return Ok(None);
-        };
-        let sp: StorePath = first.to_string_lossy().parse()?;
-        let real = self.real_path(&sp);
-        std::fs::symlink_metadata(&real).map_err(|source| StoreError::NotFound { path: real, source })?;
-        Ok(Some(sp))
-    }
-
-    /// Turns a command-line argument (a store path, a path inside one, or a symlink chain
-    /// into the store such as `./result`) into a store path. Never follows a symlink that is
-    /// itself inside the store: a store path may be a symlink.
+    /// Turns a command-line argument into a store path: see [`StoreLocation::resolve`].
     pub fn resolve(&self, arg: &Path) -> Result<StorePath, StoreError> {
-        let not_found = |source| StoreError::NotFound { path: arg.to_owned(), source };
-        let mut p = normalize(&std::path::absolute(arg).map_err(not_found)?);
-        for _ in 0..64 {
-            if let Some(sp) = self.in_store(&p)? {
-                return Ok(sp);
-            }
-            let (Some(parent), Some(name)) = (p.parent(), p.file_name()) else {
-                break;
-            };
-            let q = std::fs::canonicalize(parent).map_err(not_found)?.join(name);
-            if let Some(sp) = self.in_store(&q)? {
-                return Ok(sp);
-            }
-            let meta = std::fs::symlink_metadata(&q).map_err(not_found)?;
-            if !meta.file_type().is_symlink() {
-                break;
-            }
-            let target = std::fs::read_link(&q).map_err(not_found)?;
-            p = normalize(&q.parent().unwrap_or(Path::new("/")).join(target));
-        }
-        Err(StoreError::NotInStore { path: arg.to_owned(), store_dir: self.store_dir.to_string() })
+        self.location().resolve(arg)
     }
 
     /// The closure of `roots`, references before referrers is not promised: callers order.

@@ -14,7 +14,8 @@ pub fn run(args: &GcArgs) -> anyhow::Result<bool> {
             crate::elog!("waiting for another nixcache writing to {} ...", args.dest.display());
         }
     })?;
-    let report = gc(&cache, args.older_than, &args.keep, SystemTime::now(), args.dry_run)?;
+    let keep: Vec<String> = args.keep.iter().map(|k| super::store_path_arg(&cache, k)).collect();
+    let report = gc(&cache, args.older_than, &keep, SystemTime::now(), args.dry_run)?;
     if !args.quiet {
         let verb = if args.dry_run { "would remove" } else { "removed" };
         for r in &report.removals {

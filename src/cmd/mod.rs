@@ -32,6 +32,21 @@ pub fn read_secret_key(path: &Path) -> anyhow::Result<SecretKey> {
     Ok(key)
 }
 
+/// A path argument of `gc --keep` or `sign` as push takes it: `./result` or another link
+/// into the store, a path inside a store path, or a store path, resolved on this machine
+/// when it exists here; otherwise as written (the cache host may have no store).
+pub fn store_path_arg(cache: &crate::cache::Cache, arg: &str) -> String {
+    let store_dir = cache.cache_info().ok().flatten().map(|ci| ci.store_dir).unwrap_or_default();
+    let here = Path::new(arg);
+    if std::fs::symlink_metadata(here).is_err() {
+        return arg.to_owned();
+    }
+    match crate::store::StoreLocation::local(&store_dir).resolve(here) {
+        Ok(p) => store_dir.display(&p),
+        Err(_) => arg.to_owned(),
+    }
+}
+
 /// The most threads `--jobs` may ask for: four per core, at most 1024.
 pub fn max_jobs() -> usize {
     (4 * std::thread::available_parallelism().map_or(1, usize::from)).min(1024)

@@ -33,7 +33,7 @@ pub fn run(args: &SignArgs) -> anyhow::Result<bool> {
         let roots = args
             .paths
             .iter()
-            .map(|p| index.find(p).map(|p| p.hash_part().to_owned()))
+            .map(|p| index.find(&super::store_path_arg(&cache, p)).map(|p| p.hash_part().to_owned()))
             .collect::<Result<Vec<_>, _>>()?;
         Some(index.closure(roots.iter().map(String::as_str)))
     };

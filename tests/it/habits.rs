@@ -278,3 +278,37 @@ fn journal_output_first_line_then_each_path_as_it_is_published() {
     assert_eq!(lines.iter().filter(|l| l.starts_with("pushed ")).count(), n, "{lines:?}");
     assert!(lines.iter().any(|l| l.starts_with(&format!("still reading {}", &big[11..]))), "{lines:?}");
 }
+
+#[test]
+fn gc_keep_and_sign_take_paths_as_push_does() {
+    let f = fixtures();
+    let (tree, dep, single) = (f.path("edge-tree"), f.path("edge-dep"), f.path("edge-single-file"));
+    let t = tmp();
+    let cache = t.path().join("cache");
+    ok(nixcache().args(["push", "-q", "--dest"]).arg(&cache).arg(&f.top));
+    std::os::unix::fs::symlink(tree, t.path().join("result")).unwrap();
+    // sign ./result: the tree's closure, nothing else.
+    ok(nixcache()
+        .current_dir(t.path())
+        .args(["sign", "-q", "-k", SECRET, "--dest"])
+        .arg(&cache)
+        .arg("./result"));
+    let public = [PUBLIC.parse().unwrap()];
+    assert!(narinfo(&cache, tree).verified_by(&public) && narinfo(&cache, dep).verified_by(&public));
+    assert!(!narinfo(&cache, single).verified_by(&public));
+    // Everything last pushed long ago; keep ./result and a path inside the dependency.
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(30 * 86400);
+    for p in &f.closure {
+        let file = cache.join(format!("{}.narinfo", hash_part(p)));
+        std::fs::File::options().write(true).open(file).unwrap().set_modified(old).unwrap();
+    }
+    let inside = format!("{dep}/bin/dep");
+    ok(nixcache()
+        .current_dir(t.path())
+        .args(["gc", "-q", "--older-than", "1d", "--keep", "./result", "--keep", &inside, "--dest"])
+        .arg(&cache));
+    for p in &f.closure {
+        let kept = cache.join(format!("{}.narinfo", hash_part(p))).exists();
+        assert_eq!(kept, p == tree || p == dep, "{p}");
+    }
+}
