@@ -297,15 +297,35 @@ impl Store {
     }
 }
 
+/// Opens the Nix database read-only.
+///
+/// Nix keeps it in WAL mode, where even a reader must create `db.sqlite-shm` beside it: a
+/// user who may read the database but not write its directory (nixcache under its own
+/// account, a hardened unit) cannot. Such a reader opens the main file immutable instead. It
+/// then misses only what a running Nix has not yet checkpointed: paths registered that very
+/// moment, which push then reports as not valid. A valid path's row never changes, so
+/// nothing read is wrong (and every NAR is checked against its NarHash anyway).
 fn open_db(path: &Path) -> Result<Connection, StoreError> {
     let db = |source| StoreError::Db { db: path.to_owned(), source };
-    let conn =
-        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-            .map_err(db)?;
-    conn.busy_timeout(std::time::Duration::from_secs(60)).map_err(db)?;
-    // Opening is lazy: make it fail now if the file is not readable or not Nix's.
-    conn.query_row("SELECT count(*) FROM ValidPaths WHERE id = 0", [], |_| Ok(())).map_err(db)?;
-    Ok(conn)
+    let open = |conn: Connection| -> rusqlite::Result<Connection> {
+        conn.busy_timeout(std::time::Duration::from_secs(60))?;
+        // Opening is lazy: make it fail now if the file is not readable or not Nix's.
+        conn.query_row("SELECT count(*) FROM ValidPaths WHERE id = 0", [], |_| Ok(()))?;
+        Ok(conn)
+    };
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let err = match Connection::open_with_flags(path, flags).and_then(open) {
+        Ok(conn) => return Ok(conn),
+        Err(e) => e,
+    };
+    let readonly_dir = matches!(&err, rusqlite::Error::SqliteFailure(f, _)
+        if f.code == rusqlite::ErrorCode::ReadOnly || f.code == rusqlite::ErrorCode::CannotOpen);
+    if !readonly_dir {
+        return Err(db(err));
+    }
+    let escaped = path.display().to_string().replace('%', "%25").replace('?', "%3f").replace('#', "%23");
+    let uri = format!("file:{escaped}?immutable=1");
+    Connection::open_with_flags(uri, flags | OpenFlags::SQLITE_OPEN_URI).and_then(open).map_err(db)
 }
 
 enum QueryError {

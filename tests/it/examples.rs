@@ -7,6 +7,8 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::Duration;
 
+use std::os::unix::fs::PermissionsExt;
+
 use crate::helpers::*;
 
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
@@ -92,25 +94,89 @@ fn nginx_example_serves_a_cache_nix_restores() {
 }
 
 #[test]
-fn systemd_units_verify() {
+fn install_puts_nixcache_where_the_hardened_units_run_it() {
     let t = tmp();
-    // Point the units at binaries that exist here; everything else is as shipped.
-    for name in ["nixcache-push.service", "nixcache-push.timer", "nixcache-gc.service", "nixcache-gc.timer"] {
+    let staged = t.path().join("pkg");
+    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/install"))
+        .env("DESTDIR", &staged)
+        .env("NIXCACHE_BIN", env!("CARGO_BIN_EXE_nixcache"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let prefix = staged.join("usr/local");
+    ok(Command::new(prefix.join("bin/nixcache")).arg("--version"));
+    let pages = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/man")).unwrap().count();
+    assert_eq!(std::fs::read_dir(prefix.join("share/man/man1")).unwrap().count(), pages);
+    for c in [
+        "share/bash-completion/completions/nixcache",
+        "share/zsh/site-functions/_nixcache",
+        "share/fish/vendor_completions.d/nixcache.fish",
+    ] {
+        assert!(std::fs::metadata(prefix.join(c)).unwrap().len() > 100, "{c}");
+    }
+    // The units run /usr/local/bin/nixcache: under DESTDIR, that is what install put there.
+    let units = ["nixcache-push.service", "nixcache-push.timer", "nixcache-gc.service", "nixcache-gc.timer"];
+    let installed = prefix.join("bin/nixcache");
+    for name in units {
         let text = std::fs::read_to_string(format!("{EXAMPLES}/systemd/{name}"))
             .unwrap()
-            .replace("/usr/local/bin/nixcache", env!("CARGO_BIN_EXE_nixcache"));
+            .replace("/usr/local/bin/nixcache", installed.to_str().unwrap());
         std::fs::write(t.path().join(name), text).unwrap();
     }
     let out = Command::new("systemd-analyze")
         .arg("verify")
-        .args(
-            ["nixcache-push.service", "nixcache-push.timer", "nixcache-gc.service", "nixcache-gc.timer"]
-                .map(|n| t.path().join(n)),
-        )
+        .args(units.map(|n| t.path().join(n)))
         .output()
         .expect("systemd-analyze is required (Debian: systemd)");
     let err = stderr(&out);
     assert!(out.status.success() && !err.contains("nixcache"), "systemd-analyze verify:\n{err}");
+    // Hardened: systemd's own review rates each service at most 3.0 ("OK").
+    for name in ["nixcache-push.service", "nixcache-gc.service"] {
+        let out = ok(Command::new("systemd-analyze")
+            .args(["security", "--offline=yes"])
+            .arg(format!("{EXAMPLES}/systemd/{name}"))
+            .current_dir(t.path()));
+        let level: f64 = out
+            .lines()
+            .find_map(|l| l.split("Overall exposure level for ").nth(1))
+            .and_then(|l| l.split(": ").nth(1))
+            .and_then(|l| l.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{out}"));
+        assert!(level <= 3.0, "{name}: exposure {level}\n{out}");
+    }
+}
+
+#[test]
+fn an_unprivileged_user_that_can_write_only_the_cache_pushes() {
+    // As the units run it: its own account, the Nix database and store read-only, the cache
+    // its only writable place, the key a private copy.
+    let f = fixtures();
+    let t = tmp();
+    std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cache = t.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    let key = t.path().join("cache.sec");
+    std::fs::copy(SECRET, &key).unwrap();
+    for p in [&cache, &key] {
+        ok(Command::new("chown").args(["65534:65534"]).arg(p));
+    }
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--"])
+        .arg(env!("CARGO_BIN_EXE_nixcache"))
+        .args(["push", "--metadata", "db", "-k"])
+        .arg(&key)
+        .arg("--dest")
+        .arg(&cache)
+        .arg(&f.top)
+        .env("NIX_CONFIG", "substituters =")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let root = t.path().join("root");
+    restore(&file_url(&cache), &root, &[&f.top]);
+    assert_restored_identical(&root, &f.closure);
 }
 
 /// Runs the rsync script; returns rsync's `%o %n` lines in order.
