@@ -49,22 +49,127 @@ pub fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
 }
 
 /// The man pages, `nixcache.1` and `nixcache-<subcommand>.1`, rendered from these
-/// definitions. `man/` holds them; a unit test fails when they are stale.
+/// definitions with an EXAMPLES and an EXIT STATUS section each. `man/` holds them; a unit
+/// test fails when they are stale.
 pub fn man_pages() -> Vec<(String, Vec<u8>)> {
     let mut cmd = Cli::command().disable_help_subcommand(true);
     cmd.build();
+    let source = format!("nixcache {}", env!("CARGO_PKG_VERSION"));
     let mut pages = Vec::new();
-    let mut render = |c: clap::Command| {
-        let man = clap_mangen::Man::new(c);
+    let mut render = |c: clap::Command, sub: Option<&str>| {
+        let title = sub.map_or_else(|| "nixcache".to_owned(), |s| format!("nixcache-{s}"));
+        let man = clap_mangen::Man::new(c.clone()).title(title.to_uppercase()).source(source.clone());
+        let page = |b: &mut Vec<u8>| -> std::io::Result<()> {
+            man.render_title(b)?;
+            man.render_name_section(b)?;
+            man.render_synopsis_section(b)?;
+            man.render_description_section(b)?;
+            man.render_options_section(b)?;
+            if c.get_subcommands().next().is_some() {
+                man.render_subcommands_section(b)?;
+            }
+            b.extend(man_extra(sub).as_bytes());
+            man.render_version_section(b)
+        };
         let mut buf = Vec::new();
-        man.render(&mut buf).expect("rendering into memory");
+        page(&mut buf).expect("rendering into memory");
         pages.push((man.get_filename(), buf));
     };
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned() {
-        render(sub);
+        let name = sub.get_name().to_owned();
+        render(sub, Some(&name));
     }
-    render(cmd);
+    render(cmd, None);
     pages
+}
+
+/// The EXAMPLES, EXIT STATUS and other sections of a page, as roff.
+fn man_extra(sub: Option<&str>) -> String {
+    let examples: &[(&str, &str)] = match sub {
+        Some("push") => &[
+            (
+                "nixcache push --dest /var/lib/static-nix-cache --secret-key /etc/nixcache/cache.sec ./result",
+                "Push the closure of ./result, signed, compressed with xz.",
+            ),
+            (
+                "nixcache push -c zstd --dest file:///media/usb/nix-cache $(nix-build)",
+                "Push to a USB disk, fast.",
+            ),
+            (
+                "nixcache push --dry-run --dest /var/lib/static-nix-cache ./result",
+                "Show what a push would write.",
+            ),
+            (
+                "nixcache push --repair --dest /var/lib/static-nix-cache ./result",
+                "Rewrite the NARs verify found wrong.",
+            ),
+        ],
+        Some("verify") => &[
+            (
+                "nixcache verify --dest /var/lib/static-nix-cache --trusted-public-key \"$(cat cache.pub)\"",
+                "Check every narinfo, NAR and signature.",
+            ),
+            ("nixcache verify --json --dest /var/lib/static-nix-cache", "The same, as JSON."),
+        ],
+        Some("sign") => &[
+            (
+                "nixcache sign --dest /var/lib/static-nix-cache --secret-key cache-2.sec",
+                "Add a new key's signature.",
+            ),
+            ("nixcache sign --dest /var/lib/static-nix-cache -k cache.sec ./result", "Sign one closure."),
+        ],
+        Some("gc") => &[
+            (
+                "nixcache gc --dest /var/lib/static-nix-cache --older-than 30d",
+                "Remove what no push included for 30 days.",
+            ),
+            (
+                "nixcache gc --dest /var/lib/static-nix-cache --older-than 14d --keep ./result --dry-run",
+                "Show what would go, keeping ./result's closure.",
+            ),
+        ],
+        Some("keygen") => &[(
+            "nixcache keygen cache.example.org-1 /etc/nixcache/cache.sec /etc/nixcache/cache.pub",
+            "Make a key pair; the .pub line goes into clients' trusted-public-keys.",
+        )],
+        Some("completions") => {
+            &[("nixcache completions bash > /etc/bash_completion.d/nixcache", "Bash completion.")]
+        }
+        _ => &[(
+            "nixcache push --dest /var/lib/static-nix-cache -k cache.sec ./result",
+            "See nixcache-push(1).",
+        )],
+    };
+    let mut out = String::from(".SH EXAMPLES\n");
+    for (command, what) in examples {
+        out.push_str(&format!(".TP\n.B {}\n{}\n", roff(command), roff(what)));
+    }
+    out.push_str(".SH \"EXIT STATUS\"\n");
+    let status = match sub {
+        Some("verify") => {
+            "0 when the cache is clean, 1 when problems were found, 2 when verify could not run or was used wrongly."
+        }
+        _ => {
+            "0 on success; 1 when the command failed (some path was not published, signed or removed; the cache stays consistent); 2 on a usage error."
+        }
+    };
+    out.push_str(&format!("{}\n", roff(status)));
+    if sub == Some("gc") {
+        out.push_str(".SH \"THE RECORD GC READS\"\n");
+        out.push_str(&format!(
+            "{}\n",
+            roff(
+                "When a push last named or walked a path is the modification time of its narinfo: every push touches it, sign keeps it, and rsync -a copies it. A copy that loses times makes every path look freshly pushed, so gc keeps everything until the window passes. A NAR no narinfo names is kept for the window, at least an hour, since a writer without nixcache's lock may be about to name it."
+            )
+        ));
+    }
+    out
+}
+
+/// Text for a roff line: backslashes and hyphens escaped, no leading control character.
+fn roff(text: &str) -> String {
+    let escaped = text.replace('\\', "\\e").replace('-', "\\-");
+    if escaped.starts_with(['.', '\'']) { format!("\\&{escaped}") } else { escaped }
 }
 
 /// Parses `--jobs`: at least 1, at most [`crate::cmd::max_jobs`] (four per core, at most
@@ -145,7 +250,7 @@ pub struct PushArgs {
     #[arg(long)]
     pub include_outputs: bool,
     /// How to compress NARs.
-    #[arg(long, short = 'c', value_enum, default_value_t = Compression::Xz)]
+    #[arg(long, short = 'c', value_enum, default_value_t = Compression::Xz, value_name = "xz|bzip2|zstd|none")]
     pub compression: Compression,
     /// nix-push's --bzip2: the same as -c bzip2.
     #[arg(long, hide = true, conflicts_with_all = ["compression", "none"])]
@@ -166,7 +271,8 @@ pub struct PushArgs {
     /// Compression level [default: xz 6, bzip2 9, zstd 3].
     #[arg(long, value_name = "N", allow_negative_numbers = false)]
     pub compression_level: Option<i32>,
-    /// Sign narinfos with this secret key file (Nix's format); repeatable.
+    /// Sign narinfos with this secret key file (Nix's format); repeatable. Also spelled
+    /// --key-file, as nix-push named it.
     #[arg(long = "secret-key", visible_alias = "key-file", short = 'k', value_name = "FILE")]
     pub secret_keys: Vec<PathBuf>,
     /// Threads, each compressing one path or one xz block at a time [default: all cores].
@@ -281,7 +387,7 @@ pub struct SignArgs {
     /// The cache directory.
     #[arg(long, short = 'd', value_name = "DIR", value_parser = parse_dest)]
     pub dest: PathBuf,
-    /// The secret key file to sign with.
+    /// The secret key file to sign with. Also spelled --key-file.
     #[arg(long = "secret-key", visible_alias = "key-file", short = 'k', value_name = "FILE")]
     pub secret_key: PathBuf,
     /// Sign only the closures of these store paths (as found in the cache) [default: all].
@@ -323,6 +429,27 @@ mod tests {
     #[test]
     fn definitions_are_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn man_pages_have_examples_exit_status_and_the_program_in_the_footer() {
+        for (name, page) in man_pages() {
+            let page = String::from_utf8(page).unwrap();
+            assert!(page.contains(".SH EXAMPLES\n.TP\n.B nixcache"), "{name}");
+            assert!(page.contains(".SH \"EXIT STATUS\""), "{name}");
+            assert!(page.contains(&format!("\"nixcache {}\"", env!("CARGO_PKG_VERSION"))), "{name}: footer");
+            match name.as_str() {
+                "nixcache-push.1" => {
+                    assert!(
+                        page.contains("xz|bzip2|zstd|none") && page.contains("\\-\\-key\\-file"),
+                        "{page}"
+                    )
+                }
+                "nixcache-gc.1" => assert!(page.contains("THE RECORD GC READS")),
+                "nixcache-verify.1" => assert!(page.contains("1 when problems were found")),
+                _ => {}
+            }
+        }
     }
 
     /// Regenerate with `NIXCACHE_UPDATE_MAN=1 cargo test man_pages`.
