@@ -181,9 +181,35 @@ fn an_unprivileged_user_that_can_write_only_the_cache_pushes() {
 
 /// Runs the rsync script; returns rsync's `%o %n` lines in order.
 fn mirror(src: &Path, dest: &Path) -> Vec<(String, String)> {
+    // After every rsync step: the source's lock is held (a writer would have to wait) and the
+    // mirror verifies, but for NARs not yet or no longer used.
+    let real = ok(Command::new("sh").args(["-c", "command -v rsync"])).trim().to_owned();
+    let dir = dest.with_extension("bin");
+    std::fs::create_dir_all(&dir).unwrap();
+    let wrapper = dir.join("rsync");
+    std::fs::write(
+        &wrapper,
+        format!(
+            r#"#!/bin/sh
+{real} "$@" || exit $?
+case " $* " in *" --dry-run "*) exit 0 ;; esac
+if flock -n -x {src}/.nixcache.lock true; then echo "the source lock was not held" >&2; exit 1; fi
+out=$({bin} verify --json --dest {dest}) || true
+bad=$(printf '%s\n' "$out" | grep '"kind"' | grep -v 'unused-nar\|temporary-file') || true
+if [ -n "$bad" ]; then echo "mirror broken after rsync $*: $bad" >&2; exit 1; fi
+"#,
+            src = src.display(),
+            dest = dest.display(),
+            real = real,
+            bin = env!("CARGO_BIN_EXE_nixcache")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
     let out = ok(Command::new(format!("{EXAMPLES}/rsync-cache.sh"))
         .arg(src)
         .arg(dest)
+        .env("PATH", format!("{}:{}", dir.display(), std::env::var("PATH").unwrap()))
         .env("RSYNC_OPTS", "--out-format=%o:%n"));
     out.lines()
         .filter_map(|l| l.split_once(':'))
@@ -215,6 +241,23 @@ fn rsync_example_orders_transfers_safely() {
     std::thread::sleep(Duration::from_secs(2));
     ok(nixcache().args(["push", "-q", "-k", SECRET, "--dest"]).arg(&src).arg(&new));
     ok(nixcache().args(["gc", "-q", "--older-than", "1s", "--dest"]).arg(&src));
+    // What each narinfo on the mirror references, before it is mirrored again.
+    let refs: std::collections::HashMap<String, Vec<String>> = std::fs::read_dir(&dest)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".narinfo"))
+        .map(|n| {
+            let ni: nixcache::narinfo::NarInfo =
+                std::fs::read_to_string(dest.join(&n)).unwrap().parse().unwrap();
+            let r = ni
+                .references
+                .iter()
+                .map(|r| format!("{}.narinfo", r.hash_part()))
+                .filter(|r| *r != n)
+                .collect();
+            (n, r)
+        })
+        .collect();
     let ops = mirror(&src, &dest);
     let sends = position(&ops, |(o, _)| o == "send");
     let del_narinfos = position(&ops, |(o, n)| o == "del." && n.ends_with(".narinfo"));
@@ -222,6 +265,17 @@ fn rsync_example_orders_transfers_safely() {
     assert!(!del_narinfos.is_empty() && !del_nars.is_empty(), "{ops:?}");
     assert!(sends.iter().max() < del_narinfos.iter().min(), "deletions last: {ops:?}");
     assert!(del_narinfos.iter().max() < del_nars.iter().min(), "narinfos deleted before NARs: {ops:?}");
+    // Referrers before their references, as gc removes them: never a narinfo whose reference
+    // is gone, even between two deletions.
+    let deleted: Vec<&str> = del_narinfos.iter().map(|&i| ops[i].1.as_str()).collect();
+    assert!(deleted.len() >= 3, "the test needs a chain of stale narinfos: {deleted:?}");
+    for (i, x) in deleted.iter().enumerate() {
+        for r in &refs[*x] {
+            if let Some(j) = deleted.iter().position(|d| d == r) {
+                assert!(j > i, "{r} deleted before its referrer {x}: {deleted:?}");
+            }
+        }
+    }
     assert_eq!(problems_of(&dest), 0);
     restore(&file_url(&dest), &t.path().join("root"), &[&new]);
 }
