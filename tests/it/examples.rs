@@ -307,3 +307,50 @@ fn completions_load_in_bash() {
     }
     assert!(ok(nixcache().arg("--version")).starts_with(concat!("nixcache ", env!("CARGO_PKG_VERSION"))));
 }
+
+#[test]
+fn post_build_hook_queues_builds_and_the_timer_pushes_them() {
+    let t = tmp();
+    let spool = t.path().join("spool");
+    std::fs::create_dir(&spool).unwrap();
+    let hook = format!("{EXAMPLES}/post-build-hook.sh");
+    let config = format!("substituters =\nexperimental-features = nix-command\npost-build-hook = {hook}\n");
+    let salt = format!("hook-{}-{:?}", std::process::id(), std::time::SystemTime::now());
+    let build = |spool: &Path| {
+        let out = nix_cmd("nix-build")
+            .args([concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures.nix"), "--no-out-link"])
+            .args(["--argstr", "salt", &salt])
+            .env("NIX_CONFIG", &config)
+            .env("NIXCACHE_SPOOL", spool)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "the build failed: {}", stderr(&out));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let top = build(&spool);
+    // Every build is queued (Nix 2.8 gives the derivation, not OUT_PATHS).
+    let queued = std::fs::read_to_string(spool.join("queue")).unwrap();
+    let drvs = queued.lines().filter(|l| l.ends_with(".drv")).count();
+    assert!(drvs >= 6, "{queued}");
+    // The timer's push drains the queue into the cache, signed.
+    let cache = t.path().join("cache");
+    ok(Command::new(format!("{EXAMPLES}/push-spool.sh"))
+        .arg(&cache)
+        .args(["-q", "--secret-key", SECRET])
+        .env("NIXCACHE_SPOOL", &spool)
+        .env("NIXCACHE", env!("CARGO_BIN_EXE_nixcache")));
+    assert!(!spool.join("queue").exists(), "the queue was not emptied");
+    assert!(cache.join(format!("{}.narinfo", hash_part(&top))).exists(), "the top output was not pushed");
+    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0, "batch files left in the spool");
+    restore(&file_url(&cache), &t.path().join("root"), &[&top]);
+    // A hook that cannot write its spool never fails the build.
+    let salt2 = format!("{salt}-again");
+    let out = nix_cmd("nix-build")
+        .args([concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures.nix"), "--no-out-link"])
+        .args(["--argstr", "salt", &salt2])
+        .env("NIX_CONFIG", &config)
+        .env("NIXCACHE_SPOOL", "/proc/no-such-spool")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "a failing spool failed the build: {}", stderr(&out));
+}
