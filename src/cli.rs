@@ -237,8 +237,8 @@ impl StoreArgs {
 
 #[derive(Debug, Args)]
 pub struct PushArgs {
-    /// The cache directory; created if missing.
-    #[arg(long, short = 'd', value_name = "DIR", value_parser = parse_dest)]
+    /// The cache directory (or file:///DIR); created if missing.
+    #[arg(long, short = 'd', value_name = "DIR", value_parser = parse_dest, required_unless_present = "to", default_value = "", hide_default_value = true)]
     pub dest: PathBuf,
     /// Store paths, or symlinks into the store such as ./result. Their closures are pushed.
     #[arg(value_name = "PATH")]

@@ -62,7 +62,7 @@ pub fn verify(
             problems.push(Problem {
                 path: CACHE_INFO.into(),
                 kind: "cache-info",
-                message: "nix-cache-info is missing; Nix will not use this cache".into(),
+                message: "nix-cache-info is missing; Nix will not use this cache (a push writes it)".into(),
             });
             None
         }

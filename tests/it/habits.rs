@@ -50,6 +50,12 @@ fn file_urls_and_nix_push_flags() {
         assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
         assert!(!gone.exists(), "{args:?} made the cache");
     }
+    // nix copy's --to alone: the same sentence, not clap's "--dest is required".
+    let out = fails(nixcache().args(["push", "--to", "/tmp/elsewhere", tree]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("the cache is --dest DIR"), "{}", stderr(&out));
+    let out = fails(nixcache().args(["push", tree]));
+    assert!(stderr(&out).contains("--dest <DIR>"), "{}", stderr(&out));
 }
 
 #[test]
