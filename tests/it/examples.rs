@@ -354,3 +354,36 @@ fn post_build_hook_queues_builds_and_the_timer_pushes_them() {
         .unwrap();
     assert!(out.status.success(), "a failing spool failed the build: {}", stderr(&out));
 }
+
+#[test]
+fn demo_leaves_a_usable_cache_and_keys_and_nothing_else() {
+    let t = tmp();
+    let dest = t.path().join("demo");
+    let scratch = t.path().join("tmp");
+    std::fs::create_dir(&scratch).unwrap();
+    let run = || {
+        let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/demo"))
+            .arg(&dest)
+            .env("NIXCACHE_BIN", env!("CARGO_BIN_EXE_nixcache"))
+            .env("TMPDIR", &scratch)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first = run();
+    let public = std::fs::read_to_string(t.path().join("demo-keys/public")).unwrap();
+    for line in [
+        format!("the cache        {}", dest.display()),
+        format!("substituters = file://{}", dest.display()),
+        format!("trusted-public-keys = {}", public.trim()),
+    ] {
+        assert!(first.contains(&line), "{line}\n{first}");
+    }
+    // Again: the same key, and no temporary store or directory left behind.
+    let second = run();
+    assert_eq!(std::fs::read_to_string(t.path().join("demo-keys/public")).unwrap(), public);
+    assert!(second.contains(public.trim()));
+    assert_eq!(std::fs::read_dir(&scratch).unwrap().count(), 0, "left in TMPDIR");
+    ok(nixcache().args(["verify", "--trusted-public-key", public.trim(), "--dest"]).arg(&dest));
+}
