@@ -286,8 +286,8 @@ impl Cache {
     pub fn create_subdir(&mut self, sub: &'static str) -> Result<(), CacheError> {
         make_dir(&self.dir.join(sub))?;
         self.bad_dirs = bad_subdirs(&self.dir);
-        match self.bad_dirs.iter().find(|(b, _)| *b == sub) {
-            Some((_, kind)) => Err(CacheError::NotARealDirectory { path: self.dir.join(sub), kind }),
+        match self.bad_dir(sub) {
+            Some(kind) => Err(CacheError::NotARealDirectory { path: self.dir.join(sub), kind }),
             None => Ok(()),
         }
     }
@@ -317,6 +317,11 @@ impl Cache {
     /// Subdirectories that exist but are not real directories, and what they are.
     pub fn bad_dirs(&self) -> &[(&'static str, &'static str)] {
         &self.bad_dirs
+    }
+
+    /// What the subdirectory `sub` is, when it exists but is not a real directory.
+    fn bad_dir(&self, sub: &str) -> Option<&'static str> {
+        self.bad_dirs.iter().find(|(b, _)| *b == sub).map(|(_, kind)| *kind)
     }
 
     pub fn dir(&self) -> &Path {
@@ -369,9 +374,7 @@ impl Cache {
         let plain = |c: &str| !c.is_empty() && c != "." && c != "..";
         match parts[..] {
             [name] if plain(name) => Some(self.dir.join(name)),
-            [sub, name]
-                if SUBDIRS.contains(&sub) && plain(name) && !self.bad_dirs.iter().any(|(b, _)| *b == sub) =>
-            {
+            [sub, name] if SUBDIRS.contains(&sub) && plain(name) && self.bad_dir(sub).is_none() => {
                 Some(self.dir.join(sub).join(name))
             }
             _ => None,
@@ -409,13 +412,13 @@ impl Cache {
         Ok(Some(ni))
     }
 
-    /// Reads and parses the narinfo of `p`.
-    pub fn lookup(&self, p: &StorePath) -> Result<Lookup, CacheError> {
-        Ok(match self.read_narinfo(&Self::narinfo_rel(p)) {
+    /// Reads and parses the narinfo of `p`; a file that cannot be used is [`Lookup::Invalid`].
+    pub fn lookup(&self, p: &StorePath) -> Lookup {
+        match self.read_narinfo(&Self::narinfo_rel(p)) {
             Ok(Some(ni)) => Lookup::Found(Box::new(ni)),
             Ok(None) => Lookup::Missing,
             Err(e) => Lookup::Invalid(e),
-        })
+        }
     }
 
     /// Size of a cache file, if it exists and is a regular file.
@@ -619,7 +622,7 @@ impl Cache {
     /// files, links and special files, never directories. None if `sub` is missing or is
     /// not a real directory (never listed through a link).
     pub fn list(&self, sub: &str, keep: impl Fn(&str) -> bool) -> Result<Vec<String>, CacheError> {
-        if self.bad_dirs.iter().any(|(b, _)| *b == sub) {
+        if self.bad_dir(sub).is_some() {
             return Ok(Vec::new());
         }
         let d = self.dir.join(sub);

@@ -150,15 +150,18 @@ pub enum PushError {
 impl PushError {
     /// Whether the cache's filesystem was full (or over quota).
     pub fn is_cache_full(&self) -> bool {
-        let full =
-            |e: &io::Error| matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded);
         match self {
             PushError::CacheFull(_) => true,
-            PushError::Cache(CacheError::Io { source, .. }) => full(source),
-            PushError::Sync(e) => matches!(&**e, CacheError::Io { source, .. } if full(source)),
+            PushError::Cache(CacheError::Io { source, .. }) => is_full(source),
+            PushError::Sync(e) => matches!(&**e, CacheError::Io { source, .. } if is_full(source)),
             _ => false,
         }
     }
+}
+
+/// Whether a write failed because the filesystem is full (or over quota).
+fn is_full(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
 }
 
 /// What happened to one path.
@@ -532,7 +535,7 @@ impl Run<'_> {
         let (found, existed) = existing(cache, &self.store.store_dir, info, |w| {
             // Never signed or kept as found: rewritten from the store.
             self.progress.warn(&format!("warning: {abs}: {w}; rewriting it"))
-        })?;
+        });
         Ok(match found {
             Some(ni)
                 if !opts.force && cache.has_nar(&ni) && !(opts.repair && self.nar_is_wrong(&abs, &ni)) =>
@@ -856,11 +859,7 @@ fn write_err(e: io::Error) -> PushError {
     } else {
         e
     };
-    if e.kind() == io::ErrorKind::StorageFull || e.kind() == io::ErrorKind::QuotaExceeded {
-        PushError::CacheFull(e)
-    } else {
-        PushError::CacheWrite(e)
-    }
+    if is_full(&e) { PushError::CacheFull(e) } else { PushError::CacheWrite(e) }
 }
 
 impl From<DumpError> for PushError {
@@ -984,8 +983,8 @@ pub fn existing(
     store_dir: &crate::store_path::StoreDir,
     info: &PathInfo,
     warn: impl FnOnce(&str),
-) -> Result<(Option<NarInfo>, bool), CacheError> {
-    Ok(match cache.lookup(&info.path)? {
+) -> (Option<NarInfo>, bool) {
+    match cache.lookup(&info.path) {
         Lookup::Missing => (None, false),
         Lookup::Invalid(_) => (None, true),
         Lookup::Found(ni) => {
@@ -995,7 +994,7 @@ pub fn existing(
             }
             (wrong.is_empty().then_some(*ni), true)
         }
-    })
+    }
 }
 
 /// The fields in which a narinfo found in the cache differs from what the store says of the

@@ -23,11 +23,11 @@ pub fn read_secret_key(path: &Path) -> anyhow::Result<SecretKey> {
     if let Ok(m) = std::fs::metadata(path)
         && m.permissions().mode() & 0o004 != 0
     {
-        crate::progress::eprint(&format!(
+        crate::elog!(
             "warning: the secret key {} is readable by every user (mode {:o}); `chmod 600` it",
             path.display(),
             m.permissions().mode() & 0o777
-        ));
+        );
     }
     Ok(key)
 }

@@ -25,7 +25,7 @@ fn dry_run(args: &PushArgs, store: &Store, infos: &[crate::store::PathInfo]) -> 
     for info in infos {
         let abs = store.store_dir().display(&info.path);
         let (found, existed) = match &cache {
-            Some(c) => crate::push::existing(c, store.store_dir(), info, |_| {})?,
+            Some(c) => crate::push::existing(c, store.store_dir(), info, |_| {}),
             None => (None, false),
         };
         let complete = found.filter(|ni| cache.as_ref().is_some_and(|c| c.has_nar(ni)) && !args.force);
