@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::compression::Compression;
+use crate::storage::Dest;
 use crate::store::{Source, StoreConfig};
 use crate::store_path::StoreDir;
 
@@ -186,22 +187,23 @@ fn parse_jobs(s: &str) -> Result<NonZeroUsize, String> {
     }
 }
 
-/// Parses `--dest`: a directory, or a `file://` URL of one (the `nix copy --to` habit). Other
-/// schemes and URL parameters get a sentence.
-pub fn parse_dest(s: &str) -> Result<PathBuf, String> {
-    let Some((scheme, rest)) = s.split_once("://") else { return Ok(PathBuf::from(s)) };
+/// Parses `--dest`: a directory, a `file://` URL of one (the `nix copy --to` habit), or an
+/// `s3://bucket/prefix?...` URL. Other schemes and settings in a file:// URL get a sentence.
+pub fn parse_dest(s: &str) -> Result<Dest, String> {
+    let Some((scheme, rest)) = s.split_once("://") else { return Ok(Dest::Dir(PathBuf::from(s))) };
     match scheme {
         "file" if rest.contains('?') => Err(format!(
             "{s:?}: nixcache reads no settings from the URL; use its flags (-c/--compression, --priority, ...) and --dest file://{}",
             rest.split('?').next().unwrap_or_default()
         )),
         "file" if rest.is_empty() => Err("file:// needs a directory: file:///var/cache/nix".into()),
-        "file" => Ok(PathBuf::from(rest)),
+        "file" => Ok(Dest::Dir(PathBuf::from(rest))),
+        "s3" => s.parse().map(Dest::Bucket),
         "http" | "https" => Err(format!(
-            "{s:?} is a URL to read a cache from; nixcache writes the directory a web server serves: give that directory"
+            "{s:?} is a URL to read a cache from; nixcache writes the directory a web server serves (give that directory) or the bucket one serves (s3://bucket/prefix?endpoint=...)"
         )),
         _ => Err(format!(
-            "{s:?}: nixcache writes a cache directory (or file:///dir); {scheme}:// is not supported"
+            "{s:?}: nixcache writes a cache directory (or file:///dir) or an S3 bucket (s3://bucket/prefix); {scheme}:// is not supported"
         )),
     }
 }
@@ -237,9 +239,10 @@ impl StoreArgs {
 
 #[derive(Debug, Args)]
 pub struct PushArgs {
-    /// The cache directory (or file:///DIR); created if missing.
-    #[arg(long, short = 'd', value_name = "DIR", value_parser = parse_dest, required_unless_present = "to", default_value = "", hide_default_value = true)]
-    pub dest: PathBuf,
+    /// The cache: a directory (or file:///DIR), created if missing, or an S3 bucket,
+    /// s3://BUCKET/PREFIX?endpoint=URL&region=REGION&profile=NAME (see README).
+    #[arg(long, short = 'd', value_name = "DIR|URL", value_parser = parse_dest, required_unless_present = "to", default_value = "", hide_default_value = true)]
+    pub dest: Dest,
     /// Store paths, or symlinks into the store such as ./result. Their closures are pushed.
     #[arg(value_name = "PATH")]
     pub paths: Vec<PathBuf>,
@@ -278,6 +281,10 @@ pub struct PushArgs {
     /// Threads, each compressing one path or one xz block at a time [default: all cores].
     #[arg(long, short = 'j', value_name = "N", value_parser = parse_jobs)]
     pub jobs: Option<NonZeroUsize>,
+    /// With an s3:// --dest: parts uploaded at once, across all NARs (each part is up to 8
+    /// MiB at first, held in memory while it goes up).
+    #[arg(long, value_name = "N", default_value = "8", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub uploads: u16,
     /// Rewrite narinfos and NARs that already exist.
     #[arg(long)]
     pub force: bool,
@@ -342,6 +349,17 @@ impl PushArgs {
         Err(Cli::command().error(clap::error::ErrorKind::ArgumentConflict, why))
     }
 
+    /// `--dest`, with `--uploads` applied to a bucket.
+    pub fn dest_with_uploads(&self) -> Dest {
+        match &self.dest {
+            Dest::Bucket(b) => Dest::Bucket(crate::storage::s3::BucketUrl {
+                uploads: usize::from(self.uploads),
+                ..b.clone()
+            }),
+            d => d.clone(),
+        }
+    }
+
     /// The WantMassQuery the user asked for, if any.
     pub fn want_mass_query(&self) -> Option<bool> {
         match (self.want_mass_query, self.no_want_mass_query) {
@@ -364,9 +382,10 @@ pub struct KeygenArgs {
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// The cache directory.
-    #[arg(long, short = 'd', value_name = "DIR", value_parser = parse_dest)]
-    pub dest: PathBuf,
+    /// The cache: a directory, or an s3://BUCKET/PREFIX?endpoint=URL URL (read anonymously
+    /// when no credentials are found).
+    #[arg(long, short = 'd', value_name = "DIR|URL", value_parser = parse_dest)]
+    pub dest: Dest,
     /// Require a valid signature by one of these keys (NAME:BASE64, as in
     /// trusted-public-keys; or a file holding one); repeatable.
     #[arg(long = "trusted-public-key", value_name = "KEY")]
@@ -384,9 +403,9 @@ pub struct VerifyArgs {
 
 #[derive(Debug, Args)]
 pub struct SignArgs {
-    /// The cache directory.
-    #[arg(long, short = 'd', value_name = "DIR", value_parser = parse_dest)]
-    pub dest: PathBuf,
+    /// The cache: a directory, or an s3://BUCKET/PREFIX?endpoint=URL URL.
+    #[arg(long, short = 'd', value_name = "DIR|URL", value_parser = parse_dest)]
+    pub dest: Dest,
     /// The secret key file to sign with. Also spelled --key-file.
     #[arg(long = "secret-key", visible_alias = "key-file", short = 'k', value_name = "FILE")]
     pub secret_key: PathBuf,
@@ -405,9 +424,9 @@ pub struct SignArgs {
 
 #[derive(Debug, Args)]
 pub struct GcArgs {
-    /// The cache directory.
-    #[arg(long, short = 'd', value_name = "DIR", value_parser = parse_dest)]
-    pub dest: PathBuf,
+    /// The cache: a directory, or an s3://BUCKET/PREFIX?endpoint=URL URL.
+    #[arg(long, short = 'd', value_name = "DIR|URL", value_parser = parse_dest)]
+    pub dest: Dest,
     /// Keep paths a push named or walked within this long: 90s, 30m, 36h, 14d, 2w.
     #[arg(long, value_name = "DURATION", value_parser = crate::gc::parse_duration)]
     pub older_than: std::time::Duration,

@@ -202,13 +202,7 @@ pub fn gc(
         .filter_map(|ni| ni.nar_file())
         .collect();
     let unnamed_cutoff = now.checked_sub(grace(older_than)).unwrap_or(SystemTime::UNIX_EPOCH);
-    let stale = |rel: &str| {
-        cache
-            .resolve(rel)
-            .and_then(|p| std::fs::symlink_metadata(p).ok())
-            .and_then(|m| m.modified().ok())
-            .is_some_and(|t| t < unnamed_cutoff)
-    };
+    let stale = |rel: &str| cache.stat(rel).is_some_and(|m| m.modified < unnamed_cutoff);
     let used: HashSet<String> = live
         .iter()
         .filter_map(|h| index.entries[h].narinfo.as_ref().ok())
@@ -233,10 +227,25 @@ pub fn gc(
             report.removals.push(Removal { bytes: size(&rel), file: rel, store_path: None, reason: None });
         }
     }
-    for p in cache.temp_files()? {
-        let rel = p.strip_prefix(cache.dir()).unwrap_or(&p).display().to_string();
-        if stale(&rel) {
-            report.removals.push(Removal { bytes: size(&rel), file: rel, store_path: None, reason: None });
+    // Temporary files and incomplete uploads: of killed runs once past the grace period.
+    let mut leftovers = Vec::new();
+    for l in cache.temp_files()? {
+        if l.modified < unnamed_cutoff {
+            report.removals.push(Removal {
+                bytes: l.size,
+                file: l.name.clone(),
+                store_path: None,
+                reason: None,
+            });
+            leftovers.push(l);
+        }
+    }
+    // Push records (a bucket's) older than the window name nothing gc still needs.
+    let mut records = Vec::new();
+    for (name, when, _) in cache.push_records()? {
+        if when < cutoff {
+            report.removals.push(Removal { bytes: 0, file: name.clone(), store_path: None, reason: None });
+            records.push(name);
         }
     }
     report.bytes_freed = report.removals.iter().map(|r| r.bytes).sum();
@@ -247,11 +256,12 @@ pub fn gc(
             if i > 0 && layers[i - 1].is_some() && layers[i] != layers[i - 1] {
                 cache.sync_dir("")?;
             }
-            let path = cache.path(&r.file);
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(GcError::Remove { path, source }),
+            if let Some(l) = leftovers.iter().find(|l| l.name == r.file) {
+                cache.remove_leftover(l)?;
+            } else if records.contains(&r.file) {
+                cache.remove_record(&r.file)?;
+            } else {
+                cache.remove(&r.file)?;
             }
         }
     }

@@ -41,10 +41,19 @@ impl Index {
     /// not a reason to stop.
     pub fn load(cache: &Cache) -> Result<Index, CacheError> {
         let mut entries = HashMap::new();
-        for file in cache.narinfo_files()? {
-            // Gone since the listing: nothing to index.
-            let Ok(meta) = std::fs::symlink_metadata(cache.path(&file)) else { continue };
-            let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+        // Where modification times cannot be touched (a bucket), push records say when a
+        // push last named a path.
+        let mut recorded: HashMap<String, SystemTime> = HashMap::new();
+        for (_, when, names) in cache.push_records()? {
+            for n in names {
+                let t = recorded.entry(n).or_insert(when);
+                *t = (*t).max(when);
+            }
+        }
+        for meta in cache.narinfo_entries()? {
+            let file = meta.name;
+            let hash = file.trim_end_matches(".narinfo");
+            let modified = recorded.get(hash).map_or(meta.modified, |&r| r.max(meta.modified));
             let narinfo = match cache.read_narinfo(&file) {
                 Ok(Some(ni)) => Ok(ni),
                 Ok(None) => continue,

@@ -1,7 +1,7 @@
 //! nixcache: turn Nix store paths into a static binary cache.
 //!
 //! Pure format modules ([`nixbase32`], [`hash`], [`store_path`], [`narinfo`], [`signing`],
-//! [`nar`]) never touch the filesystem; [`store`] and [`cache`] are the I/O edges.
+//! [`nar`]) never touch the filesystem; [`store`], [`storage`] and [`cache`] are the I/O edges.
 #![forbid(unsafe_code)]
 
 pub mod cache;
@@ -16,6 +16,7 @@ pub mod nixbase32;
 pub mod progress;
 pub mod push;
 pub mod signing;
+pub mod storage;
 pub mod store;
 pub mod store_path;
 pub mod verify;

@@ -260,3 +260,12 @@ impl<W: Write> Write for ProgressWriter<'_, W> {
 pub fn bytes(n: u64) -> String {
     HumanBytes(n).to_string()
 }
+
+/// Requests made to a bucket, in words: `52 requests (30 put, 20 get, 2 list)`.
+pub fn requests(counts: &std::collections::HashMap<&'static str, u64>) -> String {
+    let mut kinds: Vec<(&&str, &u64)> = counts.iter().collect();
+    kinds.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    let total: u64 = counts.values().sum();
+    let each: Vec<String> = kinds.iter().map(|(k, n)| format!("{n} {k}")).collect();
+    format!("{} ({})", plural(total as usize, "request"), each.join(", "))
+}

@@ -18,7 +18,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use thiserror::Error;
 
-use crate::cache::{Cache, CacheError, Lookup, Staged, TempFile};
+use crate::cache::{Cache, CacheError, Lookup, NewFile, Staged};
 use crate::compression::Compression;
 use crate::hash::{ChunkHasher, HashingWriter, NixHash};
 use crate::nar::dump::{DumpError, Marks, ResumePoint, dump_listing, dump_marked, dump_range_at};
@@ -608,8 +608,8 @@ impl Run<'_> {
         let abs = self.store.store_dir.display(&info.path);
         let ext = opts.compression.extension();
         let bar = self.progress.path(info.path.as_str(), info.nar_size);
-        let mut tmp = cache.temp_file("nar", ext)?;
-        let file = HashingWriter::new(BufWriter::with_capacity(FILE_BUFFER, ToCache(tmp.file())));
+        let tmp = cache.create_file("nar", ext)?;
+        let file = HashingWriter::new(BufWriter::with_capacity(FILE_BUFFER, ToCache(tmp)));
         let encoder = opts.compression.encoder(file, opts.level).map_err(write_err)?;
         let nar = HashingWriter::new(ProgressWriter::new(encoder, &bar));
         // The NAR writer emits many 8-16 byte tokens; batch them for the hasher and compressor.
@@ -619,9 +619,8 @@ impl Run<'_> {
         let nar = nar.into_inner().map_err(|e| write_err(e.into_error()))?;
         let (shown, nar_size, nar_hash) = nar.finish();
         let file = shown.into_inner().finish().map_err(write_err)?;
-        let (mut buffered, file_size, file_hash) = file.finish();
-        buffered.flush().map_err(write_err)?;
-        drop(buffered);
+        let (buffered, file_size, file_hash) = file.finish();
+        let ToCache(tmp) = buffered.into_inner().map_err(|e| write_err(e.into_error()))?;
         drop(bar);
         check_hash(&abs, info, nar_hash, nar_size)?;
         self.publish_nar(info, tmp, outcome, (nar_size, nar_hash), (file_size, file_hash), listing.as_ref())
@@ -631,9 +630,8 @@ impl Run<'_> {
     /// NarSize the store records (a different size fails the hash pass).
     fn open_blocks(&self, i: usize, params: xz::Params, outcome: Outcome) -> Result<Blocked, PushError> {
         let info = &self.infos[i];
-        let mut tmp = self.cache.temp_file("nar", self.opts.compression.extension())?;
-        let file = tmp.file().try_clone().map_err(write_err)?;
-        let mut out = HashingWriter::new(BufWriter::with_capacity(FILE_BUFFER, ToCache(file)));
+        let tmp = self.cache.create_file("nar", self.opts.compression.extension())?;
+        let mut out = HashingWriter::new(BufWriter::with_capacity(FILE_BUFFER, ToCache(tmp)));
         out.write_all(&xz::stream_header()).map_err(write_err)?;
         let ranges: Vec<_> = params.blocks(info.nar_size).collect();
         let n = ranges.len();
@@ -645,7 +643,6 @@ impl Run<'_> {
             outcome,
             bar: self.progress.path(info.path.as_str(), info.nar_size),
             state: Mutex::new(BlockedState {
-                tmp: Some(tmp),
                 out: Some(out),
                 waiting: (0..n).map(|_| None).collect(),
                 next: 0,
@@ -776,10 +773,8 @@ impl Run<'_> {
         }
         let mut out = st.out.take().expect("finished once");
         out.write_all(&xz::index_and_footer(&b.params, &st.blocks)).map_err(write_err)?;
-        let (mut buffered, file_size, file_hash) = out.finish();
-        buffered.flush().map_err(write_err)?;
-        drop(buffered);
-        let tmp = st.tmp.take().expect("finished once");
+        let (buffered, file_size, file_hash) = out.finish();
+        let ToCache(tmp) = buffered.into_inner().map_err(|e| write_err(e.into_error()))?;
         let nar = (pass.nar_size, pass.nar_hash);
         self.publish_nar(info, tmp, b.outcome, nar, (file_size, file_hash), pass.listing.as_ref())
     }
@@ -788,7 +783,7 @@ impl Run<'_> {
     fn publish_nar(
         &self,
         info: &PathInfo,
-        tmp: TempFile,
+        tmp: Box<dyn NewFile>,
         outcome: Outcome,
         (nar_size, nar_hash): (u64, NixHash),
         (file_size, file_hash): (u64, NixHash),
@@ -797,7 +792,7 @@ impl Run<'_> {
         let (cache, opts) = (self.cache, self.opts);
         let url = format!("nar/{}{}", file_hash.to_nix32(), opts.compression.extension());
         // Made durable and put in place before its narinfo (see Publisher).
-        let mut staged = vec![tmp.stage(cache.path(&url))];
+        let mut staged = vec![tmp.stage(&url)?];
         staged.extend(side_files(cache, info, &url, listing, opts)?);
         let mut narinfo = NarInfo {
             store_dir: self.store.store_dir.clone(),
@@ -881,6 +876,9 @@ struct HashPass {
     chunks: Vec<NixHash>,
 }
 
+/// A NAR file being written, hashed on its way to the cache.
+type CacheOut = HashingWriter<BufWriter<ToCache<Box<dyn NewFile>>>>;
+
 /// A path whose xz blocks are compressed as separate units.
 struct Blocked {
     params: xz::Params,
@@ -892,8 +890,7 @@ struct Blocked {
 }
 
 struct BlockedState {
-    tmp: Option<TempFile>,
-    out: Option<HashingWriter<BufWriter<ToCache<File>>>>,
+    out: Option<CacheOut>,
     /// Blocks compressed but not yet appended (a later block finished first).
     waiting: Vec<Option<(SpillData, xz::Block)>>,
     /// The next block to append.
@@ -954,7 +951,7 @@ impl Write for Spill<'_> {
         if let SpillData::Memory(v) = &mut self.data
             && v.len() + buf.len() > SPILL_IN_MEMORY
         {
-            let mut f = self.cache.unnamed_file("nar").map_err(|e| match e {
+            let mut f = self.cache.scratch().map_err(|e| match e {
                 CacheError::Io { source, .. } => tag(source),
                 e => tag(io::Error::other(e)),
             })?;

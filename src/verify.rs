@@ -114,10 +114,13 @@ pub fn verify(
             });
         }
     }
-    for p in cache.temp_files()? {
-        let rel = p.strip_prefix(cache.dir()).unwrap_or(&p).display().to_string();
+    for l in cache.temp_files()? {
+        if l.upload_id.is_some() {
+            // Another push may be uploading it; gc aborts it once stale.
+            continue;
+        }
         problems.push(Problem {
-            path: rel,
+            path: l.name,
             kind: "temporary-file",
             message: format!("left by an interrupted run ({TEMP_PREFIX}*; the next push or gc removes it)"),
         });
@@ -229,7 +232,7 @@ pub fn check_nar(
         problem("nar-url", format!("its URL {:?} does not name a file in the cache", ni.url));
         return 0;
     };
-    let f = match cache.open_file(&rel) {
+    let (f, size) = match cache.open_file(&rel) {
         Ok(Some(f)) => f,
         Ok(None) => {
             problem(
@@ -241,13 +244,6 @@ pub fn check_nar(
         Err(e) => {
             let p = file_problem(&rel, &e);
             problem(p.kind, format!("its NAR {rel} {}", p.message));
-            return 0;
-        }
-    };
-    let size = match f.metadata() {
-        Ok(m) => m.len(),
-        Err(e) => {
-            problem("unreadable", format!("cannot read {rel}: {e}"));
             return 0;
         }
     };

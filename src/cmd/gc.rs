@@ -11,7 +11,7 @@ pub fn run(args: &GcArgs) -> anyhow::Result<bool> {
     let mut cache = Cache::open(&args.dest)?;
     cache.lock(|| {
         if !args.quiet {
-            crate::elog!("waiting for another nixcache writing to {} ...", args.dest.display());
+            crate::elog!("waiting for another nixcache writing to {} ...", args.dest);
         }
     })?;
     let keep: Vec<String> = args.keep.iter().map(|k| super::store_path_arg(&cache, k)).collect();

@@ -17,7 +17,10 @@ use crate::store::Store;
 /// `push --dry-run`: what a push would do, path by path on stdout and in a summary, without
 /// creating, locking or changing anything.
 fn dry_run(args: &PushArgs, store: &Store, infos: &[crate::store::PathInfo]) -> anyhow::Result<bool> {
-    let cache = if args.dest.exists() { Some(Cache::inspect(&args.dest)?) } else { None };
+    let cache = match &args.dest {
+        crate::storage::Dest::Dir(d) if !d.exists() => None,
+        dest => Some(Cache::inspect(dest)?),
+    };
     let keys =
         args.secret_keys.iter().map(|p| super::read_secret_key(p)).collect::<anyhow::Result<Vec<_>>>()?;
     let public: Vec<_> = keys.iter().map(|k| k.public_key()).collect();
@@ -90,19 +93,23 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
         return dry_run(args, &store, &infos);
     }
 
-    let mut cache = Cache::create(&args.dest)?;
+    let mut cache = Cache::create(args.dest_with_uploads())?;
     let mode = Mode::detect(args.quiet);
     cache.lock(|| {
         if mode != Mode::Quiet {
-            crate::elog!("waiting for another nixcache writing to {} ...", args.dest.display());
+            crate::elog!("waiting for another nixcache writing to {} ...", args.dest);
         }
     })?;
     for p in cache.clean_temp_files()? {
         if mode != Mode::Quiet {
-            crate::elog!("removed {} left by an interrupted run", p.display());
+            crate::elog!("removed {} left by an interrupted run", p);
         }
     }
     cache.ensure_cache_info(store.store_dir(), args.want_mass_query(), args.priority, DEFAULT_PRIORITY)?;
+    // Before looking: a gc that starts from now on keeps what this push names.
+    let hashes: Vec<&str> = infos.iter().map(|i| i.path.hash_part()).collect();
+    cache.record_push(&hashes)?;
+    let lookups = cache.prepare_lookups(infos.len())?;
 
     let total: u64 = infos.iter().map(|i| i.nar_size).sum();
     if mode != Mode::Quiet {
@@ -111,10 +118,15 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
             "pushing {}, {} of NAR, to {}, {}, {}",
             progress::plural(infos.len(), "path"),
             progress::bytes(total),
-            args.dest.display(),
+            args.dest,
             args.compression(),
             progress::plural(jobs, "thread")
         );
+    }
+    if let Some(how) = lookups
+        && mode != Mode::Quiet
+    {
+        crate::elog!("{how}");
     }
     let progress = Progress::new(mode, "pushing", infos.len(), total);
     if args.index_debug_info {
@@ -154,6 +166,10 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
             args.compression(),
             started.elapsed().as_secs_f64(),
         );
+        let requests = cache.requests();
+        if !requests.is_empty() {
+            crate::elog!("{}", progress::requests(&requests));
+        }
     }
     if !report.ok() {
         for (p, e) in &report.failed {
@@ -172,7 +188,7 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
             crate::elog!(
                 "error: the cache's filesystem is full ({} paths could not be written to {}); about {} more free space is needed ({} of NAR left, at the {:.0}% ratio of this run): free space there, then push again",
                 full,
-                args.dest.display(),
+                args.dest,
                 progress::bytes((left as f64 * ratio) as u64),
                 progress::bytes(left),
                 ratio * 100.0

@@ -23,7 +23,7 @@ pub fn run(args: &SignArgs) -> anyhow::Result<bool> {
     let mut cache = Cache::open(&args.dest)?;
     cache.lock(|| {
         if !args.quiet {
-            crate::elog!("waiting for another nixcache writing to {} ...", args.dest.display());
+            crate::elog!("waiting for another nixcache writing to {} ...", args.dest);
         }
     })?;
     let index = Index::load(&cache)?;

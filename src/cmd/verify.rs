@@ -27,7 +27,7 @@ fn run_inner(args: &VerifyArgs) -> anyhow::Result<VerifyReport> {
     let mode = Mode::detect(args.quiet || args.json);
     cache.lock_shared(|| {
         if mode != Mode::Quiet {
-            crate::elog!("waiting for a writer of {} to finish ...", args.dest.display());
+            crate::elog!("waiting for a writer of {} to finish ...", args.dest);
         }
     })?;
     let jobs =

@@ -22,7 +22,8 @@ fn file_urls_and_nix_push_flags() {
     restore(&url, &t.path().join("root"), &[tree]);
     // Other schemes and URL settings: one sentence, exit 2, nothing made.
     for (dest, says) in [
-        ("s3://bucket/prefix", "s3:// is not supported"),
+        ("gs://bucket/prefix", "gs:// is not supported"),
+        ("s3://bucket/prefix?compression=zstd", "`compression` is a Nix store setting"),
         ("https://cache.example.org", "give that directory"),
         ("file:///tmp/x?compression=zstd", "reads no settings from the URL"),
     ] {
@@ -55,7 +56,7 @@ fn file_urls_and_nix_push_flags() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("the cache is --dest DIR"), "{}", stderr(&out));
     let out = fails(nixcache().args(["push", tree]));
-    assert!(stderr(&out).contains("--dest <DIR>"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--dest <DIR|URL>"), "{}", stderr(&out));
 }
 
 #[test]

@@ -12,4 +12,5 @@ mod http;
 mod keys;
 mod maintenance;
 mod push;
+mod s3;
 mod trust;

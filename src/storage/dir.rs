@@ -1,0 +1,448 @@
+//! A cache in a directory.
+//!
+//! The directory may be writable by others (a shared mount, an rsync target), so nothing in
+//! it is trusted to be what its name says: `nar/`, `debuginfo/`, `log/` and `realisations/`
+//! must be real directories (writers refuse a cache where one is a link or a file), every
+//! file is opened without following links and without blocking, and only regular files are
+//! read. A link or special file where a cache file belongs is a [`FileProblem`]: verify
+//! reports it, push replaces it, gc removes the link itself, never what it points to.
+//!
+//! Every file is written under a temporary name starting with [`TEMP_PREFIX`] in the
+//! directory it belongs to, made durable, renamed into place, and the directory fsync'd, so
+//! a reader sees either nothing or the whole file. Temporary names never end in `.narinfo`,
+//! so no client can fetch one. A batch is staged, made durable together ([`Backend::sync`]:
+//! the files' fsyncs in parallel), then renamed.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use super::{Backend, Leftover, Meta, NewFile, Reader, Staged};
+use crate::cache::{CacheError, FileProblem, LOCK_FILE, SUBDIRS, TEMP_PREFIX};
+
+/// Cache files a web server must read whatever the pusher's umask: `open` and `mkdir` take
+/// the umask off, `chmod` does not.
+const FILE_MODE: u32 = 0o644;
+const DIR_MODE: u32 = 0o755;
+
+/// What a file type is, in words.
+pub fn kind_of(ft: fs::FileType) -> &'static str {
+    if ft.is_symlink() {
+        "symbolic link"
+    } else if ft.is_dir() {
+        "directory"
+    } else if ft.is_fifo() {
+        "FIFO"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_char_device() {
+        "character device"
+    } else if ft.is_block_device() {
+        "block device"
+    } else if ft.is_file() {
+        "regular file"
+    } else {
+        "special file"
+    }
+}
+
+/// Opens `path` with `opts` only if it is a regular file: links are not followed (the open
+/// fails on one), FIFOs do not block, and the open file is checked again. `None` when it
+/// does not exist.
+///
+/// With `opts.create(true)` a missing file is created (never through a dangling link).
+fn open_regular(path: &Path, opts: &mut OpenOptions) -> Result<Option<File>, FileProblem> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if !m.is_file() => return Err(FileProblem::NotRegular(kind_of(m.file_type()))),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(FileProblem::Io(e)),
+    }
+    let f = match opts.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        // Replaced by a link since the check.
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(FileProblem::NotRegular("symbolic link"));
+        }
+        Err(e) => return Err(FileProblem::Io(e)),
+    };
+    let m = f.metadata().map_err(FileProblem::Io)?;
+    if !m.is_file() {
+        return Err(FileProblem::NotRegular(kind_of(m.file_type())));
+    }
+    Ok(Some(f))
+}
+
+/// Creates the directory `p` (and its parents) when missing; one this call creates is
+/// 0755. An existing one keeps its mode: it is the admin's.
+fn make_dir(p: &Path) -> Result<(), CacheError> {
+    if !p.exists() {
+        match fs::create_dir_all(p) {
+            Ok(()) => fs::set_permissions(p, fs::Permissions::from_mode(DIR_MODE))
+                .map_err(io_err("set the mode of", p))?,
+            Err(_) if p.exists() => {}
+            Err(e) => return Err(io_err("create directory", p)(e)),
+        }
+    }
+    if !p.is_dir() {
+        return Err(CacheError::NotADirectory { path: p.to_owned() });
+    }
+    Ok(())
+}
+
+/// The subdirectories of `dir` that exist but are not real directories, with what they are.
+fn bad_subdirs(dir: &Path) -> Vec<(&'static str, &'static str)> {
+    SUBDIRS
+        .into_iter()
+        .filter_map(|sub| match fs::symlink_metadata(dir.join(sub)) {
+            Ok(m) if !m.is_dir() => Some((sub, kind_of(m.file_type()))),
+            _ => None,
+        })
+        .collect()
+}
+
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CacheError + 'a {
+    move |source| CacheError::Io { action, path: path.to_owned(), source }
+}
+
+/// Locks `f` (exclusive or shared), calling `on_wait` once if someone else holds it.
+fn acquire(f: &File, path: &Path, shared: bool, on_wait: &mut dyn FnMut()) -> Result<(), CacheError> {
+    let tried = if shared { f.try_lock_shared() } else { f.try_lock() };
+    match tried {
+        Ok(()) => Ok(()),
+        Err(fs::TryLockError::WouldBlock) => {
+            on_wait();
+            if shared { f.lock_shared() } else { f.lock() }.map_err(io_err("lock", path))
+        }
+        Err(fs::TryLockError::Error(e)) => Err(io_err("lock", path)(e)),
+    }
+}
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A cache directory.
+pub struct DirBackend {
+    dir: PathBuf,
+    lock: Option<File>,
+    /// Subdirectories that are not real directories, and what they are.
+    bad_dirs: Mutex<Vec<(&'static str, &'static str)>>,
+}
+
+impl DirBackend {
+    /// Creates `dir` and its subdirectories when missing.
+    pub fn create(dir: &Path) -> Result<DirBackend, CacheError> {
+        if dir.exists() && !dir.is_dir() {
+            return Err(CacheError::NotADirectory { path: dir.to_owned() });
+        }
+        for sub in ["", "nar", "log", "realisations"] {
+            make_dir(&dir.join(sub))?;
+        }
+        Self::open(dir)
+    }
+
+    /// An existing cache directory.
+    pub fn open(dir: &Path) -> Result<DirBackend, CacheError> {
+        if !dir.exists() {
+            return Err(CacheError::Missing { path: dir.to_owned() });
+        }
+        if !dir.is_dir() {
+            return Err(CacheError::NotADirectory { path: dir.to_owned() });
+        }
+        Ok(DirBackend { dir: dir.to_owned(), lock: None, bad_dirs: Mutex::new(bad_subdirs(dir)) })
+    }
+
+    fn temp_file(&self, sub: &str, suffix: &str) -> Result<TempFile, CacheError> {
+        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{TEMP_PREFIX}{}-{n}{suffix}", std::process::id());
+        let path = self.dir.join(sub).join(name);
+        let file =
+            OpenOptions::new().write(true).create_new(true).open(&path).map_err(io_err("create", &path))?;
+        file.set_permissions(fs::Permissions::from_mode(FILE_MODE))
+            .map_err(io_err("set the mode of", &path))?;
+        Ok(TempFile { path, file: Some(file), persisted: false })
+    }
+
+    fn is_bad(&self, sub: &str) -> bool {
+        self.bad_dirs.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|(b, _)| *b == sub)
+    }
+}
+
+impl Backend for DirBackend {
+    fn describe(&self) -> String {
+        self.dir.display().to_string()
+    }
+
+    fn locate(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    fn bad_dirs(&self) -> Vec<(&'static str, &'static str)> {
+        self.bad_dirs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn create_subdir(&self, sub: &'static str) -> Result<(), CacheError> {
+        make_dir(&self.dir.join(sub))?;
+        let bad = bad_subdirs(&self.dir);
+        let found = bad.iter().find(|(b, _)| *b == sub).map(|(_, kind)| *kind);
+        *self.bad_dirs.lock().unwrap_or_else(|e| e.into_inner()) = bad;
+        match found {
+            Some(kind) => Err(CacheError::NotARealDirectory { path: self.dir.join(sub), kind }),
+            None => Ok(()),
+        }
+    }
+
+    fn lock(&mut self, shared: bool, on_wait: &mut dyn FnMut()) -> Result<(), CacheError> {
+        let path = self.dir.join(LOCK_FILE);
+        let f = if shared {
+            // On read-only media there is no writer to wait for, and no lock is taken.
+            let Ok(Some(f)) = open_regular(&path, File::options().read(true)) else { return Ok(()) };
+            f
+        } else {
+            // Not through a link, nor creating through a dangling one.
+            let mut opts = OpenOptions::new();
+            let f = open_regular(&path, opts.create(true).truncate(false).write(true))
+                .map_err(|source| CacheError::BadFile { path: path.clone(), source })?
+                .ok_or_else(|| io_err("open lock file", &path)(io::ErrorKind::NotFound.into()))?;
+            // Readers (verify, as another user) take it shared: readable by all.
+            if f.metadata().is_ok_and(|m| m.permissions().mode() & 0o777 != FILE_MODE) {
+                let _ = f.set_permissions(fs::Permissions::from_mode(FILE_MODE));
+            }
+            f
+        };
+        acquire(&f, &path, shared, on_wait)?;
+        self.lock = Some(f);
+        Ok(())
+    }
+
+    fn exclusive(&self) -> bool {
+        true
+    }
+
+    fn list(&self, sub: &str) -> Result<Vec<Meta>, CacheError> {
+        if self.is_bad(sub) {
+            return Ok(Vec::new());
+        }
+        let d = self.dir.join(sub);
+        let entries = match fs::read_dir(&d) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err("list", &d)(e)),
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            let e = e.map_err(io_err("list", &d))?;
+            let Ok(name) = e.file_name().into_string() else { continue };
+            // Gone since the listing: nothing to say about it.
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                continue;
+            }
+            let name = if sub.is_empty() { name } else { format!("{sub}/{name}") };
+            out.push(meta(name, &m));
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn stat(&self, rel: &str) -> Result<Option<Meta>, FileProblem> {
+        match fs::symlink_metadata(self.dir.join(rel)) {
+            Ok(m) => Ok(Some(meta(rel.to_owned(), &m))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(FileProblem::Io(e)),
+        }
+    }
+
+    fn open(&self, rel: &str) -> Result<Option<(Reader, u64)>, FileProblem> {
+        let Some(f) = open_regular(&self.dir.join(rel), File::options().read(true))? else {
+            return Ok(None);
+        };
+        let size = f.metadata().map_err(FileProblem::Io)?.len();
+        Ok(Some((Box::new(f), size)))
+    }
+
+    fn create(&self, sub: &str, suffix: &str) -> Result<Box<dyn NewFile>, CacheError> {
+        Ok(Box::new(DirNewFile { tmp: self.temp_file(sub, suffix)?, dir: self.dir.clone() }))
+    }
+
+    fn stage(&self, rel: &str, data: &[u8], modified: Option<SystemTime>) -> Result<Staged, CacheError> {
+        let sub = Path::new(rel).parent().and_then(Path::to_str).unwrap_or("");
+        let mut t = self.temp_file(sub, ".part")?;
+        t.file().write_all(data).map_err(io_err("write", &t.path))?;
+        if let Some(m) = modified {
+            t.file().set_modified(m).map_err(io_err("set the time of", &t.path))?;
+        }
+        Ok(t.stage(rel, self.dir.join(rel)))
+    }
+
+    /// An fsync each, up to 16 at a time, so a batch of many small files waits for the disk
+    /// once or twice rather than once per file.
+    ///
+    /// Not `syncfs`: that flushes everything waiting on the filesystem, such as the build
+    /// that just wrote gigabytes to the store before a nightly push (measured: 0.5 s instead
+    /// of 1.0-1.9 s for the medium closure with 2.3 GB dirty, on a fast virtual disk).
+    fn sync(&self, staged: &[&Staged]) -> Result<(), CacheError> {
+        let files: Vec<&Path> = staged.iter().filter_map(|s| s.durable()).collect();
+        let sync = |p: &&Path| {
+            File::options()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(p)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err("sync", p))
+        };
+        let threads = files.len().min(16);
+        if threads <= 1 {
+            return files.iter().try_for_each(sync);
+        }
+        std::thread::scope(|s| {
+            let files = &files;
+            let handles: Vec<_> = (0..threads)
+                .map(|t| s.spawn(move || files.iter().skip(t).step_by(threads).try_for_each(sync)))
+                .collect();
+            handles.into_iter().try_for_each(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+        })
+    }
+
+    fn sync_dir(&self, sub: &str) -> Result<(), CacheError> {
+        let dir = self.dir.join(sub);
+        File::open(&dir).and_then(|d| d.sync_all()).map_err(io_err("sync directory", &dir))
+    }
+
+    fn touch(&self, rel: &str) -> Result<(), CacheError> {
+        let path = self.dir.join(rel);
+        let f = match open_regular(&path, File::options().write(true)) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Err(io_err("open", &path)(io::ErrorKind::NotFound.into())),
+            Err(source) => return Err(CacheError::BadFile { path, source }),
+        };
+        f.set_modified(SystemTime::now()).map_err(io_err("set the time of", &path))
+    }
+
+    fn remove(&self, rel: &str) -> Result<(), CacheError> {
+        let path = self.dir.join(rel);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("remove", &path)(e)),
+        }
+    }
+
+    fn scratch(&self) -> Result<File, CacheError> {
+        let dir = self.dir.join("nar");
+        tempfile::tempfile_in(&dir).map_err(io_err("create a scratch file in", &dir))
+    }
+
+    fn leftovers(&self) -> Result<Vec<Leftover>, CacheError> {
+        let mut found = Vec::new();
+        for sub in ["", "nar", "debuginfo"] {
+            for m in self.list(sub)? {
+                let base = m.name.rsplit('/').next().unwrap_or_default();
+                if base.starts_with(TEMP_PREFIX) {
+                    found.push(Leftover {
+                        name: m.name,
+                        size: m.size,
+                        modified: m.modified,
+                        upload_id: None,
+                    });
+                }
+            }
+        }
+        found.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(found)
+    }
+
+    fn remove_leftover(&self, l: &Leftover) -> Result<(), CacheError> {
+        self.remove(&l.name)
+    }
+
+    fn record_push(&self, _: &[&str]) -> Result<Option<String>, CacheError> {
+        // Narinfos' modification times are the record: push touches them.
+        Ok(None)
+    }
+
+    fn push_records(&self) -> Result<Vec<(String, SystemTime, Vec<String>)>, CacheError> {
+        Ok(Vec::new())
+    }
+
+    fn prepare_lookups(&self, _: usize) -> Result<Option<String>, CacheError> {
+        Ok(None)
+    }
+
+    fn requests(&self) -> HashMap<&'static str, u64> {
+        HashMap::new()
+    }
+}
+
+fn meta(name: String, m: &fs::Metadata) -> Meta {
+    Meta {
+        name,
+        size: m.len(),
+        modified: m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        not_regular: (!m.is_file()).then(|| kind_of(m.file_type())),
+    }
+}
+
+/// A file being written under a temporary name; removed on drop unless renamed into place.
+struct TempFile {
+    path: PathBuf,
+    /// Open while being written.
+    file: Option<File>,
+    /// Renamed into place: nothing to remove on drop.
+    persisted: bool,
+}
+
+impl TempFile {
+    fn file(&mut self) -> &mut File {
+        self.file.as_mut().expect("open until staged")
+    }
+
+    /// Closes the file, unsynced, to be renamed to `dest` once durable. Holds no file
+    /// descriptor: any number of files can wait.
+    fn stage(mut self, rel: &str, dest: PathBuf) -> Staged {
+        self.file = None;
+        let durable = self.path.clone();
+        Staged::new(rel, Some(durable), move || self.rename(&dest))
+    }
+
+    fn rename(mut self, dest: &Path) -> Result<(), CacheError> {
+        fs::rename(&self.path, dest).map_err(io_err("rename into place", dest))?;
+        self.persisted = true;
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.persisted {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+struct DirNewFile {
+    tmp: TempFile,
+    dir: PathBuf,
+}
+
+impl Write for DirNewFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.tmp.file().write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.tmp.file().flush()
+    }
+}
+
+impl NewFile for DirNewFile {
+    fn stage(self: Box<Self>, dest: &str) -> Result<Staged, CacheError> {
+        let path = self.dir.join(dest);
+        Ok(self.tmp.stage(dest, path))
+    }
+}

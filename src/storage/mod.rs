@@ -1,0 +1,221 @@
+//! Where a cache's files live: a directory ([`dir`]) or an S3-compatible bucket ([`s3`]),
+//! behind one interface, [`Backend`]. Push, verify, sign and gc work on a [`Cache`], which
+//! holds the cache's rules (names, narinfos, `nix-cache-info`); a backend only stores, lists
+//! and fetches bytes under cache-relative names (`x.narinfo`, `nar/y.nar.xz`).
+//!
+//! What differs between the two is said here once:
+//!
+//! | | directory | bucket |
+//! |---|---|---|
+//! | a new file | temporary name, fsync, rename | one PUT, or a multipart upload to a temporary key and a server-side copy |
+//! | durable | after fsync of file and directory | when the server answers |
+//! | writers | one at a time (a file lock) | no lock: content-addressed NARs make races harmless |
+//! | gc's record of a push | the narinfo's modification time | a push record object |
+//!
+//! [`Cache`]: crate::cache::Cache
+
+pub mod dir;
+pub mod s3;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use crate::cache::{CacheError, FileProblem};
+
+/// Where a cache is: `--dest`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Dest {
+    Dir(PathBuf),
+    Bucket(s3::BucketUrl),
+}
+
+impl fmt::Display for Dest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dest::Dir(p) => write!(f, "{}", p.display()),
+            Dest::Bucket(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+impl From<&Path> for Dest {
+    fn from(p: &Path) -> Self {
+        Dest::Dir(p.to_owned())
+    }
+}
+
+impl From<&Dest> for Dest {
+    fn from(d: &Dest) -> Self {
+        d.clone()
+    }
+}
+
+impl Default for Dest {
+    fn default() -> Self {
+        Dest::Dir(PathBuf::new())
+    }
+}
+
+/// A cache file opened for streaming.
+pub type Reader = Box<dyn Read + Send>;
+
+/// A file in the cache, as listed.
+#[derive(Clone, Debug)]
+pub struct Meta {
+    /// Cache-relative name.
+    pub name: String,
+    pub size: u64,
+    pub modified: SystemTime,
+    /// What it is when it is not a regular file (a directory cache's links and special
+    /// files); `None` for a regular file or an object.
+    pub not_regular: Option<&'static str>,
+}
+
+/// A file being written; [`NewFile::stage`] names it once its contents (and so its name)
+/// are known.
+pub trait NewFile: Write + Send {
+    /// Ends the file and makes it ready to go in place as `dest` (cache-relative).
+    fn stage(self: Box<Self>, dest: &str) -> Result<Staged, CacheError>;
+}
+
+/// What a file written but not yet in place needs: made durable ([`Backend::sync`]), then
+/// committed. Dropped uncommitted, it leaves nothing behind.
+pub struct Staged {
+    dest: String,
+    /// A local file to fsync before the commit (directory caches).
+    durable: Option<PathBuf>,
+    commit: Box<dyn FnOnce() -> Result<(), CacheError> + Send>,
+}
+
+impl Staged {
+    pub fn new(
+        dest: &str,
+        durable: Option<PathBuf>,
+        commit: impl FnOnce() -> Result<(), CacheError> + Send + 'static,
+    ) -> Self {
+        Staged { dest: dest.to_owned(), durable, commit: Box::new(commit) }
+    }
+
+    /// The cache-relative name it goes to.
+    pub fn dest(&self) -> &str {
+        &self.dest
+    }
+
+    /// The local file to make durable first, if any.
+    pub fn durable(&self) -> Option<&Path> {
+        self.durable.as_deref()
+    }
+
+    /// Puts it in place: only after [`Backend::sync`] covered it. The caller then syncs the
+    /// directory ([`Backend::sync_dir`]).
+    pub fn commit(self) -> Result<(), CacheError> {
+        (self.commit)()
+    }
+}
+
+/// An incomplete upload or temporary file some run left behind.
+#[derive(Clone, Debug)]
+pub struct Leftover {
+    /// What to call it: a cache-relative name, with the upload id for an upload.
+    pub name: String,
+    pub size: u64,
+    pub modified: SystemTime,
+    /// For a multipart upload, its id: removing it aborts the upload.
+    pub upload_id: Option<String>,
+}
+
+/// The storage of a cache. Names are cache-relative and already checked
+/// ([`crate::cache::Cache::resolve`]): a plain name at the top or one in a subdirectory.
+pub trait Backend: Send + Sync {
+    /// Where the cache is, for messages.
+    fn describe(&self) -> String;
+
+    /// What to call the file `rel` in a message.
+    fn locate(&self, rel: &str) -> PathBuf;
+
+    /// Subdirectories that exist but are not real directories, and what they are (nothing
+    /// under them is read).
+    fn bad_dirs(&self) -> Vec<(&'static str, &'static str)>;
+
+    /// Makes the subdirectory `sub` ready to hold files.
+    fn create_subdir(&self, sub: &'static str) -> Result<(), CacheError>;
+
+    /// Takes the writers' lock (or, `shared`, waits for writers), calling `on_wait` once if
+    /// someone else holds it. A bucket has none.
+    fn lock(&mut self, shared: bool, on_wait: &mut dyn FnMut()) -> Result<(), CacheError>;
+
+    /// Whether writers exclude each other: then a writer may remove every temporary file it
+    /// finds, since no other writer is running.
+    fn exclusive(&self) -> bool;
+
+    /// The entries of the subdirectory `sub` ("" for the top), sorted by name: never
+    /// directories, and nothing when `sub` is missing or not a real directory.
+    fn list(&self, sub: &str) -> Result<Vec<Meta>, CacheError>;
+
+    /// What `rel` is, if it exists.
+    fn stat(&self, rel: &str) -> Result<Option<Meta>, FileProblem>;
+
+    /// The bytes of `rel`, if it exists and is at most `limit` bytes.
+    fn read(&self, rel: &str, limit: u64) -> Result<Option<Vec<u8>>, FileProblem> {
+        let Some((r, size)) = self.open(rel)? else { return Ok(None) };
+        if size > limit {
+            return Err(FileProblem::TooLarge { size, limit });
+        }
+        let mut buf = Vec::new();
+        r.take(limit + 1).read_to_end(&mut buf).map_err(FileProblem::Io)?;
+        if buf.len() as u64 > limit {
+            return Err(FileProblem::TooLarge { size: buf.len() as u64, limit });
+        }
+        Ok(Some(buf))
+    }
+
+    /// Opens `rel` for streaming, with its size.
+    fn open(&self, rel: &str) -> Result<Option<(Reader, u64)>, FileProblem>;
+
+    /// A new file to be written in the subdirectory `sub`, named when staged.
+    fn create(&self, sub: &str, suffix: &str) -> Result<Box<dyn NewFile>, CacheError>;
+
+    /// Stages `data` to become `rel`, with the modification time `modified` where the
+    /// storage keeps one.
+    fn stage(&self, rel: &str, data: &[u8], modified: Option<SystemTime>) -> Result<Staged, CacheError>;
+
+    /// Makes the contents of staged files durable.
+    fn sync(&self, staged: &[&Staged]) -> Result<(), CacheError>;
+
+    /// Makes the names committed into the subdirectory `sub` durable.
+    fn sync_dir(&self, sub: &str) -> Result<(), CacheError>;
+
+    /// Records that a push included the file `rel` now (a directory keeps it as the file's
+    /// modification time; a bucket keeps push records instead, see [`Backend::record_push`]).
+    fn touch(&self, rel: &str) -> Result<(), CacheError>;
+
+    /// Removes `rel` (a link itself, never what it points to); gone already is fine.
+    fn remove(&self, rel: &str) -> Result<(), CacheError>;
+
+    /// Scratch space for a push: a file without a name, gone when closed.
+    fn scratch(&self) -> Result<File, CacheError>;
+
+    /// Temporary files and incomplete uploads left by runs, with their ages.
+    fn leftovers(&self) -> Result<Vec<Leftover>, CacheError>;
+
+    /// Removes a leftover (aborts an upload).
+    fn remove_leftover(&self, l: &Leftover) -> Result<(), CacheError>;
+
+    /// Records, before a push looks at the cache, the narinfo hash parts it names (where
+    /// modification times cannot be touched). Returns the record's name, if one was written.
+    fn record_push(&self, hash_parts: &[&str]) -> Result<Option<String>, CacheError>;
+
+    /// The push records: name, when written, and the hash parts each names.
+    fn push_records(&self) -> Result<Vec<(String, SystemTime, Vec<String>)>, CacheError>;
+
+    /// Prepares to look up `paths` store paths: a bucket may list itself once instead of
+    /// asking per path, when that is cheaper. Says which it chose.
+    fn prepare_lookups(&self, paths: usize) -> Result<Option<String>, CacheError>;
+
+    /// Requests made so far, by kind, for the summary and the benchmark.
+    fn requests(&self) -> HashMap<&'static str, u64>;
+}

@@ -1,0 +1,1229 @@
+//! A cache in an S3-compatible bucket (AWS S3, R2, B2, Garage, SeaweedFS, Ceph RGW, MinIO).
+//!
+//! Object keys are exactly the file names of a directory cache, under a key prefix, and
+//! carry the Content-Types Nix's own S3 store sets. Requests are signed with AWS Signature
+//! Version 4 by `rusty-s3` (sans-IO) and sent by `ureq` (blocking, like the rest of
+//! nixcache: compression runs on `--jobs` threads, and each NAR's parts go up from a thread
+//! of their own while the next part is compressed).
+//!
+//! - A NAR's name is its own hash, known only once it is compressed. One that fits in a part
+//!   goes up in one PUT under its name; a larger one streams up as a multipart upload to a
+//!   temporary key while it is compressed, is copied to its name by the server (CopyObject,
+//!   or UploadPartCopy above 5 GiB) and the temporary key deleted.
+//! - Writers take no lock: there is nothing to lock a bucket with that every server honours
+//!   (Garage ignores conditional writes). Content-addressed NAR keys make racing uploads of
+//!   the same NAR harmless, and a narinfo is only written after its NAR and its references.
+//! - Nothing can set an object's modification time, so a push writes a push record
+//!   (`.nixcache/pushes/...`) naming every narinfo of its closure before it looks at the
+//!   bucket; gc counts a path as pushed when its newest record or its narinfo was written.
+//! - Failed requests are retried with backoff on 5xx, 429 and SlowDown, at most
+//!   [`ATTEMPTS`] times; a run that fails aborts its multipart uploads, and gc aborts the
+//!   ones left by killed runs.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use rusty_s3::{Bucket, Credentials, Method, UrlStyle};
+use thiserror::Error;
+use url::Url;
+
+use super::{Backend, Leftover, Meta, NewFile, Reader, Staged};
+use crate::cache::{CacheError, FileProblem, TEMP_PREFIX};
+
+/// How many times a request is tried before its error is reported.
+pub const ATTEMPTS: u32 = 6;
+
+/// The first part of a multipart upload; every thousand parts the size doubles, so no
+/// upload needs more than S3's 10,000 parts (8 MiB x 1000 x (1 + 2 + ... + 512) is about
+/// 8 PiB). A NAR that fits in one part goes up in one PUT.
+pub const PART_SIZE: usize = 8 << 20;
+
+/// The largest object CopyObject copies; a larger one is copied a part at a time.
+const COPY_LIMIT: u64 = 5 << 30;
+
+/// Where push records live, under the prefix.
+const RECORDS: &str = ".nixcache/pushes";
+
+/// Uploads in flight at once, across all NARs of a run.
+pub const DEFAULT_UPLOADS: usize = 8;
+
+/// `s3://bucket/prefix?endpoint=...&region=...&profile=...&addressing-style=...`
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BucketUrl {
+    pub bucket: String,
+    /// The key prefix, without leading or trailing slashes; empty for the bucket's root.
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub profile: Option<String>,
+    pub addressing: Addressing,
+    /// Parts in flight at once.
+    pub uploads: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Addressing {
+    /// Path style for a custom endpoint, virtual-hosted for AWS.
+    Auto,
+    Path,
+    Virtual,
+}
+
+impl fmt::Display for BucketUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "s3://{}", self.bucket)?;
+        if !self.prefix.is_empty() {
+            write!(f, "/{}", self.prefix)?;
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for BucketUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let rest = s.strip_prefix("s3://").ok_or_else(|| format!("{s:?} is not an s3:// URL"))?;
+        let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (bucket, prefix) = location.split_once('/').unwrap_or((location, ""));
+        if bucket.is_empty() {
+            return Err(format!("{s:?} names no bucket: s3://BUCKET/PREFIX"));
+        }
+        let mut url = BucketUrl {
+            bucket: bucket.to_owned(),
+            prefix: prefix.trim_matches('/').to_owned(),
+            endpoint: None,
+            region: "us-east-1".to_owned(),
+            profile: None,
+            addressing: Addressing::Auto,
+            uploads: DEFAULT_UPLOADS,
+        };
+        if url.prefix.split('/').any(|c| c == "." || c == "..") || url.prefix.contains("//") {
+            return Err(format!("{s:?}: the key prefix may not have empty, . or .. components"));
+        }
+        let mut scheme = None;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = percent_decode(v);
+            match k {
+                "endpoint" => url.endpoint = Some(v),
+                "region" => url.region = v,
+                "profile" => url.profile = Some(v),
+                "scheme" => scheme = Some(v),
+                "addressing-style" => {
+                    url.addressing = match v.as_str() {
+                        "auto" => Addressing::Auto,
+                        "path" => Addressing::Path,
+                        "virtual" => Addressing::Virtual,
+                        _ => return Err(format!("addressing-style={v}: use auto, path or virtual")),
+                    }
+                }
+                _ => {
+                    return Err(format!(
+                        "{s:?}: nixcache reads only endpoint, region, profile, scheme and addressing-style from an s3:// URL; `{k}` is a Nix store setting: use nixcache's flags (-c/--compression, --priority, ...)"
+                    ));
+                }
+            }
+        }
+        // Nix takes a bare host in `endpoint` with `scheme`; a full URL says its own.
+        if let Some(e) = &url.endpoint
+            && !e.contains("://")
+        {
+            url.endpoint = Some(format!("{}://{e}", scheme.as_deref().unwrap_or("https")));
+        }
+        Ok(url)
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && let Some(v) = s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What went wrong talking to the bucket. Never holds a secret or a signed URL.
+#[derive(Debug, Error)]
+pub enum S3Error {
+    #[error(
+        "no S3 credentials found; looked in {looked}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or add the profile to ~/.aws/credentials"
+    )]
+    NoCredentials { looked: String },
+    #[error("{bucket} refused the credentials from {source_name} ({code}: {message}); check them")]
+    Refused { bucket: String, source_name: String, code: String, message: String },
+    #[error("the bucket {bucket} does not exist at {endpoint}; create it first")]
+    NoSuchBucket { bucket: String, endpoint: String },
+    #[error("cannot reach {endpoint}: {reason}")]
+    Unreachable { endpoint: String, reason: String },
+    #[error("{what}: the server answered {status} {code}{}", if message.is_empty() { String::new() } else { format!(": {message}") })]
+    Status { what: String, status: u16, code: String, message: String },
+    #[error("{what}: the server's answer does not parse: {reason}")]
+    BadAnswer { what: String, reason: String },
+    #[error("{endpoint} is not a usable endpoint: {reason}")]
+    BadEndpoint { endpoint: String, reason: String },
+}
+
+impl S3Error {
+    fn into_io(self) -> io::Error {
+        let kind = match &self {
+            S3Error::Unreachable { .. } => io::ErrorKind::ConnectionRefused,
+            S3Error::Refused { .. } => io::ErrorKind::PermissionDenied,
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, self)
+    }
+}
+
+/// Credentials and where they came from (for messages; never the secret).
+struct Creds {
+    creds: Credentials,
+    source: String,
+}
+
+/// Reads an AWS-style INI file: section name -> key -> value.
+fn read_ini(path: &std::path::Path) -> HashMap<String, HashMap<String, String>> {
+    let mut out: HashMap<String, HashMap<String, String>> = HashMap::new();
+    let Ok(text) = std::fs::read_to_string(path) else { return out };
+    let mut section = String::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(s) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = s.trim().to_owned();
+        } else if let Some((k, v)) = line.split_once('=') {
+            out.entry(section.clone()).or_default().insert(k.trim().to_owned(), v.trim().to_owned());
+        }
+    }
+    out
+}
+
+/// Finds credentials the way AWS tools do: the environment, then the profile (`profile`,
+/// else `AWS_PROFILE`, else `default`) in `~/.aws/credentials` and `~/.aws/config`.
+fn find_credentials(profile: Option<&str>) -> Result<Creds, S3Error> {
+    if let Some(creds) = Credentials::from_env() {
+        return Ok(Creds { creds, source: "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY".into() });
+    }
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    let profile =
+        profile.map(str::to_owned).or_else(|| env("AWS_PROFILE")).unwrap_or_else(|| "default".into());
+    let home = env("HOME").map(PathBuf::from).unwrap_or_default();
+    let credentials_file = env("AWS_SHARED_CREDENTIALS_FILE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home.join(".aws/credentials"));
+    let config_file = env("AWS_CONFIG_FILE").map(PathBuf::from).unwrap_or_else(|| home.join(".aws/config"));
+    let config_section =
+        if profile == "default" { "default".to_owned() } else { format!("profile {profile}") };
+    let sources = [
+        (credentials_file.clone(), profile.clone(), read_ini(&credentials_file)),
+        (config_file.clone(), config_section, read_ini(&config_file)),
+    ];
+    for (file, section, ini) in &sources {
+        if let Some(s) = ini.get(section)
+            && let (Some(k), Some(v)) = (s.get("aws_access_key_id"), s.get("aws_secret_access_key"))
+        {
+            let token = s.get("aws_session_token").cloned();
+            return Ok(Creds {
+                creds: Credentials::new_with_token(k.clone(), v.clone(), token.unwrap_or_default()),
+                source: format!("profile {profile} in {}", file.display()),
+            });
+        }
+    }
+    Err(S3Error::NoCredentials {
+        looked: format!(
+            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profile {profile} in {} and {}",
+            credentials_file.display(),
+            config_file.display()
+        ),
+    })
+}
+
+/// The Content-Type Nix's S3 store gives a key.
+fn content_type(rel: &str) -> &'static str {
+    if rel == crate::cache::CACHE_INFO {
+        "text/x-nix-cache-info"
+    } else if rel.ends_with(".narinfo") {
+        "text/x-nix-narinfo"
+    } else if rel.starts_with("nar/") {
+        "application/x-nix-nar"
+    } else if rel.ends_with(".ls") || rel.starts_with("debuginfo/") {
+        "application/json"
+    } else {
+        "text/plain"
+    }
+}
+
+/// A counting semaphore: uploads in flight.
+struct Slots {
+    free: Mutex<usize>,
+    changed: Condvar,
+}
+
+impl Slots {
+    fn take(&self) {
+        let mut f = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        while *f == 0 {
+            f = self.changed.wait(f).unwrap_or_else(|e| e.into_inner());
+        }
+        *f -= 1;
+    }
+
+    fn give(&self) {
+        *self.free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.changed.notify_one();
+    }
+}
+
+/// What every request needs; shared with upload threads.
+struct Client {
+    agent: ureq::Agent,
+    bucket: Bucket,
+    creds: Option<Creds>,
+    /// The key prefix with a trailing slash, or empty.
+    prefix: String,
+    endpoint: String,
+    url: BucketUrl,
+    counts: Mutex<HashMap<&'static str, u64>>,
+    slots: Slots,
+    /// Objects known to exist (name -> meta), from one listing, when lookups use it.
+    snapshot: Mutex<Option<HashMap<String, Meta>>>,
+}
+
+type Response = ureq::http::Response<ureq::Body>;
+
+/// The `Code` and `Message` of an S3 error body.
+fn error_code(body: &str) -> (String, String) {
+    let tag = |t: &str| {
+        let open = format!("<{t}>");
+        let close = format!("</{t}>");
+        body.split_once(&open).and_then(|(_, r)| r.split_once(&close)).map(|(v, _)| v.to_owned())
+    };
+    (tag("Code").unwrap_or_default(), tag("Message").unwrap_or_default())
+}
+
+fn xml_values<'a>(body: &'a str, tag: &str) -> Vec<&'a str> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let mut out = Vec::new();
+    let mut rest = body;
+    while let Some((_, r)) = rest.split_once(open.as_str()) {
+        let Some((v, r)) = r.split_once(close.as_str()) else { break };
+        out.push(v);
+        rest = r;
+    }
+    out
+}
+
+fn xml_unescape(s: &str) -> String {
+    s.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&apos;", "'")
+        .replace("&amp;", "&")
+}
+
+fn parse_time(s: &str) -> SystemTime {
+    let parsed = s
+        .parse::<jiff::Timestamp>()
+        .ok()
+        .or_else(|| jiff::fmt::rfc2822::parse(s).ok().map(|z| z.timestamp()));
+    parsed.map(SystemTime::from).unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+impl Client {
+    fn key(&self, rel: &str) -> String {
+        format!("{}{rel}", self.prefix)
+    }
+
+    fn rel<'k>(&self, key: &'k str) -> &'k str {
+        key.strip_prefix(self.prefix.as_str()).unwrap_or(key)
+    }
+
+    fn count(&self, kind: &'static str) {
+        *self.counts.lock().unwrap_or_else(|e| e.into_inner()).entry(kind).or_default() += 1;
+    }
+
+    /// A signed URL for `method` on `key` (None: the bucket), with `query` and the signed
+    /// `headers` (lowercase names).
+    fn presign(
+        &self,
+        method: Method,
+        key: Option<&str>,
+        query: &[(&str, &str)],
+        headers: &[(&str, &str)],
+    ) -> Url {
+        let url = match key {
+            Some(k) => self.bucket.object_url(k),
+            None => self.bucket.base_url().clone(),
+        };
+        let mut query: Vec<(&str, &str)> = query.to_vec();
+        query.sort();
+        let mut headers: Vec<(&str, &str)> = headers.to_vec();
+        headers.sort();
+        match &self.creds {
+            Some(c) => rusty_s3::signing::sign(
+                &jiff::Timestamp::now(),
+                method,
+                url,
+                c.creds.key(),
+                c.creds.secret(),
+                c.creds.token(),
+                self.bucket.region(),
+                3600,
+                query.iter().copied(),
+                headers.iter().copied(),
+            ),
+            None => {
+                let mut url = url;
+                if !query.is_empty() {
+                    let mut q = url.query_pairs_mut();
+                    for (k, v) in &query {
+                        q.append_pair(k, v);
+                    }
+                }
+                url
+            }
+        }
+    }
+
+    /// Sends a request, retrying transport errors, 5xx and 429 with backoff; a final status
+    /// not in `ok` is an error that says what to do ([`Client::check`]). `what` names the
+    /// request in errors.
+    // The request's parts, each a plain value: a struct of them would only be taken apart.
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &self,
+        kind: &'static str,
+        what: &dyn Fn() -> String,
+        method: Method,
+        key: Option<&str>,
+        query: &[(&str, &str)],
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+        ok: &[u16],
+    ) -> Result<Response, S3Error> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.count(kind);
+            let url = self.presign(method, key, query, headers);
+            let uri = url.as_str();
+            let result = match method {
+                Method::Get => self.agent.get(uri).call(),
+                Method::Head => self.agent.head(uri).call(),
+                Method::Delete => self.agent.delete(uri).call(),
+                Method::Put => {
+                    let mut r = self.agent.put(uri);
+                    for (k, v) in headers {
+                        r = r.header(*k, *v);
+                    }
+                    match body {
+                        Some(b) => r.send(b),
+                        None => r.send_empty(),
+                    }
+                }
+                Method::Post => {
+                    let mut r = self.agent.post(uri);
+                    for (k, v) in headers {
+                        r = r.header(*k, *v);
+                    }
+                    match body {
+                        Some(b) => r.send(b),
+                        None => r.send_empty(),
+                    }
+                }
+            };
+            let retry = match &result {
+                Ok(r) => {
+                    let s = r.status().as_u16();
+                    s == 429 || s >= 500
+                }
+                Err(_) => true,
+            };
+            if !retry || attempt >= ATTEMPTS {
+                return match result {
+                    Ok(r) => self.check(what, r, ok),
+                    Err(e) => {
+                        Err(S3Error::Unreachable { endpoint: self.endpoint.clone(), reason: transport(&e) })
+                    }
+                };
+            }
+            // 0.25 s, 0.5 s, 1 s, 2 s, 4 s: about 8 s in all, with jitter.
+            let base = 250u64 << (attempt - 1).min(5);
+            let jitter = u64::from(std::process::id() ^ attempt).wrapping_mul(2654435761) % (base / 2 + 1);
+            std::thread::sleep(Duration::from_millis(base + jitter));
+        }
+    }
+
+    /// Turns an unexpected status into an error that says what to do.
+    fn check(&self, what: &dyn Fn() -> String, mut r: Response, ok: &[u16]) -> Result<Response, S3Error> {
+        let status = r.status().as_u16();
+        if ok.contains(&status) {
+            return Ok(r);
+        }
+        let body = r.body_mut().with_config().limit(64 << 10).read_to_string().unwrap_or_default();
+        let (code, message) = error_code(&body);
+        Err(match (status, code.as_str()) {
+            (404, "NoSuchBucket") => {
+                S3Error::NoSuchBucket { bucket: self.url.bucket.clone(), endpoint: self.endpoint.clone() }
+            }
+            (403, _)
+            | (400, "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "AuthorizationHeaderMalformed") => {
+                S3Error::Refused {
+                    bucket: self.url.to_string(),
+                    source_name: self
+                        .creds
+                        .as_ref()
+                        .map_or_else(|| "nowhere (anonymous)".into(), |c| c.source.clone()),
+                    code: if code.is_empty() { status.to_string() } else { code },
+                    message,
+                }
+            }
+            _ => S3Error::Status { what: what(), status, code, message },
+        })
+    }
+
+    fn read_body(what: &dyn Fn() -> String, r: Response, limit: u64) -> Result<String, S3Error> {
+        r.into_body()
+            .with_config()
+            .limit(limit)
+            .read_to_string()
+            .map_err(|e| S3Error::BadAnswer { what: what(), reason: transport(&e) })
+    }
+
+    /// Every object under `prefix` (a key prefix), with `delimiter` "/" only direct ones.
+    fn list_keys(&self, prefix: &str, max_pages: Option<usize>) -> Result<Option<Vec<Meta>>, S3Error> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            if max_pages.is_some_and(|m| pages >= m) {
+                return Ok(None);
+            }
+            pages += 1;
+            let what = || format!("listing {}/{prefix}", self.url.bucket);
+            let mut query = vec![("list-type", "2"), ("prefix", prefix), ("delimiter", "/")];
+            if let Some(t) = &token {
+                query.push(("continuation-token", t.as_str()));
+            }
+            let r = self.send("list", &what, Method::Get, None, &query, &[], None, &[200])?;
+            let body = Self::read_body(&what, r, 64 << 20)?;
+            let parsed = rusty_s3::actions::ListObjectsV2::parse_response(&body)
+                .map_err(|e| S3Error::BadAnswer { what: what(), reason: e.to_string() })?;
+            for c in parsed.contents {
+                let rel = self.rel(&c.key).to_owned();
+                if rel.ends_with('/') {
+                    continue;
+                }
+                out.push(Meta {
+                    name: rel,
+                    size: c.size.unwrap_or(0),
+                    modified: c.last_modified.as_deref().map_or(SystemTime::UNIX_EPOCH, parse_time),
+                    not_regular: None,
+                });
+            }
+            match parsed.next_continuation_token {
+                Some(t) if !t.is_empty() => token = Some(t),
+                _ => break,
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Some(out))
+    }
+
+    fn put(&self, rel: &str, data: &[u8]) -> Result<(), S3Error> {
+        let key = self.key(rel);
+        let what = || format!("uploading {}", self.url_of(rel));
+        self.send(
+            "put",
+            &what,
+            Method::Put,
+            Some(&key),
+            &[],
+            &[("content-type", content_type(rel))],
+            Some(data),
+            &[200],
+        )?;
+        self.noted(rel, data.len() as u64);
+        Ok(())
+    }
+
+    /// Remembers that `rel` now exists, for lookups answered from the listing.
+    fn noted(&self, rel: &str, size: u64) {
+        if let Some(s) = self.snapshot.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            s.insert(
+                rel.to_owned(),
+                Meta { name: rel.to_owned(), size, modified: SystemTime::now(), not_regular: None },
+            );
+        }
+    }
+
+    fn delete(&self, rel: &str) -> Result<(), S3Error> {
+        let key = self.key(rel);
+        let what = || format!("deleting {}", self.url_of(rel));
+        self.send("delete", &what, Method::Delete, Some(&key), &[], &[], None, &[200, 204, 404])?;
+        if let Some(s) = self.snapshot.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            s.remove(rel);
+        }
+        Ok(())
+    }
+
+    fn url_of(&self, rel: &str) -> String {
+        format!("s3://{}/{}", self.url.bucket, self.key(rel))
+    }
+
+    /// Copies the object at `from` (a key) to `rel`, server-side.
+    fn copy(&self, from: &str, rel: &str, size: u64) -> Result<(), S3Error> {
+        let key = self.key(rel);
+        let source = format!("/{}/{}", self.url.bucket, url_encode_path(from));
+        let what = || format!("copying an upload to {}", self.url_of(rel));
+        let limit =
+            std::env::var("NIXCACHE_S3_COPY_LIMIT").ok().and_then(|v| v.parse().ok()).unwrap_or(COPY_LIMIT);
+        if size <= limit {
+            let headers = [
+                ("content-type", content_type(rel)),
+                ("x-amz-copy-source", source.as_str()),
+                ("x-amz-metadata-directive", "REPLACE"),
+            ];
+            let r = self.send("copy", &what, Method::Put, Some(&key), &[], &headers, None, &[200])?;
+            // A copy can fail after its 200 has been sent: the error is in the body.
+            let body = Self::read_body(&what, r, 1 << 20)?;
+            if body.contains("<Error>") {
+                let (code, message) = error_code(&body);
+                return Err(S3Error::Status { what: what(), status: 200, code, message });
+            }
+        } else {
+            let part = limit.max(size.div_ceil(9000));
+            let id = self.create_multipart(rel, &key)?;
+            let copied = (|| {
+                let mut etags = Vec::new();
+                for (n, start) in (0..size).step_by(part as usize).enumerate() {
+                    let end = (start + part).min(size) - 1;
+                    let range = format!("bytes={start}-{end}");
+                    let number = (n + 1).to_string();
+                    let headers =
+                        [("x-amz-copy-source", source.as_str()), ("x-amz-copy-source-range", range.as_str())];
+                    let query = [("partNumber", number.as_str()), ("uploadId", id.as_str())];
+                    let r = self.send(
+                        "copy-part",
+                        &what,
+                        Method::Put,
+                        Some(&key),
+                        &query,
+                        &headers,
+                        None,
+                        &[200],
+                    )?;
+                    let body = Self::read_body(&what, r, 1 << 20)?;
+                    let etag =
+                        xml_values(&body, "ETag").first().map(|e| xml_unescape(e)).ok_or_else(|| {
+                            S3Error::BadAnswer {
+                                what: what(),
+                                reason: "no ETag in UploadPartCopy's answer".into(),
+                            }
+                        })?;
+                    etags.push(etag);
+                }
+                self.complete_multipart(rel, &key, &id, &etags)
+            })();
+            if copied.is_err() {
+                let _ = self.abort_multipart(&key, &id);
+            }
+            copied?;
+        }
+        self.noted(rel, size);
+        Ok(())
+    }
+
+    fn create_multipart(&self, rel: &str, key: &str) -> Result<String, S3Error> {
+        let what = || format!("starting an upload to {}", self.url_of(rel));
+        let r = self.send(
+            "create-multipart",
+            &what,
+            Method::Post,
+            Some(key),
+            &[("uploads", "")],
+            &[("content-type", content_type(rel))],
+            None,
+            &[200],
+        )?;
+        let body = Self::read_body(&what, r, 1 << 20)?;
+        rusty_s3::actions::CreateMultipartUpload::parse_response(&body)
+            .map(|r| r.upload_id().to_owned())
+            .map_err(|e| S3Error::BadAnswer { what: what(), reason: e.to_string() })
+    }
+
+    fn upload_part(&self, key: &str, id: &str, n: usize, data: &[u8]) -> Result<String, S3Error> {
+        let number = n.to_string();
+        let what = || format!("uploading part {n} of s3://{}/{key}", self.url.bucket);
+        let query = [("partNumber", number.as_str()), ("uploadId", id)];
+        let r = self.send("upload-part", &what, Method::Put, Some(key), &query, &[], Some(data), &[200])?;
+        r.headers()
+            .get("etag")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .ok_or_else(|| S3Error::BadAnswer { what: what(), reason: "no ETag".into() })
+    }
+
+    fn complete_multipart(&self, rel: &str, key: &str, id: &str, etags: &[String]) -> Result<(), S3Error> {
+        let what = || format!("completing the upload to {}", self.url_of(rel));
+        let mut body = String::from("<CompleteMultipartUpload>");
+        for (n, etag) in etags.iter().enumerate() {
+            let etag = etag.replace('&', "&amp;").replace('"', "&quot;");
+            body.push_str(&format!("<Part><PartNumber>{}</PartNumber><ETag>{etag}</ETag></Part>", n + 1));
+        }
+        body.push_str("</CompleteMultipartUpload>");
+        let r = self.send(
+            "complete-multipart",
+            &what,
+            Method::Post,
+            Some(key),
+            &[("uploadId", id)],
+            &[],
+            Some(body.as_bytes()),
+            &[200],
+        )?;
+        let answer = Self::read_body(&what, r, 1 << 20)?;
+        if answer.contains("<Error>") {
+            let (code, message) = error_code(&answer);
+            return Err(S3Error::Status { what: what(), status: 200, code, message });
+        }
+        Ok(())
+    }
+
+    fn abort_multipart(&self, key: &str, id: &str) -> Result<(), S3Error> {
+        let what = || format!("aborting the upload to s3://{}/{key}", self.url.bucket);
+        self.send(
+            "abort-multipart",
+            &what,
+            Method::Delete,
+            Some(key),
+            &[("uploadId", id)],
+            &[],
+            None,
+            &[200, 204, 404],
+        )
+        .map(drop)
+    }
+}
+
+fn url_encode_path(key: &str) -> String {
+    let mut out = String::new();
+    for b in key.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// A transport error in words, without the URL (a signed URL carries a session token).
+fn transport(e: &ureq::Error) -> String {
+    match e {
+        ureq::Error::Io(io) => io.to_string(),
+        ureq::Error::ConnectionFailed => "the connection failed".into(),
+        ureq::Error::HostNotFound => "the host was not found".into(),
+        ureq::Error::Timeout(t) => format!("timed out ({t})"),
+        ureq::Error::Tls(t) => format!("TLS: {t}"),
+        ureq::Error::BodyExceedsLimit(n) => format!("the answer is longer than {n} bytes"),
+        ureq::Error::StatusCode(s) => format!("status {s}"),
+        _ => "the request failed".into(),
+    }
+}
+
+/// A cache in a bucket.
+pub struct S3Backend {
+    client: Arc<Client>,
+}
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl S3Backend {
+    /// Opens the bucket: finds credentials (anonymous if `anonymous_ok` and none are found)
+    /// and checks that the bucket answers.
+    pub fn connect(url: &BucketUrl, anonymous_ok: bool) -> Result<S3Backend, CacheError> {
+        let creds = match find_credentials(url.profile.as_deref()) {
+            Ok(c) => Some(c),
+            Err(_) if anonymous_ok => None,
+            Err(e) => return Err(e.into()),
+        };
+        let aws = url.endpoint.is_none();
+        let endpoint =
+            url.endpoint.clone().unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", url.region));
+        let bad = |reason: String| S3Error::BadEndpoint { endpoint: endpoint.clone(), reason };
+        let parsed: Url = endpoint.parse().map_err(|e: url::ParseError| bad(e.to_string()))?;
+        let style = match url.addressing {
+            Addressing::Path => UrlStyle::Path,
+            Addressing::Virtual => UrlStyle::VirtualHost,
+            Addressing::Auto if aws => UrlStyle::VirtualHost,
+            Addressing::Auto => UrlStyle::Path,
+        };
+        let bucket = Bucket::new(parsed, style, url.bucket.clone(), url.region.clone())
+            .map_err(|e| bad(format!("{e:?}")))?;
+        let agent = ureq::Agent::new_with_config(
+            ureq::config::Config::builder()
+                .http_status_as_error(false)
+                .timeout_connect(Some(Duration::from_secs(10)))
+                .timeout_recv_response(Some(Duration::from_secs(120)))
+                .max_idle_connections_per_host(64)
+                .user_agent(concat!("nixcache/", env!("CARGO_PKG_VERSION")))
+                .build(),
+        );
+        let client = Client {
+            agent,
+            bucket,
+            creds,
+            prefix: if url.prefix.is_empty() { String::new() } else { format!("{}/", url.prefix) },
+            endpoint,
+            url: url.clone(),
+            counts: Mutex::new(HashMap::new()),
+            slots: Slots { free: Mutex::new(url.uploads.max(1)), changed: Condvar::new() },
+            snapshot: Mutex::new(None),
+        };
+        // One small listing: the endpoint answers, the bucket exists, the credentials work.
+        let what = || format!("opening {}", client.url);
+        client.send(
+            "list",
+            &what,
+            Method::Get,
+            None,
+            &[("list-type", "2"), ("max-keys", "1"), ("prefix", &client.prefix)],
+            &[],
+            None,
+            &[200],
+        )?;
+        Ok(S3Backend { client: Arc::new(client) })
+    }
+
+    fn io<'a>(&'a self, action: &'static str, rel: &'a str) -> impl FnOnce(S3Error) -> CacheError + 'a {
+        move |e| CacheError::Io { action, path: PathBuf::from(self.client.url_of(rel)), source: e.into_io() }
+    }
+}
+
+impl Backend for S3Backend {
+    fn describe(&self) -> String {
+        self.client.url.to_string()
+    }
+
+    fn locate(&self, rel: &str) -> PathBuf {
+        PathBuf::from(self.client.url_of(rel))
+    }
+
+    fn bad_dirs(&self) -> Vec<(&'static str, &'static str)> {
+        Vec::new()
+    }
+
+    fn create_subdir(&self, _: &'static str) -> Result<(), CacheError> {
+        Ok(())
+    }
+
+    fn lock(&mut self, _: bool, _: &mut dyn FnMut()) -> Result<(), CacheError> {
+        Ok(())
+    }
+
+    fn exclusive(&self) -> bool {
+        false
+    }
+
+    fn list(&self, sub: &str) -> Result<Vec<Meta>, CacheError> {
+        let prefix =
+            if sub.is_empty() { self.client.prefix.clone() } else { self.client.key(&format!("{sub}/")) };
+        let found = self.client.list_keys(&prefix, None).map_err(self.io("list", sub))?;
+        Ok(found.unwrap_or_default())
+    }
+
+    fn stat(&self, rel: &str) -> Result<Option<Meta>, FileProblem> {
+        if let Some(s) = self.client.snapshot.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            return Ok(s.get(rel).cloned());
+        }
+        let key = self.client.key(rel);
+        let what = || format!("looking up {}", self.client.url_of(rel));
+        let r = self
+            .client
+            .send("head", &what, Method::Head, Some(&key), &[], &[], None, &[200, 404])
+            .map_err(|e| FileProblem::Io(e.into_io()))?;
+        if r.status().as_u16() == 404 {
+            return Ok(None);
+        }
+        let header = |h: &str| r.headers().get(h).and_then(|v| v.to_str().ok());
+        Ok(Some(Meta {
+            name: rel.to_owned(),
+            size: header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0),
+            modified: header("last-modified").map_or(SystemTime::UNIX_EPOCH, parse_time),
+            not_regular: None,
+        }))
+    }
+
+    fn open(&self, rel: &str) -> Result<Option<(Reader, u64)>, FileProblem> {
+        if let Some(s) = self.client.snapshot.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
+            && !s.contains_key(rel)
+        {
+            return Ok(None);
+        }
+        let key = self.client.key(rel);
+        let what = || format!("downloading {}", self.client.url_of(rel));
+        let r = self
+            .client
+            .send("get", &what, Method::Get, Some(&key), &[], &[], None, &[200, 404])
+            .map_err(|e| FileProblem::Io(e.into_io()))?;
+        if r.status().as_u16() == 404 {
+            return Ok(None);
+        }
+        let size = r.body().content_length().unwrap_or(0);
+        Ok(Some((Box::new(r.into_body().into_reader()), size)))
+    }
+
+    fn create(&self, sub: &str, suffix: &str) -> Result<Box<dyn NewFile>, CacheError> {
+        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tmp = format!("{sub}/{TEMP_PREFIX}{}-{n}{suffix}", std::process::id());
+        Ok(Box::new(Upload {
+            client: self.client.clone(),
+            tmp_rel: tmp.trim_start_matches('/').to_owned(),
+            buf: Vec::new(),
+            id: None,
+            etags: Vec::new(),
+            inflight: None,
+            size: 0,
+            failed: None,
+        }))
+    }
+
+    fn stage(&self, rel: &str, data: &[u8], _: Option<SystemTime>) -> Result<Staged, CacheError> {
+        let (client, rel_owned, data) = (self.client.clone(), rel.to_owned(), data.to_vec());
+        Ok(Staged::new(rel, None, move || {
+            client.put(&rel_owned, &data).map_err(|e| CacheError::Io {
+                action: "write",
+                path: PathBuf::from(client.url_of(&rel_owned)),
+                source: e.into_io(),
+            })
+        }))
+    }
+
+    fn sync(&self, _: &[&Staged]) -> Result<(), CacheError> {
+        // An object is durable once the server has answered.
+        Ok(())
+    }
+
+    fn sync_dir(&self, _: &str) -> Result<(), CacheError> {
+        Ok(())
+    }
+
+    fn touch(&self, _: &str) -> Result<(), CacheError> {
+        // The push record, written before the push looked, names it.
+        Ok(())
+    }
+
+    fn remove(&self, rel: &str) -> Result<(), CacheError> {
+        self.client.delete(rel).map_err(self.io("remove", rel))
+    }
+
+    fn scratch(&self) -> Result<File, CacheError> {
+        let dir = std::env::temp_dir();
+        tempfile::tempfile_in(&dir).map_err(|source| CacheError::Io {
+            action: "create a scratch file in",
+            path: dir,
+            source,
+        })
+    }
+
+    fn leftovers(&self) -> Result<Vec<Leftover>, CacheError> {
+        let mut found = Vec::new();
+        for sub in ["", "nar", "debuginfo"] {
+            for m in self.list(sub)? {
+                if m.name.rsplit('/').next().unwrap_or_default().starts_with(TEMP_PREFIX) {
+                    found.push(Leftover {
+                        name: m.name,
+                        size: m.size,
+                        modified: m.modified,
+                        upload_id: None,
+                    });
+                }
+            }
+        }
+        let c = &self.client;
+        let what = || format!("listing the incomplete uploads of {}", c.url);
+        let mut marker: Option<(String, String)> = None;
+        loop {
+            let mut query = vec![("uploads", ""), ("prefix", c.prefix.as_str())];
+            if let Some((k, u)) = &marker {
+                query.push(("key-marker", k.as_str()));
+                query.push(("upload-id-marker", u.as_str()));
+            }
+            let r = c
+                .send("list-uploads", &what, Method::Get, None, &query, &[], None, &[200])
+                .map_err(self.io("list the uploads of", ""))?;
+            let body = Client::read_body(&what, r, 64 << 20).map_err(self.io("list the uploads of", ""))?;
+            for upload in xml_values(&body, "Upload") {
+                let key = xml_values(upload, "Key").first().map(|k| xml_unescape(k)).unwrap_or_default();
+                let id = xml_values(upload, "UploadId").first().map(|k| xml_unescape(k)).unwrap_or_default();
+                let initiated =
+                    xml_values(upload, "Initiated").first().map_or(SystemTime::UNIX_EPOCH, |t| parse_time(t));
+                found.push(Leftover {
+                    name: format!("{} (incomplete upload)", c.rel(&key)),
+                    size: 0,
+                    modified: initiated,
+                    upload_id: Some(id),
+                });
+            }
+            let truncated = xml_values(&body, "IsTruncated").first() == Some(&"true");
+            let next = (
+                xml_values(&body, "NextKeyMarker").first().map(|k| xml_unescape(k)),
+                xml_values(&body, "NextUploadIdMarker").first().map(|k| xml_unescape(k)),
+            );
+            match next {
+                (Some(k), Some(u)) if truncated && !k.is_empty() => marker = Some((k, u)),
+                _ => break,
+            }
+        }
+        found.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(found)
+    }
+
+    fn remove_leftover(&self, l: &Leftover) -> Result<(), CacheError> {
+        match &l.upload_id {
+            Some(id) => {
+                let rel = l.name.trim_end_matches(" (incomplete upload)");
+                let key = self.client.key(rel);
+                self.client.abort_multipart(&key, id).map_err(self.io("abort the upload to", rel))
+            }
+            None => self.remove(&l.name),
+        }
+    }
+
+    fn record_push(&self, hash_parts: &[&str]) -> Result<Option<String>, CacheError> {
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{RECORDS}/{:013}-{}-{n}", now.as_millis(), std::process::id());
+        let mut body = String::new();
+        for h in hash_parts {
+            body.push_str(h);
+            body.push('\n');
+        }
+        self.client.put(&name, body.as_bytes()).map_err(self.io("write the push record", &name))?;
+        Ok(Some(name))
+    }
+
+    fn push_records(&self) -> Result<Vec<(String, SystemTime, Vec<String>)>, CacheError> {
+        let mut out = Vec::new();
+        for m in self.list(RECORDS)? {
+            let Ok(Some(bytes)) = self.read(&m.name, 64 << 20) else { continue };
+            let names = String::from_utf8_lossy(&bytes).lines().map(str::to_owned).collect();
+            out.push((m.name, m.modified, names));
+        }
+        Ok(out)
+    }
+
+    fn prepare_lookups(&self, paths: usize) -> Result<Option<String>, CacheError> {
+        // A listing page names up to 1000 objects; without one, each path costs a request
+        // or two. List when that takes fewer requests than the paths.
+        let c = &self.client;
+        let budget = paths.max(1);
+        let Some(top) = c.list_keys(&c.prefix, Some(budget)).map_err(self.io("list", ""))? else {
+            return Ok(Some(format!(
+                "looking up each of the {paths} paths (the bucket is too large to list for this push)"
+            )));
+        };
+        let Some(nars) = c.list_keys(&c.key("nar/"), Some(budget)).map_err(self.io("list", "nar"))? else {
+            return Ok(Some(format!(
+                "looking up each of the {paths} paths (the bucket is too large to list for this push)"
+            )));
+        };
+        let n = top.len() + nars.len();
+        let map = top.into_iter().chain(nars).map(|m| (m.name.clone(), m)).collect();
+        *c.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = Some(map);
+        Ok(Some(format!("listed the bucket once ({n} objects)")))
+    }
+
+    fn requests(&self) -> HashMap<&'static str, u64> {
+        self.client.counts.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl From<S3Error> for CacheError {
+    fn from(e: S3Error) -> Self {
+        CacheError::Bucket(e)
+    }
+}
+
+/// A NAR going up: parts of [`PART_SIZE`] (growing) as they fill, each on a thread of its
+/// own while the next fills; one PUT if it never fills a part.
+struct Upload {
+    client: Arc<Client>,
+    /// The temporary name a multipart upload goes to.
+    tmp_rel: String,
+    buf: Vec<u8>,
+    id: Option<String>,
+    etags: Vec<String>,
+    inflight: Option<JoinHandle<Result<String, S3Error>>>,
+    size: u64,
+    /// A part failed: every later write fails with it.
+    failed: Option<String>,
+}
+
+impl Upload {
+    fn part_size(&self) -> usize {
+        PART_SIZE << (self.etags.len() / 1000).min(9)
+    }
+
+    fn wait_inflight(&mut self) -> Result<(), S3Error> {
+        if let Some(h) = self.inflight.take() {
+            let etag = h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))?;
+            self.etags.push(etag);
+        }
+        Ok(())
+    }
+
+    /// Sends the buffer as the next part, on its own thread.
+    fn send_part(&mut self) -> Result<(), S3Error> {
+        let key = self.client.key(&self.tmp_rel);
+        if self.id.is_none() {
+            self.id = Some(self.client.create_multipart(&self.tmp_rel, &key)?);
+        }
+        self.wait_inflight()?;
+        let data = std::mem::take(&mut self.buf);
+        let (client, id) = (self.client.clone(), self.id.clone().expect("started"));
+        let n = self.etags.len() + 1;
+        client.slots.take();
+        self.inflight = Some(std::thread::spawn(move || {
+            let r = client.upload_part(&key, &id, n, &data);
+            client.slots.give();
+            r
+        }));
+        Ok(())
+    }
+}
+
+impl Write for Upload {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if let Some(f) = &self.failed {
+            return Err(io::Error::other(f.clone()));
+        }
+        let room = self.part_size() - self.buf.len();
+        let n = data.len().min(room);
+        self.buf.extend_from_slice(&data[..n]);
+        self.size += n as u64;
+        if self.buf.len() == self.part_size()
+            && let Err(e) = self.send_part()
+        {
+            self.failed = Some(e.to_string());
+            return Err(e.into_io());
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl NewFile for Upload {
+    fn stage(mut self: Box<Self>, dest: &str) -> Result<Staged, CacheError> {
+        let client = self.client.clone();
+        let io = |e: S3Error| CacheError::Io {
+            action: "upload",
+            path: PathBuf::from(client.url_of(dest)),
+            source: e.into_io(),
+        };
+        if self.id.is_none() {
+            let buf = std::mem::take(&mut self.buf);
+            self.client.put(dest, &buf).map_err(&io)?;
+        } else {
+            if !self.buf.is_empty() {
+                self.send_part().map_err(&io)?;
+            }
+            self.wait_inflight().map_err(&io)?;
+            let key = self.client.key(&self.tmp_rel);
+            let id = self.id.clone().expect("started");
+            self.client.complete_multipart(&self.tmp_rel, &key, &id, &self.etags).map_err(&io)?;
+            // Complete: nothing to abort any more; the temporary object goes after the copy.
+            self.id = None;
+            let copied = self.client.copy(&key, dest, self.size);
+            let _ = self.client.delete(&self.tmp_rel);
+            copied.map_err(&io)?;
+        }
+        Ok(Staged::new(dest, None, || Ok(())))
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        let _ = self.inflight.take().map(JoinHandle::join);
+        if let Some(id) = self.id.take() {
+            let _ = self.client.abort_multipart(&self.client.key(&self.tmp_rel), &id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_urls() {
+        let u: BucketUrl = "s3://b/some/prefix/?endpoint=http://127.0.0.1:9000&region=eu-1".parse().unwrap();
+        assert_eq!((u.bucket.as_str(), u.prefix.as_str()), ("b", "some/prefix"));
+        assert_eq!(u.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(u.region, "eu-1");
+        assert_eq!(u.to_string(), "s3://b/some/prefix");
+        let bare: BucketUrl =
+            "s3://b?endpoint=minio.local:9000&scheme=http&addressing-style=path".parse().unwrap();
+        assert_eq!(bare.endpoint.as_deref(), Some("http://minio.local:9000"));
+        assert_eq!(
+            (bare.prefix.as_str(), bare.addressing, bare.region.as_str()),
+            ("", Addressing::Path, "us-east-1")
+        );
+        assert!("s3://b?compression=zstd".parse::<BucketUrl>().unwrap_err().contains("--compression"));
+        assert!("s3:///x".parse::<BucketUrl>().is_err());
+        assert!("s3://b/../x".parse::<BucketUrl>().is_err());
+        assert!("s3://b?addressing-style=odd".parse::<BucketUrl>().is_err());
+        let enc: BucketUrl = "s3://b?endpoint=http%3A%2F%2Fh%3A1".parse().unwrap();
+        assert_eq!(enc.endpoint.as_deref(), Some("http://h:1"));
+    }
+
+    #[test]
+    fn content_types_are_nix_s() {
+        assert_eq!(content_type("nix-cache-info"), "text/x-nix-cache-info");
+        assert_eq!(content_type("abc.narinfo"), "text/x-nix-narinfo");
+        assert_eq!(content_type("nar/x.nar.xz"), "application/x-nix-nar");
+        assert_eq!(content_type("abc.ls"), "application/json");
+        assert_eq!(content_type("debuginfo/ab"), "application/json");
+    }
+
+    #[test]
+    fn credentials_from_profile_files() {
+        let t = tempfile::tempdir().unwrap();
+        let creds = t.path().join("credentials");
+        std::fs::write(&creds, "[default]\naws_access_key_id = AKD\naws_secret_access_key = SKD\n[ci]\naws_access_key_id=AKC\naws_secret_access_key=SKC\n").unwrap();
+        let ini = read_ini(&creds);
+        assert_eq!(ini["ci"]["aws_access_key_id"], "AKC");
+        assert_eq!(ini["default"]["aws_secret_access_key"], "SKD");
+    }
+
+    #[test]
+    fn error_bodies() {
+        let body = "<?xml version=\"1.0\"?><Error><Code>NoSuchBucket</Code><Message>The specified bucket does not exist</Message></Error>";
+        assert_eq!(error_code(body).0, "NoSuchBucket");
+        assert_eq!(xml_values("<a><K>1</K><K>2</K></a>", "K"), ["1", "2"]);
+        assert_eq!(xml_unescape("&quot;e&quot;"), "\"e\"");
+    }
+}
