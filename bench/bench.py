@@ -7,10 +7,12 @@ output bytes (medians) with the ratios nixcache / nix copy. Also times a re-push
 everything is present, on the closure; and on a closure of 10,001 tiny paths, a first push
 and a re-push with each compression, and signing all its narinfos (`nix store sign`); and
 one path of 200,000 small files (several xz blocks) pushed with xz against Nix's parallel
-compression.
+compression. With --s3 (xz,zstd by default), the closure pushed by nixcache to a SeaweedFS
+bucket on loopback against the same push to a directory: wall, CPU, peak RSS and the requests
+made (Nix 2.8 cannot write to a bucket, so it is no peer here).
 
 Usage: bench/run [--scale medium] [--runs 3] [--compressions xz,zstd,none] [--many 10000]
-                 [--files 200000]
+                 [--files 200000] [--s3 xz,zstd]
 """
 import argparse
 import os
@@ -83,6 +85,71 @@ def run_case(path, comp, runs, work):
     return rows, repush
 
 
+def measure_err(args, env):
+    """Like measure, with extra environment; also returns stderr."""
+    with tempfile.NamedTemporaryFile("r") as t:
+        start = time.perf_counter()
+        p = subprocess.run(["/usr/bin/time", "-o", t.name, "-f", "%U %S %M"] + args, env=dict(ENV, **env),
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wall = time.perf_counter() - start
+        user, sys_, rss = t.read().split()[-3:]
+    return wall, float(user) + float(sys_), int(rss) / 1024, p.stderr
+
+
+def bench_s3(path, nar, a, work):
+    """nixcache to a SeaweedFS bucket on loopback against the same push to a directory."""
+    weed = "/opt/nixcache-weed/bin/weed"
+    base = 23000
+    data = os.path.join(work, "weed")
+    os.makedirs(data)
+    conf = os.path.join(work, "s3.json")
+    with open(conf, "w") as f:
+        f.write('{"identities":[{"name":"admin","credentials":[{"accessKey":"benchAK","secretKey":"benchSK"}],'
+                '"actions":["Admin","Read","Write","List","Tagging"]}]}')
+    ports = []
+    for k, name in enumerate(["master", "volume", "filer", "s3", "admin"], start=1):
+        ports += [f"-{name}.port={base + k}", f"-{name}.port.grpc={base + k + 10000}"]
+    server = subprocess.Popen([weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", *ports,
+                               "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                               f"-s3.config={conf}", "-bucket=bench"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            r = subprocess.run(["curl", "-s", f"http://127.0.0.1:{base + 4}/bench/x"], stdout=subprocess.PIPE, text=True)
+            if "AccessDenied" in r.stdout or "NoSuchKey" in r.stdout:
+                break
+            time.sleep(0.2)
+        env = {"AWS_ACCESS_KEY_ID": "benchAK", "AWS_SECRET_ACCESS_KEY": "benchSK"}
+        print()
+        print(f"the closure ({nar / 2**20:.1f} MiB of NAR) pushed by nixcache to a SeaweedFS bucket on loopback "
+              f"(weed mini) and to a directory, median of {a.runs}; requests from the push's summary:")
+        print()
+        print("| compression | to | wall s | CPU s | peak RSS MiB | MiB/s of NAR | requests |")
+        print("|---|---|---:|---:|---:|---:|---|")
+        for comp in a.s3.split(","):
+            res = {"directory": [], "bucket": []}
+            reqs = ""
+            for i in range(a.runs):
+                d = os.path.join(work, f"s3dir-{comp}-{i}")
+                url = f"s3://bench/{comp}-{i}?endpoint=http://127.0.0.1:{base + 4}"
+                for name, dest in [("directory", d), ("bucket", url)][:: -1 if i % 2 else 1]:
+                    wall, cpu, rss, err = measure_err([NIXCACHE, "push", "-c", comp, "--dest", dest, path], env)
+                    res[name].append((wall, cpu, rss))
+                    if name == "bucket":
+                        reqs = next((l for l in err.splitlines() if "request" in l), "")
+                shutil.rmtree(d)
+            for name, xs in res.items():
+                print(f"| {comp} | {name} | {med(xs, 0):.2f} | {med(xs, 1):.2f} | {med(xs, 2):.0f} | "
+                      f"{nar / 2**20 / med(xs, 0):.0f} | {reqs if name == 'bucket' else ''} |")
+            b, d = res["bucket"], res["directory"]
+            print(f"| {comp} | bucket / directory | {med(b, 0) / med(d, 0):.2f}x | {med(b, 1) / med(d, 1):.2f}x | "
+                  f"{med(b, 2) / med(d, 2):.2f}x | | extra wall time waiting on the server: "
+                  f"{med(b, 0) - med(d, 0):.2f} s |")
+    finally:
+        server.kill()
+        server.wait()
+
+
 def med(xs, k):
     return statistics.median(x[k] for x in xs)
 
@@ -94,6 +161,7 @@ def main():
     ap.add_argument("--compressions", default="xz,zstd,none")
     ap.add_argument("--many", type=int, default=10000, help="paths in the re-push fixture (0: skip)")
     ap.add_argument("--files", type=int, default=200000, help="files in the many-files path (0: skip)")
+    ap.add_argument("--s3", default="xz,zstd", help="compressions pushed to a SeaweedFS bucket ('': skip)")
     a = ap.parse_args()
 
     subprocess.run(["cargo", "build", "--release", "--locked", "-q"], cwd=REPO, check=True)
@@ -193,6 +261,8 @@ def main():
             n, c = rows["nix copy"], rows["nixcache"]
             print(f"| ratio | {med(c, 0) / med(n, 0):.2f}x | {med(c, 1) / med(n, 1):.2f}x | "
                   f"{med(c, 2) / med(n, 2):.2f}x | {med(c, 3) / med(n, 3):.2f}x |")
+        if a.s3:
+            bench_s3(path, nar, a, work)
     print()
     print("Ratios are nixcache / nix copy: below 1.00x is better for nixcache.")
 
