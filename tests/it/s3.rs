@@ -801,3 +801,46 @@ fn a_volume_server_killed_mid_push_leaves_a_consistent_bucket() {
     fresh_nix_cache();
     restore(&c.server.http("volume"), &t.path().join("root"), &[&random, &f.top]);
 }
+
+#[test]
+fn racing_pushes_are_harmless_and_a_push_record_keeps_its_closure() {
+    let s = Server::start();
+    let t = tmp();
+    let f = fixtures();
+    let random = ok(nix_cmd("nix-build").args([RANDOM, "--no-out-link", "--argstr", "salt", "s3-race"]))
+        .trim()
+        .to_owned();
+    let url = s.url("race");
+    // Two pushes of the same closure at once, no lock: the same NARs, the same narinfos.
+    let pushes: Vec<_> = (0..2)
+        .map(|_| {
+            nc(&s, t.path())
+                .args(["push", "-q", "-k", SECRET, "--dest", &url])
+                .args([&random, &f.top])
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for p in pushes {
+        let out = p.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    ok(nc(&s, t.path()).args(["verify", "-q", "--trusted-public-key", PUBLIC, "--dest", &url]));
+    fresh_nix_cache();
+    restore(&s.http("race"), &t.path().join("root"), &[&random, &f.top]);
+    // The narinfos are now older than a one-second window; a push that finds everything
+    // there writes only its record, and that record keeps the whole closure from gc.
+    std::thread::sleep(Duration::from_secs(3));
+    ok(nc(&s, t.path()).args(["push", "-q", "--dest", &url]).arg(&f.top));
+    let gc = ok(nc(&s, t.path()).args(["gc", "--older-than", "2s", "--dest", &url]));
+    assert!(gc.contains(&random), "{gc}");
+    for p in &f.closure {
+        assert!(!gc.contains(p.as_str()), "gc removed {p}, which the last push named: {gc}");
+    }
+    ok(nc(&s, t.path()).args(["verify", "-q", "--trusted-public-key", PUBLIC, "--dest", &url]));
+    // Once its record is older than the window too, the closure goes.
+    std::thread::sleep(Duration::from_secs(3));
+    let gc = ok(nc(&s, t.path()).args(["gc", "--older-than", "2s", "--dest", &url]));
+    assert!(gc.contains(&f.top) && gc.contains(".nixcache/pushes/"), "{gc}");
+}
