@@ -296,7 +296,7 @@ fn bucket_push_is_the_directory_push_and_nix_restores_it() {
     let random =
         ok(nix_cmd("nix-build").args([RANDOM, "--no-out-link", "--argstr", "salt", "s3"])).trim().to_owned();
     let t = tmp();
-    for compression in ["xz", "zstd"] {
+    for compression in ["xz", "zstd", "bzip2", "none"] {
         let dir = t.path().join(compression);
         let prefix = format!("{compression}/cache");
         let push = |dest: &str| {
@@ -489,15 +489,14 @@ fn bucket_survives_a_server_killed_mid_push() {
         assert!(!out.status.success(), "the push should fail with the server gone");
     }
     let s = s.restart();
-    // Whatever got in is consistent: every narinfo has its NAR and references. NARs no
-    // narinfo names yet may be there (gc removes them once stale).
+    // What the bucket holds now is the server's business: `weed mini` killed with SIGKILL
+    // has lost an acknowledged PUT (nix-cache-info) here once, so no client can promise
+    // what it shows. (With the server up and nixcache killed, consistency is checked: see
+    // a_push_killed_mid_upload_leaves_a_consistent_bucket.) A re-run makes it whole.
     let url = s.url("kill");
-    let v = nc(&s, t.path()).args(["verify", "--json", "--dest", &url]).output().unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
-    let broken: Vec<_> =
-        v["problems"].as_array().unwrap().iter().filter(|p| p["kind"] != "unused-nar").collect();
-    assert!(broken.is_empty(), "{v:#}");
     ok(nc(&s, t.path()).args(["push", "-q", "-k", SECRET, "--dest", &url]).args([&random, &f.top]));
+    let broken = inconsistencies(&s, t.path(), &url, Some(PUBLIC));
+    assert!(broken.is_empty(), "after the re-run: {broken:#?}");
     fresh_nix_cache();
     restore(&s.http("kill"), &t.path().join("root"), &[&random, &f.top]);
 }
@@ -788,16 +787,12 @@ fn a_volume_server_killed_mid_push_leaves_a_consistent_bucket() {
     eprintln!("the push with volume2 killed ({}): {said}", out.status);
     c.spawn("volume2");
     std::thread::sleep(Duration::from_secs(3));
-    // Whatever got in is whole; NARs no narinfo names yet are all verify may find.
-    let v = nc(&c.server, t.path()).args(["verify", "--json", "--dest", &url]).output().unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&v.stdout).unwrap();
-    let broken: Vec<_> =
-        v["problems"].as_array().unwrap().iter().filter(|p| p["kind"] != "unused-nar").collect();
-    assert!(broken.is_empty(), "after the push ({said}): {v:#}\n{}", c.logs());
+    // Whatever got in is whole.
+    let broken = inconsistencies(&c.server, t.path(), &url, None);
+    assert!(broken.is_empty(), "after the push ({said}): {broken:#?}\n{}", c.logs());
     ok(nc(&c.server, t.path()).args(["push", "-q", "-k", SECRET, "--dest", &url]).args([&random, &f.top]));
-    ok(nc(&c.server, t.path())
-        .args(["verify", "-q", "--trusted-public-key", PUBLIC, "--dest", &url])
-        .stdout(Stdio::null()));
+    let broken = inconsistencies(&c.server, t.path(), &url, Some(PUBLIC));
+    assert!(broken.is_empty(), "after the re-push: {broken:#?}");
     fresh_nix_cache();
     restore(&c.server.http("volume"), &t.path().join("root"), &[&random, &f.top]);
 }
@@ -843,4 +838,61 @@ fn racing_pushes_are_harmless_and_a_push_record_keeps_its_closure() {
     std::thread::sleep(Duration::from_secs(3));
     let gc = ok(nc(&s, t.path()).args(["gc", "--older-than", "2s", "--dest", &url]));
     assert!(gc.contains(&f.top) && gc.contains(".nixcache/pushes/"), "{gc}");
+}
+
+#[test]
+fn a_push_killed_mid_upload_leaves_a_consistent_bucket() {
+    let s = Server::start();
+    let t = tmp();
+    let f = fixtures();
+    let random = ok(nix_cmd("nix-build").args([RANDOM, "--no-out-link", "--argstr", "salt", "s3-sigkill"]))
+        .trim()
+        .to_owned();
+    let url = s.url("sigkill");
+    // One thread, the large path first: killed while its parts go up, after some small
+    // paths may be in.
+    for delay in [300, 1500, 4000] {
+        let mut push = nc(&s, t.path())
+            .args(["push", "-q", "-k", SECRET, "-j", "1", "--dest", &url])
+            .args([&random, &f.top])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay));
+        let _ = push.kill();
+        let _ = push.wait();
+        let broken = inconsistencies(&s, t.path(), &url, None);
+        assert!(broken.is_empty(), "killed after {delay} ms: {broken:#?}");
+    }
+    ok(nc(&s, t.path()).args(["push", "-q", "-k", SECRET, "--dest", &url]).args([&random, &f.top]));
+    ok(nc(&s, t.path())
+        .args(["verify", "-q", "--trusted-public-key", PUBLIC, "--dest", &url])
+        .stdout(Stdio::null()));
+    fresh_nix_cache();
+    restore(&s.http("sigkill"), &t.path().join("root"), &[&random, &f.top]);
+}
+
+/// What verify finds wrong in the bucket beyond what an interrupted push may leave for gc
+/// (NARs no narinfo names yet, temporary objects; a missing nix-cache-info when nothing was
+/// published).
+fn inconsistencies(s: &Server, home: &Path, url: &str, key: Option<&str>) -> Vec<serde_json::Value> {
+    let mut c = nc(s, home);
+    c.args(["verify", "--json", "--dest", url]);
+    if let Some(k) = key {
+        c.args(["--trusted-public-key", k]);
+    }
+    let v: serde_json::Value = serde_json::from_slice(&c.output().unwrap().stdout).unwrap();
+    let empty = v["narinfos"] == 0;
+    let left_for_gc = ["unused-nar", "temporary-file"];
+    v["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| {
+            let for_gc = left_for_gc.iter().any(|k| p["kind"] == *k);
+            let unwritten = empty && p["kind"] == "cache-info";
+            !(for_gc || unwritten)
+        })
+        .cloned()
+        .collect()
 }
