@@ -14,6 +14,7 @@
 //!
 //! [`Cache`]: crate::cache::Cache
 
+pub mod credentials;
 pub mod dir;
 pub mod s3;
 

@@ -31,10 +31,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
-use rusty_s3::{Bucket, Credentials, Method, UrlStyle};
+use rusty_s3::{Bucket, Method, UrlStyle};
 use thiserror::Error;
 use url::Url;
 
+use super::credentials::{self, Creds};
 use super::{Backend, Leftover, Meta, NewFile, Reader, Staged};
 use crate::cache::{CacheError, FileProblem, TEMP_PREFIX};
 
@@ -191,71 +192,6 @@ impl S3Error {
         };
         io::Error::new(kind, self)
     }
-}
-
-/// Credentials and where they came from (for messages; never the secret).
-struct Creds {
-    creds: Credentials,
-    source: String,
-}
-
-/// Reads an AWS-style INI file: section name -> key -> value.
-fn read_ini(path: &std::path::Path) -> HashMap<String, HashMap<String, String>> {
-    let mut out: HashMap<String, HashMap<String, String>> = HashMap::new();
-    let Ok(text) = std::fs::read_to_string(path) else { return out };
-    let mut section = String::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
-            continue;
-        }
-        if let Some(s) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            section = s.trim().to_owned();
-        } else if let Some((k, v)) = line.split_once('=') {
-            out.entry(section.clone()).or_default().insert(k.trim().to_owned(), v.trim().to_owned());
-        }
-    }
-    out
-}
-
-/// Finds credentials the way AWS tools do: the environment, then the profile (`profile`,
-/// else `AWS_PROFILE`, else `default`) in `~/.aws/credentials` and `~/.aws/config`.
-fn find_credentials(profile: Option<&str>) -> Result<Creds, S3Error> {
-    if let Some(creds) = Credentials::from_env() {
-        return Ok(Creds { creds, source: "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY".into() });
-    }
-    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-    let profile =
-        profile.map(str::to_owned).or_else(|| env("AWS_PROFILE")).unwrap_or_else(|| "default".into());
-    let home = env("HOME").map(PathBuf::from).unwrap_or_default();
-    let credentials_file = env("AWS_SHARED_CREDENTIALS_FILE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| home.join(".aws/credentials"));
-    let config_file = env("AWS_CONFIG_FILE").map(PathBuf::from).unwrap_or_else(|| home.join(".aws/config"));
-    let config_section =
-        if profile == "default" { "default".to_owned() } else { format!("profile {profile}") };
-    let sources = [
-        (credentials_file.clone(), profile.clone(), read_ini(&credentials_file)),
-        (config_file.clone(), config_section, read_ini(&config_file)),
-    ];
-    for (file, section, ini) in &sources {
-        if let Some(s) = ini.get(section)
-            && let (Some(k), Some(v)) = (s.get("aws_access_key_id"), s.get("aws_secret_access_key"))
-        {
-            let token = s.get("aws_session_token").cloned();
-            return Ok(Creds {
-                creds: Credentials::new_with_token(k.clone(), v.clone(), token.unwrap_or_default()),
-                source: format!("profile {profile} in {}", file.display()),
-            });
-        }
-    }
-    Err(S3Error::NoCredentials {
-        looked: format!(
-            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profile {profile} in {} and {}",
-            credentials_file.display(),
-            config_file.display()
-        ),
-    })
 }
 
 /// The Content-Type Nix's S3 store gives a key.
@@ -762,7 +698,7 @@ impl S3Backend {
     /// Opens the bucket: finds credentials (anonymous if `anonymous_ok` and none are found)
     /// and checks that the bucket answers.
     pub fn connect(url: &BucketUrl, anonymous_ok: bool) -> Result<S3Backend, CacheError> {
-        let creds = match find_credentials(url.profile.as_deref()) {
+        let creds = match credentials::find(url.profile.as_deref()) {
             Ok(c) => Some(c),
             Err(_) if anonymous_ok => None,
             Err(e) => return Err(e.into()),
@@ -1207,16 +1143,6 @@ mod tests {
         assert_eq!(content_type("nar/x.nar.xz"), "application/x-nix-nar");
         assert_eq!(content_type("abc.ls"), "application/json");
         assert_eq!(content_type("debuginfo/ab"), "application/json");
-    }
-
-    #[test]
-    fn credentials_from_profile_files() {
-        let t = tempfile::tempdir().unwrap();
-        let creds = t.path().join("credentials");
-        std::fs::write(&creds, "[default]\naws_access_key_id = AKD\naws_secret_access_key = SKD\n[ci]\naws_access_key_id=AKC\naws_secret_access_key=SKC\n").unwrap();
-        let ini = read_ini(&creds);
-        assert_eq!(ini["ci"]["aws_access_key_id"], "AKC");
-        assert_eq!(ini["default"]["aws_secret_access_key"], "SKD");
     }
 
     #[test]

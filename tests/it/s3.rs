@@ -896,3 +896,110 @@ fn inconsistencies(s: &Server, home: &Path, url: &str, key: Option<&str>) -> Vec
         .cloned()
         .collect()
 }
+
+/// A fake credential service on loopback: the EC2 metadata service (IMDSv2: a token first)
+/// and a container credentials endpoint (`/creds`, wanting `Authorization: secret-token`),
+/// both handing out `key`/`secret`. Returns its port.
+fn credential_service(key: String, secret: String) -> u16 {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request = String::new();
+            let _ = reader.read_line(&mut request);
+            let mut headers = String::new();
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+                headers.push_str(&h.to_ascii_lowercase());
+            }
+            let json = format!(
+                r#"{{"AccessKeyId":"{key}","SecretAccessKey":"{secret}","Token":"","Expiration":"2099-01-01T00:00:00Z"}}"#
+            );
+            let token_ok = headers.contains("x-aws-ec2-metadata-token: tok-123");
+            let body = match request.split_whitespace().take(2).collect::<Vec<_>>()[..] {
+                ["PUT", "/latest/api/token"] if headers.contains("x-aws-ec2-metadata-token-ttl-seconds") => {
+                    Some("tok-123".to_owned())
+                }
+                ["GET", "/latest/meta-data/iam/security-credentials/"] if token_ok => {
+                    Some("cache-role\n".into())
+                }
+                ["GET", "/latest/meta-data/iam/security-credentials/cache-role"] if token_ok => Some(json),
+                ["GET", "/creds"] if headers.contains("authorization: secret-token") => Some(json),
+                _ => None,
+            };
+            let _ = match body {
+                Some(b) => write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
+                    b.len()
+                ),
+                None => write!(
+                    stream,
+                    "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                ),
+            };
+        }
+    });
+    port
+}
+
+#[test]
+fn credentials_from_a_container_or_the_instance_metadata_service() {
+    let s = Server::start();
+    let f = fixtures();
+    let t = tmp();
+    let port = credential_service(s.key.clone(), s.secret.clone());
+    let bare = || {
+        let mut c = nixcache();
+        c.env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("AWS_PROFILE")
+            .env("HOME", t.path());
+        c
+    };
+    // The instance's role, through IMDSv2.
+    let out = bare()
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", format!("http://127.0.0.1:{port}"))
+        .args(["push", "--dest", &s.url("imds")])
+        .arg(&f.top)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A container's, with its authorization token.
+    ok(bare()
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", format!("http://127.0.0.1:{port}/creds"))
+        .env("AWS_CONTAINER_AUTHORIZATION_TOKEN", "secret-token")
+        .args(["push", "-q", "--dest", &s.url("container")])
+        .arg(&f.top));
+    // Pointed at a container endpoint that refuses: that is what the error says.
+    let out = fails(
+        bare()
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", format!("http://127.0.0.1:{port}/creds"))
+            .args(["push", "--dest", &s.url("container")])
+            .arg(&f.top),
+    );
+    let err = stderr(&out);
+    assert!(err.contains("no S3 credentials found") && err.contains("/creds answered 401"), "{err}");
+    assert!(!err.contains(&s.secret), "{err}");
+    // Neither: every place looked is named.
+    let out = fails(
+        bare()
+            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", format!("http://127.0.0.1:{}", free_base()))
+            .args(["push", "--dest", &s.url("none")])
+            .arg(&f.top),
+    );
+    let err = stderr(&out);
+    for place in
+        [".aws/credentials", ".aws/config", "AWS_CONTAINER_CREDENTIALS_FULL_URI", "instance metadata service"]
+    {
+        assert!(err.contains(place), "{place}: {err}");
+    }
+}
