@@ -154,6 +154,11 @@ impl Cache {
         Cache { backend, bad_dirs }
     }
 
+    /// A cache on a backend opened by the caller (say, a bucket with explicit credentials).
+    pub fn on(backend: Box<dyn Backend>) -> Cache {
+        Self::new(backend)
+    }
+
     /// Opens `dest` for writing, creating a directory and its subdirectories when missing.
     pub fn create(dest: impl Into<Dest>) -> Result<Cache, CacheError> {
         match dest.into() {

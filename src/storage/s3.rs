@@ -703,6 +703,17 @@ impl S3Backend {
             Err(_) if anonymous_ok => None,
             Err(e) => return Err(e.into()),
         };
+        Self::connect_as(url, creds)
+    }
+
+    /// Opens the bucket with the given key and secret (for a program that has them from
+    /// elsewhere than the environment).
+    pub fn connect_with(url: &BucketUrl, key: &str, secret: &str) -> Result<S3Backend, CacheError> {
+        let creds = Creds { creds: rusty_s3::Credentials::new(key, secret), source: "the caller".into() };
+        Self::connect_as(url, Some(creds))
+    }
+
+    fn connect_as(url: &BucketUrl, creds: Option<Creds>) -> Result<S3Backend, CacheError> {
         let aws = url.endpoint.is_none();
         let endpoint =
             url.endpoint.clone().unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", url.region));

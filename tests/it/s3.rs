@@ -1003,3 +1003,37 @@ fn credentials_from_a_container_or_the_instance_metadata_service() {
         assert!(err.contains(place), "{place}: {err}");
     }
 }
+
+#[test]
+fn gc_aborts_the_uploads_of_killed_runs_once_stale() {
+    use std::time::SystemTime;
+    let s = Server::start();
+    let t = tmp();
+    let random = ok(nix_cmd("nix-build").args([RANDOM, "--no-out-link", "--argstr", "salt", "s3-stale"]))
+        .trim()
+        .to_owned();
+    let url = s.url("stale");
+    // Killed while its parts go up: the upload stays behind.
+    let mut push =
+        nc(&s, t.path()).args(["push", "-q", "-j", "1", "--dest", &url]).arg(&random).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while s.uploads().is_empty() {
+        assert!(Instant::now() < deadline, "no multipart upload started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = push.kill();
+    let _ = push.wait();
+    assert_eq!(s.uploads().len(), 1);
+    // A gc now keeps it: another push may be uploading.
+    let gc = ok(nc(&s, t.path()).args(["gc", "--older-than", "1s", "--dest", &url]));
+    assert!(!gc.contains("incomplete upload"), "{gc}");
+    assert_eq!(s.uploads().len(), 1);
+    // Two hours on (gc's clock, in-process), past the one-hour grace: aborted.
+    let bucket: nixcache::storage::s3::BucketUrl = url.parse().unwrap();
+    let backend = nixcache::storage::s3::S3Backend::connect_with(&bucket, &s.key, &s.secret).unwrap();
+    let cache = nixcache::cache::Cache::on(Box::new(backend));
+    let later = SystemTime::now() + Duration::from_secs(2 * 3600);
+    let report = nixcache::gc::gc(&cache, Duration::from_secs(1), &[], later, false).unwrap();
+    assert!(report.removals.iter().any(|r| r.file.ends_with("(incomplete upload)")), "{:?}", report.removals);
+    assert!(s.uploads().is_empty(), "{:?}", s.uploads());
+}
