@@ -100,6 +100,8 @@ pub fn gc(
     dry_run: bool,
 ) -> Result<GcReport, GcError> {
     let index = Index::load(cache)?;
+    // A bucket: one listing answers for every NAR, instead of a request each.
+    cache.prepare_lookups(index.entries.len())?;
     let keep_roots: Vec<String> =
         keep.iter().map(|k| index.find(k).map(|p| p.hash_part().to_owned())).collect::<Result<_, _>>()?;
     let cutoff = now.checked_sub(older_than).unwrap_or(SystemTime::UNIX_EPOCH);

@@ -42,5 +42,6 @@ pub fn run(args: &GcArgs) -> anyhow::Result<bool> {
         bytes(report.bytes_freed),
         if args.dry_run { "would be freed" } else { "freed" }
     );
+    super::say_requests(&cache);
     Ok(true)
 }

@@ -51,3 +51,11 @@ pub fn store_path_arg(cache: &crate::cache::Cache, arg: &str) -> String {
 pub fn max_jobs() -> usize {
     (4 * std::thread::available_parallelism().map_or(1, usize::from)).min(1024)
 }
+
+/// Says what requests a command made to a bucket (nothing for a directory).
+pub fn say_requests(cache: &crate::cache::Cache) {
+    let requests = cache.requests();
+    if !requests.is_empty() {
+        crate::elog!("{}", crate::progress::requests(&requests));
+    }
+}

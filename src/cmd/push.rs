@@ -166,10 +166,7 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
             args.compression(),
             started.elapsed().as_secs_f64(),
         );
-        let requests = cache.requests();
-        if !requests.is_empty() {
-            crate::elog!("{}", progress::requests(&requests));
-        }
+        super::say_requests(&cache);
     }
     if !report.ok() {
         for (p, e) in &report.failed {

@@ -101,6 +101,7 @@ pub fn run(args: &SignArgs) -> anyhow::Result<bool> {
             crate::progress::plural(todo.len() + unusable, "narinfo"),
             key.name()
         );
+        super::say_requests(&cache);
     }
     Ok(failed == 0 && unusable == 0 && refused == 0)
 }

@@ -33,10 +33,16 @@ fn run_inner(args: &VerifyArgs) -> anyhow::Result<VerifyReport> {
     let jobs =
         args.jobs.map_or_else(|| std::thread::available_parallelism().map_or(1, usize::from), usize::from);
     let files = cache.narinfo_files()?;
-    let total: u64 = cache.nar_files()?.iter().filter_map(|f| cache.file_size(f)).sum();
+    // A bucket: one listing (after the narinfos', so it has their NARs) answers for every
+    // NAR's size, instead of a request each.
+    cache.prepare_lookups(files.len())?;
+    let total: u64 = cache.nar_entries()?.iter().filter(|m| m.not_regular.is_none()).map(|m| m.size).sum();
     let progress = Progress::new(mode, "verifying", files.len(), total);
     let report = verify(&cache, &keys, jobs, &progress)?;
     progress.finish();
+    if mode != Mode::Quiet {
+        super::say_requests(&cache);
+    }
     Ok(report)
 }
 

@@ -503,6 +503,14 @@ impl Client {
         Ok(())
     }
 
+    /// What the listing says of `rel`: `None` when there is no listing or it did not cover
+    /// `rel` (it covers the top level and `nar/`), else whether and what it is.
+    fn listed(&self, rel: &str) -> Option<Option<Meta>> {
+        let covered = !rel.contains('/') || rel.strip_prefix("nar/").is_some_and(|n| !n.contains('/'));
+        let snapshot = self.snapshot.lock().unwrap_or_else(|e| e.into_inner());
+        snapshot.as_ref().filter(|_| covered).map(|s| s.get(rel).cloned())
+    }
+
     /// Remembers that `rel` now exists, for lookups answered from the listing.
     fn noted(&self, rel: &str, size: u64) {
         if let Some(s) = self.snapshot.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
@@ -800,8 +808,8 @@ impl Backend for S3Backend {
     }
 
     fn stat(&self, rel: &str) -> Result<Option<Meta>, FileProblem> {
-        if let Some(s) = self.client.snapshot.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            return Ok(s.get(rel).cloned());
+        if let Some(known) = self.client.listed(rel) {
+            return Ok(known);
         }
         let key = self.client.key(rel);
         let what = || format!("looking up {}", self.client.url_of(rel));
@@ -822,9 +830,7 @@ impl Backend for S3Backend {
     }
 
     fn open(&self, rel: &str) -> Result<Option<(Reader, u64)>, FileProblem> {
-        if let Some(s) = self.client.snapshot.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
-            && !s.contains_key(rel)
-        {
+        if let Some(None) = self.client.listed(rel) {
             return Ok(None);
         }
         let key = self.client.key(rel);

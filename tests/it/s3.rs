@@ -376,7 +376,10 @@ fn bucket_verify_sign_gc_and_repair() {
     let v = fails(nc(&s, t.path()).args(["verify", "-q", "--trusted-public-key", PUBLIC, "--dest", &url]));
     assert!(String::from_utf8_lossy(&v.stdout).contains("untrusted"));
     ok(nc(&s, t.path()).args(["sign", "-q", "-k", SECRET, "--dest", &url]));
-    ok(nc(&s, t.path()).args(["verify", "-q", "--trusted-public-key", PUBLIC, "--dest", &url]));
+    let out =
+        nc(&s, t.path()).args(["verify", "--trusted-public-key", PUBLIC, "--dest", &url]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains(" get") && !stderr(&out).contains(" head"), "{}", stderr(&out));
 
     // A NAR deleted from the bucket: verify names it, push repairs it, Nix restores.
     let leaf = f.path("edge-dep");
@@ -397,8 +400,16 @@ fn bucket_verify_sign_gc_and_repair() {
     let other = build_fixtures("s3-gc");
     ok(nc(&s, t.path()).args(["push", "-q", "-k", SECRET, "--dest", &url]).arg(&other));
     std::thread::sleep(Duration::from_secs(2));
-    let gc = ok(nc(&s, t.path()).args(["gc", "--older-than", "1s", "--keep", &f.top, "--dest", &url]));
+    let out = nc(&s, t.path())
+        .args(["gc", "--older-than", "1s", "--keep", &f.top, "--dest", &url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let gc = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(gc.contains(&other), "{gc}");
+    // One listing answers for the NARs: no request per path to look at them.
+    let said = stderr(&out);
+    assert!(said.contains(" delete") && !said.contains(" head"), "{said}");
     assert!(!gc.contains(&f.top), "{gc}");
     ok(nc(&s, t.path()).args(["verify", "-q", "--trusted-public-key", PUBLIC, "--dest", &url]));
     assert_eq!(get(&format!("{}/{}.narinfo", s.http("life"), hash_part(&other))).0, 404);
