@@ -464,9 +464,6 @@ impl Cache {
     /// files, links and special files, never directories; none if `sub` is missing or is
     /// not a real directory (never listed through a link).
     pub fn list_entries(&self, sub: &str, keep: impl Fn(&str) -> bool) -> Result<Vec<Meta>, CacheError> {
-        if self.bad_dir(sub).is_some() {
-            return Ok(Vec::new());
-        }
         let mut found = self.backend.list(sub)?;
         found.retain(|m| keep(m.name.rsplit('/').next().unwrap_or_default()));
         Ok(found)

@@ -244,10 +244,10 @@ pub fn gc(
     }
     // Push records (a bucket's) older than the window name nothing gc still needs.
     let mut records = Vec::new();
-    for (name, when, _) in cache.push_records()? {
-        if when < cutoff {
+    for (name, when) in &index.records {
+        if *when < cutoff {
             report.removals.push(Removal { bytes: 0, file: name.clone(), store_path: None, reason: None });
-            records.push(name);
+            records.push(name.clone());
         }
     }
     report.bytes_freed = report.removals.iter().map(|r| r.bytes).sum();

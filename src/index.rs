@@ -34,6 +34,8 @@ pub enum IndexError {
 /// The narinfos of a cache, by hash part.
 pub struct Index {
     pub entries: HashMap<String, Entry>,
+    /// A bucket's push records: name and when written (see [`Cache::push_records`]).
+    pub records: Vec<(String, SystemTime)>,
 }
 
 impl Index {
@@ -44,11 +46,13 @@ impl Index {
         // Where modification times cannot be touched (a bucket), push records say when a
         // push last named a path.
         let mut recorded: HashMap<String, SystemTime> = HashMap::new();
-        for (_, when, names) in cache.push_records()? {
+        let mut records = Vec::new();
+        for (name, when, names) in cache.push_records()? {
             for n in names {
                 let t = recorded.entry(n).or_insert(when);
                 *t = (*t).max(when);
             }
+            records.push((name, when));
         }
         for meta in cache.narinfo_entries()? {
             let file = meta.name;
@@ -62,7 +66,7 @@ impl Index {
             let hash = file.trim_end_matches(".narinfo").to_owned();
             entries.insert(hash, Entry { file, narinfo, modified });
         }
-        Ok(Index { entries })
+        Ok(Index { entries, records })
     }
 
     pub fn get(&self, p: &StorePath) -> Option<&NarInfo> {

@@ -18,7 +18,6 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
@@ -130,8 +129,6 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 pub struct DirBackend {
     dir: PathBuf,
     lock: Option<File>,
-    /// Subdirectories that are not real directories, and what they are.
-    bad_dirs: Mutex<Vec<(&'static str, &'static str)>>,
 }
 
 impl DirBackend {
@@ -154,7 +151,7 @@ impl DirBackend {
         if !dir.is_dir() {
             return Err(CacheError::NotADirectory { path: dir.to_owned() });
         }
-        Ok(DirBackend { dir: dir.to_owned(), lock: None, bad_dirs: Mutex::new(bad_subdirs(dir)) })
+        Ok(DirBackend { dir: dir.to_owned(), lock: None })
     }
 
     fn temp_file(&self, sub: &str, suffix: &str) -> Result<TempFile, CacheError> {
@@ -166,10 +163,6 @@ impl DirBackend {
         file.set_permissions(fs::Permissions::from_mode(FILE_MODE))
             .map_err(io_err("set the mode of", &path))?;
         Ok(TempFile { path, file: Some(file), persisted: false })
-    }
-
-    fn is_bad(&self, sub: &str) -> bool {
-        self.bad_dirs.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|(b, _)| *b == sub)
     }
 }
 
@@ -183,16 +176,13 @@ impl Backend for DirBackend {
     }
 
     fn bad_dirs(&self) -> Vec<(&'static str, &'static str)> {
-        self.bad_dirs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        bad_subdirs(&self.dir)
     }
 
     fn create_subdir(&self, sub: &'static str) -> Result<(), CacheError> {
         make_dir(&self.dir.join(sub))?;
-        let bad = bad_subdirs(&self.dir);
-        let found = bad.iter().find(|(b, _)| *b == sub).map(|(_, kind)| *kind);
-        *self.bad_dirs.lock().unwrap_or_else(|e| e.into_inner()) = bad;
-        match found {
-            Some(kind) => Err(CacheError::NotARealDirectory { path: self.dir.join(sub), kind }),
+        match bad_subdirs(&self.dir).into_iter().find(|(b, _)| *b == sub) {
+            Some((_, kind)) => Err(CacheError::NotARealDirectory { path: self.dir.join(sub), kind }),
             None => Ok(()),
         }
     }
@@ -224,11 +214,12 @@ impl Backend for DirBackend {
         true
     }
 
+    /// Never through a subdirectory that is a link or a file: such a one lists as empty.
     fn list(&self, sub: &str) -> Result<Vec<Meta>, CacheError> {
-        if self.is_bad(sub) {
+        let d = self.dir.join(sub);
+        if !sub.is_empty() && fs::symlink_metadata(&d).is_ok_and(|m| !m.is_dir()) {
             return Ok(Vec::new());
         }
-        let d = self.dir.join(sub);
         let entries = match fs::read_dir(&d) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),

@@ -531,6 +531,11 @@ impl Client {
         Ok(())
     }
 
+    /// The cache error for a failed `action` on `rel`.
+    fn cache_err<'a>(&'a self, action: &'static str, rel: &'a str) -> impl Fn(S3Error) -> CacheError + 'a {
+        move |e| CacheError::Io { action, path: PathBuf::from(self.url_of(rel)), source: e.into_io() }
+    }
+
     fn url_of(&self, rel: &str) -> String {
         format!("s3://{}/{}", self.url.bucket, self.key(rel))
     }
@@ -770,8 +775,8 @@ impl S3Backend {
         Ok(S3Backend { client: Arc::new(client) })
     }
 
-    fn io<'a>(&'a self, action: &'static str, rel: &'a str) -> impl FnOnce(S3Error) -> CacheError + 'a {
-        move |e| CacheError::Io { action, path: PathBuf::from(self.client.url_of(rel)), source: e.into_io() }
+    fn io<'a>(&'a self, action: &'static str, rel: &'a str) -> impl Fn(S3Error) -> CacheError + 'a {
+        self.client.cache_err(action, rel)
     }
 }
 
@@ -864,11 +869,7 @@ impl Backend for S3Backend {
     fn stage(&self, rel: &str, data: &[u8], _: Option<SystemTime>) -> Result<Staged, CacheError> {
         let (client, rel_owned, data) = (self.client.clone(), rel.to_owned(), data.to_vec());
         Ok(Staged::new(rel, None, move || {
-            client.put(&rel_owned, &data).map_err(|e| CacheError::Io {
-                action: "write",
-                path: PathBuf::from(client.url_of(&rel_owned)),
-                source: e.into_io(),
-            })
+            client.put(&rel_owned, &data).map_err(client.cache_err("write", &rel_owned))
         }))
     }
 
@@ -1092,11 +1093,7 @@ impl Write for Upload {
 impl NewFile for Upload {
     fn stage(mut self: Box<Self>, dest: &str) -> Result<Staged, CacheError> {
         let client = self.client.clone();
-        let io = |e: S3Error| CacheError::Io {
-            action: "upload",
-            path: PathBuf::from(client.url_of(dest)),
-            source: e.into_io(),
-        };
+        let io = client.cache_err("upload", dest);
         if self.id.is_none() {
             let buf = std::mem::take(&mut self.buf);
             self.client.put(dest, &buf).map_err(&io)?;

@@ -52,6 +52,18 @@ pub struct Server {
     run: String,
 }
 
+/// SeaweedFS's S3 identities, in `dir/s3.json`: the tests' key, and anonymous reads of the
+/// bucket `cache` (for Nix).
+fn write_identities(dir: &Path) {
+    std::fs::write(
+        dir.join("s3.json"),
+        format!(
+            r#"{{"identities":[{{"name":"admin","credentials":[{{"accessKey":"{ACCESS_KEY}","secretKey":"{SECRET_KEY}"}}],"actions":["Admin","Read","Write","List","Tagging"]}},{{"name":"anonymous","actions":["Read:cache"]}}]}}"#
+        ),
+    )
+    .unwrap();
+}
+
 /// A base port whose neighbours (and their +10000 gRPC twins) are free.
 fn free_base() -> u16 {
     let seed = std::process::id() as u64 ^ Instant::now().elapsed().as_nanos() as u64;
@@ -97,13 +109,7 @@ impl Server {
             };
         }
         let dir = tmp();
-        std::fs::write(
-            dir.path().join("s3.json"),
-            format!(
-                r#"{{"identities":[{{"name":"admin","credentials":[{{"accessKey":"{ACCESS_KEY}","secretKey":"{SECRET_KEY}"}}],"actions":["Admin","Read","Write","List","Tagging"]}},{{"name":"anonymous","actions":["Read:cache"]}}]}}"#
-            ),
-        )
-        .unwrap();
+        write_identities(dir.path());
         Self::spawn(dir, free_base())
     }
 
@@ -129,10 +135,17 @@ impl Server {
             .stderr(log)
             .spawn()
             .expect("start weed");
-        let port = base + 4;
-        let s = Server {
-            child: Some(child),
-            dir: Some(dir),
+        let mut s = Self::local(base, base + 4);
+        (s.child, s.dir) = (Some(child), Some(dir));
+        s.wait_ready();
+        s
+    }
+
+    /// A SeaweedFS of ours on 127.0.0.1 whose S3 API is on `port`, with the bucket `cache`.
+    fn local(base: u16, port: u16) -> Server {
+        Server {
+            child: None,
+            dir: None,
             port,
             base,
             endpoint: format!("http://127.0.0.1:{port}"),
@@ -142,9 +155,22 @@ impl Server {
             key: ACCESS_KEY.into(),
             secret: SECRET_KEY.into(),
             run: String::new(),
-        };
-        s.wait_ready();
-        s
+        }
+    }
+
+    /// A request without a body, signed by curl with the test's key: (status, body).
+    fn signed(&self, method: &str, url: &str) -> (u16, String) {
+        let out = Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}", "-X", method])
+            .args(["--aws-sigv4", &format!("aws:amz:{}:s3", self.region)])
+            .args(["-H", EMPTY_SHA256])
+            .args(["--user", &format!("{}:{}", self.key, self.secret)])
+            .arg(url)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (status.trim().parse().unwrap_or(0), body.to_owned())
     }
 
     fn wait_ready(&self) {
@@ -198,16 +224,8 @@ impl Server {
     /// Deletes an object behind nixcache's back (a request signed by curl).
     pub fn delete(&self, key: &str) {
         let url = format!("{}/{}/{}{key}", self.endpoint, self.bucket, self.run);
-        let out = Command::new("curl")
-            .args(["-s", "-w", "%{http_code}", "-X", "DELETE"])
-            .args(["--aws-sigv4", &format!("aws:amz:{}:s3", self.region)])
-            .args(["-H", EMPTY_SHA256])
-            .args(["--user", &format!("{}:{}", self.key, self.secret)])
-            .arg(&url)
-            .output()
-            .unwrap();
-        let said = String::from_utf8_lossy(&out.stdout);
-        assert!(said.ends_with("200") || said.ends_with("204"), "delete {key}: {said}");
+        let (status, body) = self.signed("DELETE", &url);
+        assert!(status == 200 || status == 204, "delete {key}: {status} {body}");
     }
 
     /// The keys of the bucket's incomplete multipart uploads under this test's prefix.
@@ -216,15 +234,7 @@ impl Server {
             "" => format!("{}/{}?uploads=", self.endpoint, self.bucket),
             run => format!("{}/{}?prefix={}&uploads=", self.endpoint, self.bucket, run.replace('/', "%2F")),
         };
-        let out = Command::new("curl")
-            .arg("-s")
-            .args(["--aws-sigv4", &format!("aws:amz:{}:s3", self.region)])
-            .args(["-H", EMPTY_SHA256])
-            .args(["--user", &format!("{}:{}", self.key, self.secret)])
-            .arg(&url)
-            .output()
-            .unwrap();
-        let body = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (_, body) = self.signed("GET", &url);
         assert!(body.contains("ListMultipartUploadsResult"), "{body}");
         body.split("<Upload>")
             .skip(1)
@@ -658,28 +668,10 @@ struct Cluster {
 impl Cluster {
     fn start() -> Cluster {
         let dir = tmp();
-        std::fs::write(
-            dir.path().join("s3.json"),
-            format!(
-                r#"{{"identities":[{{"name":"admin","credentials":[{{"accessKey":"{ACCESS_KEY}","secretKey":"{SECRET_KEY}"}}],"actions":["Admin","Read","Write","List","Tagging"]}},{{"name":"anonymous","actions":["Read:cache"]}}]}}"#
-            ),
-        )
-        .unwrap();
+        write_identities(dir.path());
         let base = free_base();
         let port = base + 5;
-        let server = Server {
-            child: None,
-            dir: None,
-            port,
-            base,
-            endpoint: format!("http://127.0.0.1:{port}"),
-            bucket: "cache".into(),
-            region: "us-east-1".into(),
-            http_base: format!("http://127.0.0.1:{port}/cache"),
-            key: ACCESS_KEY.into(),
-            secret: SECRET_KEY.into(),
-            run: String::new(),
-        };
+        let server = Server::local(base, port);
         let mut c = Cluster { dir, base, parts: Vec::new(), server };
         for part in ["master", "volume1", "volume2", "filer", "s3"] {
             c.spawn(part);
@@ -688,18 +680,8 @@ impl Cluster {
         // The bucket, made by its owner.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let out = Command::new("curl")
-                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT"])
-                .args([
-                    "--aws-sigv4",
-                    "aws:amz:us-east-1:s3",
-                    "--user",
-                    &format!("{ACCESS_KEY}:{SECRET_KEY}"),
-                ])
-                .arg(format!("http://127.0.0.1:{port}/cache"))
-                .output()
-                .unwrap();
-            if out.stdout.starts_with(b"200") || out.stdout.starts_with(b"409") {
+            let (status, _) = c.server.signed("PUT", &format!("http://127.0.0.1:{port}/cache"));
+            if status == 200 || status == 409 {
                 break;
             }
             assert!(Instant::now() < deadline, "the SeaweedFS cluster did not start: {}", c.logs());
