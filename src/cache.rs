@@ -1,18 +1,11 @@
-//! A cache: its layout and rules, on a directory or a bucket ([`crate::storage`]).
-//!
-//! ```text
-//! nix-cache-info            StoreDir, WantMassQuery, Priority
-//! <hashpart>.narinfo        one per store path
-//! nar/<filehash>.nar.<ext>  the compressed NARs, named by their own hash
-//! log/, realisations/       created empty in a directory: Nix creates them when it opens a
-//!                           file:// cache, which fails on read-only media if they are missing
-//! .nixcache.lock            a directory's writers' lock (push, sign, gc); clients never read it
-//! ```
+//! A cache: its rules, on a directory or a bucket ([`crate::storage`]); its layout is in
+//! [`crate::layout`].
 //!
 //! Nothing in a cache is trusted to be what its name says: names are checked before any
 //! file is touched ([`Cache::resolve`]), text files are read with a size limit
 //! ([`TEXT_LIMIT`]), and a narinfo must parse strictly and sit under its own name.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::fs::File;
 use std::io;
@@ -26,33 +19,14 @@ use crate::narinfo::{NarInfo, NarInfoError};
 pub use crate::storage::Backend;
 use crate::storage::dir::DirBackend;
 use crate::storage::s3::S3Backend;
-pub use crate::storage::{Dest, Leftover, Meta, NewFile, Reader, Staged};
+pub use crate::storage::{Dest, FileProblem, Leftover, Meta, NewFile, Reader, Record, Staged, StorageError};
 use crate::store_path::{StoreDir, StorePath};
 
-/// Prefix of every temporary file a writer leaves while it works.
-pub const TEMP_PREFIX: &str = ".nixcache-tmp-";
-pub const LOCK_FILE: &str = ".nixcache.lock";
-pub const CACHE_INFO: &str = "nix-cache-info";
-
-/// The subdirectories of a cache. When present, each must be a real directory.
-pub const SUBDIRS: [&str; 4] = ["nar", "debuginfo", "log", "realisations"];
+pub use crate::layout::{CACHE_INFO, LOCK_FILE, SUBDIRS, TEMP_PREFIX};
 
 /// The largest text file (narinfo, `nix-cache-info`, debug-info link) nixcache reads. Nix
 /// writes a few hundred bytes; a narinfo with thousands of references stays far below.
 pub const TEXT_LIMIT: u64 = 4 << 20;
-
-/// Why a file in the cache cannot be used as what its name says.
-#[derive(Debug, Error)]
-pub enum FileProblem {
-    #[error("is a {0}, not a regular file; nixcache never reads or writes through one")]
-    NotRegular(&'static str),
-    #[error("is {size} bytes, more than the {limit} bytes such a file may have")]
-    TooLarge { size: u64, limit: u64 },
-    #[error("is not UTF-8 text")]
-    NotText,
-    #[error("cannot be read")]
-    Io(#[source] io::Error),
-}
 
 /// Why a narinfo file in the cache cannot be used.
 #[derive(Debug, Error)]
@@ -63,32 +37,41 @@ pub enum BadNarInfo {
     Parse(#[from] NarInfoError),
     #[error("holds the narinfo of {found}, whose file is {expected}")]
     Misnamed { found: String, expected: String },
+    /// Listed, and then answered as absent: no client can fetch it either.
+    #[error("is listed but cannot be fetched")]
+    Unfetchable,
 }
 
 #[derive(Debug, Error)]
 pub enum CacheError {
-    #[error("{} exists and is not a directory; --dest must be a directory", path.display())]
-    NotADirectory { path: PathBuf },
-    #[error("{} does not exist", path.display())]
-    Missing { path: PathBuf },
-    #[error("cannot {action} {}", path.display())]
-    Io { action: &'static str, path: PathBuf, source: io::Error },
+    /// What the storage below could not do.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
     #[error("{} is not a valid nix-cache-info: {reason}", path.display())]
     BadCacheInfo { path: PathBuf, reason: String },
     #[error("{} {source}", path.display())]
     BadFile { path: PathBuf, source: FileProblem },
     #[error(
-        "{} is a {kind}; a cache's {} must be a real directory (nixcache never follows links inside a cache): replace it with a directory",
-        path.display(), SUBDIRS.join("/, ") + "/"
-    )]
-    NotARealDirectory { path: PathBuf, kind: &'static str },
-    #[error(
         "the cache at {} is for store {found}, not {wanted}; use a separate cache directory per store directory",
         path.display()
     )]
     StoreDirMismatch { path: PathBuf, found: String, wanted: String },
-    #[error(transparent)]
-    Bucket(crate::storage::s3::S3Error),
+}
+
+impl From<crate::storage::s3::S3Error> for CacheError {
+    fn from(e: crate::storage::s3::S3Error) -> Self {
+        CacheError::Storage(StorageError::Bucket(e))
+    }
+}
+
+impl CacheError {
+    /// The I/O error underneath, when the storage failed on one.
+    pub fn io(&self) -> Option<&io::Error> {
+        match self {
+            CacheError::Storage(StorageError::Io { source, .. }) => Some(source),
+            _ => None,
+        }
+    }
 }
 
 /// The contents of `nix-cache-info`.
@@ -178,7 +161,7 @@ impl Cache {
 
     fn writable(cache: Cache) -> Result<Cache, CacheError> {
         if let Some((sub, kind)) = cache.bad_dirs.first() {
-            return Err(CacheError::NotARealDirectory { path: cache.locate(sub), kind });
+            return Err(StorageError::NotARealDirectory { path: cache.locate(sub), kind }.into());
         }
         Ok(cache)
     }
@@ -217,19 +200,19 @@ impl Cache {
     pub fn create_subdir(&mut self, sub: &'static str) -> Result<(), CacheError> {
         let made = self.backend.create_subdir(sub);
         self.bad_dirs = self.backend.bad_dirs();
-        made
+        Ok(made?)
     }
 
     /// Takes the writers' lock, waiting for another writer to finish. `on_wait` runs once if
     /// the lock is held by someone else. A bucket has no lock.
     pub fn lock(&mut self, mut on_wait: impl FnMut()) -> Result<(), CacheError> {
-        self.backend.lock(false, &mut on_wait)
+        Ok(self.backend.lock(false, &mut on_wait)?)
     }
 
     /// Takes the lock shared, for readers, when the lock file exists and can be opened:
     /// a reader then waits for a writer to finish.
     pub fn lock_shared(&mut self, mut on_wait: impl FnMut()) -> Result<(), CacheError> {
-        self.backend.lock(true, &mut on_wait)
+        Ok(self.backend.lock(true, &mut on_wait)?)
     }
 
     /// Whether writers exclude each other (a directory's lock).
@@ -300,6 +283,36 @@ impl Cache {
         self.backend.stat(self.resolve(rel)?).ok().flatten()
     }
 
+    /// What the cache file `rel` is, if it exists; an error when that could not be found out.
+    pub fn try_stat(&self, rel: &str) -> Result<Option<Meta>, FileProblem> {
+        match self.resolve(rel) {
+            Some(rel) => self.backend.stat(rel),
+            None => Ok(None),
+        }
+    }
+
+    /// What the cache file `rel` is, asked of the storage now (never from a listing taken
+    /// earlier); an error when that could not be found out.
+    pub fn stat_fresh(&self, rel: &str) -> Result<Option<Meta>, FileProblem> {
+        match self.resolve(rel) {
+            Some(rel) => self.backend.stat_fresh(rel),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether the NAR a narinfo points at is there with the FileSize it claims, as the
+    /// storage answers (`fresh`: asked now, not from a listing); an error when it could not
+    /// be found out, which is no answer.
+    pub fn nar_present(&self, ni: &NarInfo, fresh: bool) -> Result<bool, FileProblem> {
+        let Some(rel) = ni.nar_file() else { return Ok(false) };
+        let meta = if fresh { self.stat_fresh(&rel)? } else { self.try_stat(&rel)? };
+        Ok(match (meta.filter(|m| m.not_regular.is_none()), ni.file_size) {
+            (Some(m), Some(want)) => m.size == want,
+            (Some(_), None) => true,
+            (None, _) => false,
+        })
+    }
+
     /// Size of a cache file, if it exists and is a regular file.
     pub fn file_size(&self, rel: &str) -> Option<u64> {
         self.stat(rel).filter(|m| m.not_regular.is_none()).map(|m| m.size)
@@ -317,23 +330,24 @@ impl Cache {
     /// Records that a push included the narinfo `rel` now (which `gc` reads).
     pub fn touch(&self, rel: &str) -> Result<(), CacheError> {
         match self.resolve(rel) {
-            Some(rel) => self.backend.touch(rel),
-            None => Err(CacheError::Io {
+            Some(rel) => Ok(self.backend.touch(rel)?),
+            None => Err(StorageError::Io {
                 action: "open",
                 path: self.locate(rel),
                 source: io::ErrorKind::NotFound.into(),
-            }),
+            }
+            .into()),
         }
     }
 
     /// A new file in the cache subdirectory `sub` ("" or "nar"), named when staged.
     pub fn create_file(&self, sub: &str, suffix: &str) -> Result<Box<dyn NewFile>, CacheError> {
-        self.backend.create(sub, suffix)
+        Ok(self.backend.create(sub, suffix)?)
     }
 
     /// Scratch space for a push, gone when closed.
     pub fn scratch(&self) -> Result<File, CacheError> {
-        self.backend.scratch()
+        Ok(self.backend.scratch()?)
     }
 
     /// Writes `data` to the cache-relative `rel` atomically and durably.
@@ -347,18 +361,18 @@ impl Cache {
     /// Stages `data` to become the cache-relative `rel`, to be made durable with
     /// [`Cache::sync_data`] and then [committed](Staged::commit).
     pub fn stage(&self, rel: &str, data: &[u8]) -> Result<Staged, CacheError> {
-        self.backend.stage(rel, data, None)
+        Ok(self.backend.stage(rel, data, None)?)
     }
 
     /// Makes the contents of staged files durable, all at once.
     pub fn sync_data<'s>(&self, files: impl IntoIterator<Item = &'s Staged>) -> Result<(), CacheError> {
         let files: Vec<&Staged> = files.into_iter().collect();
-        self.backend.sync(&files)
+        Ok(self.backend.sync(&files)?)
     }
 
     /// Makes the names committed into the subdirectory `sub` ("" for the top) durable.
     pub fn sync_dir(&self, sub: &str) -> Result<(), CacheError> {
-        self.backend.sync_dir(sub)
+        Ok(self.backend.sync_dir(sub)?)
     }
 
     /// Stages a rewritten narinfo that keeps the old one's modification time where the
@@ -372,7 +386,7 @@ impl Cache {
         modified: SystemTime,
     ) -> Result<Staged, CacheError> {
         assert_eq!(file, ni.file_name(), "a narinfo is rewritten only under its own name");
-        self.backend.stage(file, ni.to_string().as_bytes(), Some(modified))
+        Ok(self.backend.stage(file, ni.to_string().as_bytes(), Some(modified))?)
     }
 
     /// Reads `nix-cache-info`, if present.
@@ -477,40 +491,51 @@ impl Cache {
     /// Temporary files and incomplete uploads left by runs (or being written by running
     /// ones, on a bucket).
     pub fn temp_files(&self) -> Result<Vec<Leftover>, CacheError> {
-        self.backend.leftovers()
+        Ok(self.backend.leftovers()?)
     }
 
     /// Removes a cache file (a link itself, never what it points to).
     pub fn remove(&self, rel: &str) -> Result<(), CacheError> {
         match self.resolve(rel) {
-            Some(rel) => self.backend.remove(rel),
+            Some(rel) => Ok(self.backend.remove(rel)?),
             None => Ok(()),
         }
     }
 
     /// Removes a temporary file, or aborts an incomplete upload.
     pub fn remove_leftover(&self, l: &Leftover) -> Result<(), CacheError> {
-        self.backend.remove_leftover(l)
+        Ok(self.backend.remove_leftover(l)?)
     }
 
     /// Records the narinfos a push names, where modification times cannot be touched.
     pub fn record_push(&self, hash_parts: &[&str]) -> Result<Option<String>, CacheError> {
-        self.backend.record_push(hash_parts)
+        Ok(self.backend.record_push(hash_parts)?)
     }
 
     /// Removes a push record.
     pub fn remove_record(&self, name: &str) -> Result<(), CacheError> {
-        self.backend.remove(name)
+        Ok(self.backend.remove(name)?)
     }
 
-    /// The push records (name, time, hash parts), on a bucket.
-    pub fn push_records(&self) -> Result<Vec<(String, SystemTime, Vec<String>)>, CacheError> {
-        self.backend.push_records()
+    /// The push records, on a bucket, each hash part handed to `each` with its record's
+    /// time. A record that cannot be read is the error.
+    pub fn push_records(&self, each: &mut dyn FnMut(&str, SystemTime)) -> Result<Vec<Record>, CacheError> {
+        Ok(self.backend.push_records(&|_| false, each)?)
+    }
+
+    /// The hash parts named by push records not in `known` (records written since those were
+    /// listed).
+    pub fn new_push_records(&self, known: &HashSet<String>) -> Result<HashSet<String>, CacheError> {
+        let mut named = HashSet::new();
+        self.backend.push_records(&|n| known.contains(n), &mut |h, _| {
+            named.insert(h.to_owned());
+        })?;
+        Ok(named)
     }
 
     /// Prepares to look up `paths` store paths (a bucket may list itself once).
     pub fn prepare_lookups(&self, paths: usize) -> Result<Option<String>, CacheError> {
-        self.backend.prepare_lookups(paths)
+        Ok(self.backend.prepare_lookups(paths)?)
     }
 
     /// Requests made to a bucket so far, by kind.
@@ -617,6 +642,9 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let f = t.path().join("f");
         fs::write(&f, "").unwrap();
-        assert!(matches!(Cache::create(f.as_path()), Err(CacheError::NotADirectory { .. })));
+        assert!(matches!(
+            Cache::create(f.as_path()),
+            Err(CacheError::Storage(StorageError::NotADirectory { .. }))
+        ));
     }
 }

@@ -10,6 +10,14 @@
 //!
 //! Invariant afterwards: every remaining narinfo has its NAR and all its references.
 //!
+//! What counts as evidence: a narinfo goes only for a reason gc has established. It was read
+//! in full and is bad; or no push named it within the window, by times the storage stated;
+//! or its closure is incomplete because the storage *answered* that a member is absent, a
+//! listing's absence confirmed by asking for that file alone (a bucket: a HEAD answering
+//! 404). A file that could not be read, a lookup that failed (a transport error, a timeout, a
+//! 5xx after the retries, a body that ended early), or a lookup that contradicts the listing
+//! stops the run before anything is removed: exit 1, never a deletion.
+//!
 //! A writer that does not take our lock (`nix copy --to file://`, rsync, another machine on
 //! shared storage) writes a NAR before the narinfo that names it. So a NAR file no narinfo
 //! names, and a temporary file, go only once older than [`grace`] (the window, at least
@@ -20,7 +28,7 @@ use std::time::{Duration, SystemTime};
 
 use thiserror::Error;
 
-use crate::cache::{Cache, CacheError};
+use crate::cache::{Cache, CacheError, FileProblem};
 use crate::index::Index;
 
 /// Parses `90s`, `30m`, `36h`, `14d` or `2w`.
@@ -57,6 +65,13 @@ pub enum GcError {
     Index(#[from] crate::index::IndexError),
     #[error("cannot remove {}", path.display())]
     Remove { path: std::path::PathBuf, source: std::io::Error },
+    #[error("could not find out whether {} is there, so nothing was removed; run gc again", path.display())]
+    Unknown { path: std::path::PathBuf, source: FileProblem },
+    #[error(
+        "{} is there, though the listing did not show it: the listing is not to be trusted, so nothing was removed",
+        path.display()
+    )]
+    Contradicted { path: std::path::PathBuf },
 }
 
 /// Why a narinfo goes.
@@ -84,6 +99,9 @@ pub struct Removal {
 
 #[derive(Debug, Default)]
 pub struct GcReport {
+    /// What was found that nixcache does not write (a bucket's misplaced or malformed push
+    /// records), and why; such files go with the window.
+    pub warnings: Vec<String>,
     pub kept: usize,
     pub removed_paths: usize,
     /// In deletion order.
@@ -107,12 +125,44 @@ pub fn gc(
     let cutoff = now.checked_sub(older_than).unwrap_or(SystemTime::UNIX_EPOCH);
 
     // Complete: parses, NAR present, and every reference complete (a fixpoint from the leaves).
-    let mut complete: HashSet<&str> = index
-        .entries
+    // An absence is only believed once the storage answers it for that file alone.
+    let unknown = |rel: &str| {
+        let path = cache.locate(rel);
+        move |source| GcError::Unknown { path, source }
+    };
+    let mut complete: HashSet<&str> = HashSet::new();
+    let mut sorted: Vec<(&String, &crate::index::Entry)> = index.entries.iter().collect();
+    sorted.sort_by_key(|(h, _)| h.as_str());
+    for (h, e) in &sorted {
+        let Ok(ni) = &e.narinfo else { continue };
+        let rel = ni.nar_file().unwrap_or_default();
+        let present = cache.nar_present(ni, false).map_err(unknown(&rel))?
+            || (ni.nar_file().is_some() && {
+                // The listing says it is missing or the wrong size: ask for it alone.
+                if cache.nar_present(ni, true).map_err(unknown(&rel))? {
+                    return Err(GcError::Contradicted { path: cache.locate(&rel) });
+                }
+                false
+            });
+        if present {
+            complete.insert(h.as_str());
+        }
+    }
+    // References without a narinfo in the listing: absent only if a lookup says so.
+    let mut absent: Vec<&str> = complete
         .iter()
-        .filter(|(_, e)| e.narinfo.as_ref().is_ok_and(|ni| cache.has_nar(ni)))
-        .map(|(h, _)| h.as_str())
+        .filter_map(|h| index.entries[*h].narinfo.as_ref().ok())
+        .flat_map(|ni| ni.references.iter().map(|r| r.hash_part()))
+        .filter(|r| !index.entries.contains_key(*r))
         .collect();
+    absent.sort();
+    absent.dedup();
+    for r in absent {
+        let rel = format!("{r}.narinfo");
+        if cache.stat_fresh(&rel).map_err(unknown(&rel))?.is_some() {
+            return Err(GcError::Contradicted { path: cache.locate(&rel) });
+        }
+    }
     loop {
         let broken: Vec<&str> = complete
             .iter()
@@ -165,6 +215,12 @@ pub fn gc(
     order.sort_by_key(|h| layer[h]);
 
     let mut report = GcReport { kept: live.len(), ..Default::default() };
+    for (name, why) in &index.bad_records {
+        report.warnings.push(format!(
+            "{} {why}; it counts for nothing and goes with the window",
+            cache.locate(name).display()
+        ));
+    }
     // The layer of each removal: narinfos and their listings; None for the rest.
     let mut layers: Vec<Option<usize>> = Vec::new();
     let size = |rel: &str| cache.file_size(rel).unwrap_or(0);
@@ -216,12 +272,14 @@ pub fn gc(
         }
     }
     // Debug-info links whose NAR goes.
-    for name in cache.list("debuginfo", |n| !n.starts_with(crate::cache::TEMP_PREFIX))? {
+    for name in cache.list("debuginfo", |n| !crate::layout::is_temp(n))? {
         let rel = format!("debuginfo/{name}");
-        let archive = cache
-            .read_text(&rel)
-            .ok()
-            .flatten()
+        let text = match cache.read_text(&rel) {
+            Ok(t) => t,
+            Err(source) if !source.is_established() => return Err(unknown(&rel)(source)),
+            Err(_) => None,
+        };
+        let archive = text
             .and_then(|b| serde_json::from_str::<HashMap<String, String>>(&b).ok())
             .and_then(|m| m.get("archive").cloned());
         let target = archive.as_deref().and_then(|a| a.strip_prefix("../"));
@@ -254,9 +312,37 @@ pub fn gc(
 
     if !dry_run {
         layers.resize(report.removals.len(), None);
+        // Where writers do not exclude each other (a bucket), a push may start while gc
+        // works: it records its closure before it looks. Before each layer of narinfos and
+        // before the NARs, gc reads the records written since it started and spares what they
+        // name (with the NARs those narinfos name), so it never takes away what such a push
+        // found present and skipped.
+        let known: HashSet<String> = index.records.iter().map(|(n, _)| n.clone()).collect();
+        let mut spared: HashSet<String> = HashSet::new();
+        let mut spared_nars: HashSet<String> = HashSet::new();
+        let mut kept_back = vec![false; report.removals.len()];
         for (i, r) in report.removals.iter().enumerate() {
             if i > 0 && layers[i - 1].is_some() && layers[i] != layers[i - 1] {
                 cache.sync_dir("")?;
+            }
+            let boundary = i == 0 || layers[i] != layers[i - 1];
+            if boundary && !cache.exclusive() && (layers[i].is_some() || r.store_path.is_none()) {
+                for h in cache.new_push_records(&known)? {
+                    if let Some(nar) = index
+                        .entries
+                        .get(&h)
+                        .and_then(|e| e.narinfo.as_ref().ok())
+                        .and_then(|ni| ni.nar_file())
+                    {
+                        spared_nars.insert(nar);
+                    }
+                    spared.insert(h);
+                }
+            }
+            let hash = r.file.strip_suffix(".narinfo").or_else(|| r.file.strip_suffix(".ls"));
+            if hash.is_some_and(|h| spared.contains(h)) || spared_nars.contains(&r.file) {
+                kept_back[i] = true;
+                continue;
             }
             if let Some(l) = leftovers.iter().find(|l| l.name == r.file) {
                 cache.remove_leftover(l)?;
@@ -266,6 +352,18 @@ pub fn gc(
                 cache.remove(&r.file)?;
             }
         }
+        let mut k = kept_back.iter();
+        report.removals.retain(|_| !k.next().copied().unwrap_or(false));
+        let spared_paths =
+            report.removed_paths - report.removals.iter().filter(|r| r.reason.is_some()).count();
+        if spared_paths > 0 {
+            report.removed_paths -= spared_paths;
+            report.kept += spared_paths;
+            report
+                .warnings
+                .push(format!("kept {spared_paths} paths that a push started during this gc names"));
+        }
+        report.bytes_freed = report.removals.iter().map(|r| r.bytes).sum();
     }
     Ok(report)
 }

@@ -36,23 +36,33 @@ pub struct Index {
     pub entries: HashMap<String, Entry>,
     /// A bucket's push records: name and when written (see [`Cache::push_records`]).
     pub records: Vec<(String, SystemTime)>,
+    /// Records that are not what nixcache writes, and why: their paths count for nothing,
+    /// and they go with the window.
+    pub bad_records: Vec<(String, String)>,
 }
 
 impl Index {
-    /// Reads every narinfo. One that cannot be read or parsed is an entry with its error,
-    /// not a reason to stop.
+    /// Reads every narinfo. One that was read and is bad (a link, too large, not text, not
+    /// parsing, misnamed) is an entry with its error; one that could not be read stops the
+    /// load: nothing may be concluded about a file nobody saw, nor about a cache missing one.
     pub fn load(cache: &Cache) -> Result<Index, CacheError> {
         let mut entries = HashMap::new();
         // Where modification times cannot be touched (a bucket), push records say when a
         // push last named a path.
         let mut recorded: HashMap<String, SystemTime> = HashMap::new();
-        let mut records = Vec::new();
-        for (name, when, names) in cache.push_records()? {
-            for n in names {
-                let t = recorded.entry(n).or_insert(when);
+        let (mut records, mut bad_records) = (Vec::new(), Vec::new());
+        let listed = cache.push_records(&mut |h, when| {
+            if let Some(t) = recorded.get_mut(h) {
                 *t = (*t).max(when);
+            } else {
+                recorded.insert(h.to_owned(), when);
             }
-            records.push((name, when));
+        })?;
+        for r in listed {
+            if let Some(why) = r.problem {
+                bad_records.push((r.name.clone(), why));
+            }
+            records.push((r.name, r.modified));
         }
         for meta in cache.narinfo_entries()? {
             let file = meta.name;
@@ -60,13 +70,18 @@ impl Index {
             let modified = recorded.get(hash).map_or(meta.modified, |&r| r.max(meta.modified));
             let narinfo = match cache.read_narinfo(&file) {
                 Ok(Some(ni)) => Ok(ni),
-                Ok(None) => continue,
+                // Listed, then answered absent: removed meanwhile (removing it again is
+                // harmless), or a key no request can name.
+                Ok(None) => Err(BadNarInfo::Unfetchable),
+                Err(BadNarInfo::File(source)) if !source.is_established() => {
+                    return Err(CacheError::BadFile { path: cache.locate(&file), source });
+                }
                 Err(e) => Err(e),
             };
             let hash = file.trim_end_matches(".narinfo").to_owned();
             entries.insert(hash, Entry { file, narinfo, modified });
         }
-        Ok(Index { entries, records })
+        Ok(Index { entries, records, bad_records })
     }
 
     pub fn get(&self, p: &StorePath) -> Option<&NarInfo> {

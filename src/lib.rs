@@ -1,7 +1,9 @@
 //! nixcache: turn Nix store paths into a static binary cache.
 //!
 //! Pure format modules ([`nixbase32`], [`hash`], [`store_path`], [`narinfo`], [`signing`],
-//! [`nar`]) never touch the filesystem; [`store`], [`storage`] and [`cache`] are the I/O edges.
+//! [`nar`], [`layout`]) never touch the filesystem; [`store`], [`storage`] and [`cache`] are the I/O
+//! edges. Layers import only downwards: [`cache`] is built on [`storage`], which knows nothing of
+//! it.
 #![forbid(unsafe_code)]
 
 pub mod cache;
@@ -10,6 +12,7 @@ pub mod content_address;
 pub mod gc;
 pub mod hash;
 pub mod index;
+pub mod layout;
 pub mod nar;
 pub mod narinfo;
 pub mod nixbase32;

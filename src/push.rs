@@ -147,13 +147,19 @@ pub enum PushError {
     Dependency { dependency: StorePath },
 }
 
+impl From<crate::cache::StorageError> for PushError {
+    fn from(e: crate::cache::StorageError) -> Self {
+        PushError::Cache(e.into())
+    }
+}
+
 impl PushError {
     /// Whether the cache's filesystem was full (or over quota).
     pub fn is_cache_full(&self) -> bool {
         match self {
             PushError::CacheFull(_) => true,
-            PushError::Cache(CacheError::Io { source, .. }) => is_full(source),
-            PushError::Sync(e) => matches!(&**e, CacheError::Io { source, .. } if is_full(source)),
+            PushError::Cache(e) => e.io().is_some_and(is_full),
+            PushError::Sync(e) => e.io().is_some_and(is_full),
             _ => false,
         }
     }
@@ -188,6 +194,9 @@ pub struct PushReport {
     pub nar_bytes: u64,
     pub file_bytes: u64,
     pub failed: Vec<(StorePath, PushError)>,
+    /// Per path published (by index into the closure): the NAR its narinfo names and that
+    /// file's size, for the check at the end ([`missing_now`]).
+    pub nars: HashMap<usize, (String, Option<u64>)>,
 }
 
 impl PushReport {
@@ -318,6 +327,9 @@ impl<'a> Publisher<'a> {
                 }
                 r.nar_bytes += done.nar_bytes;
                 r.file_bytes += done.file_bytes;
+                if let Some(nar) = done.narinfo.nar_file() {
+                    r.nars.insert(k, (nar, done.narinfo.file_size));
+                }
                 for &j in &self.referrers[k] {
                     st.unpublished_refs[j] -= 1;
                     if st.unpublished_refs[j] == 0 && st.waiting.contains_key(&j) {
@@ -445,6 +457,26 @@ pub fn push(
         Err(_) => worker(),
     }
     run.publisher.finish()
+}
+
+/// How many times a push on shared storage pushes again what vanished under it before it
+/// gives up ([`missing_now`]).
+pub const SETTLE_ROUNDS: usize = 3;
+
+/// The paths of `infos` that are not whole in `cache` now (narinfo and NAR, as the storage
+/// answers afresh: a new listing, or a lookup each), by index. Where writers do not exclude
+/// each other (a bucket), a gc may have removed what this push found present and skipped, and
+/// a server may have lost an acknowledged write: a push checks its closure at the end, pushes
+/// again what is missing, and exits 0 only once the check finds it whole.
+pub fn missing_now(cache: &Cache, infos: &[PathInfo], report: &PushReport) -> Result<Vec<usize>, CacheError> {
+    cache.prepare_lookups(infos.len())?;
+    let whole = |i: usize| {
+        let Some((nar, size)) = report.nars.get(&i) else { return false };
+        let there = |rel: &str| cache.try_stat(rel).ok().flatten();
+        there(&Cache::narinfo_rel(&infos[i].path)).is_some()
+            && there(nar).is_some_and(|m| size.is_none_or(|s| s == m.size))
+    };
+    Ok((0..infos.len()).filter(|&i| !whole(i)).collect())
 }
 
 /// The state of one push, shared by its threads.
@@ -952,7 +984,7 @@ impl Write for Spill<'_> {
             && v.len() + buf.len() > SPILL_IN_MEMORY
         {
             let mut f = self.cache.scratch().map_err(|e| match e {
-                CacheError::Io { source, .. } => tag(source),
+                CacheError::Storage(crate::cache::StorageError::Io { source, .. }) => tag(source),
                 e => tag(io::Error::other(e)),
             })?;
             f.write_all(v).map_err(tag)?;

@@ -141,7 +141,12 @@ fn check_one(
     let mut problems = Vec::new();
     let text = match cache.read_text(file) {
         Ok(Some(t)) => t,
-        Ok(None) => return (problems, None, 0, 0),
+        Ok(None) => {
+            // Listed, yet not there when asked: a client cannot fetch it either (or a gc
+            // removed it meanwhile).
+            let message = "is listed but cannot be fetched (`nixcache gc` removes what it can reach; a key no request can name must be removed by other means)".into();
+            return (vec![Problem { path: file.into(), kind: "unfetchable", message }], None, 0, 0);
+        }
         Err(e) => return (vec![file_problem(file, &e)], None, 0, 0),
     };
     let ni: NarInfo = match text.parse() {

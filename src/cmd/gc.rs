@@ -16,6 +16,9 @@ pub fn run(args: &GcArgs) -> anyhow::Result<bool> {
     })?;
     let keep: Vec<String> = args.keep.iter().map(|k| super::store_path_arg(&cache, k)).collect();
     let report = gc(&cache, args.older_than, &keep, SystemTime::now(), args.dry_run)?;
+    for w in &report.warnings {
+        crate::elog!("warning: {w}");
+    }
     if !args.quiet {
         let verb = if args.dry_run { "would remove" } else { "removed" };
         for r in &report.removals {

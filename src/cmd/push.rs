@@ -142,8 +142,9 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
         nar_listing: args.nar_listing,
         index_debug_info: args.index_debug_info,
     };
-    let report = push(&store.location(), &cache, &infos, &opts, &progress);
+    let mut report = push(&store.location(), &cache, &infos, &opts, &progress);
     progress.finish();
+    let again = settle(&cache, &store.location(), &infos, &opts, &mut report)?;
 
     if mode != Mode::Quiet {
         let ratio = if report.nar_bytes > 0 {
@@ -166,6 +167,13 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
             args.compression(),
             started.elapsed().as_secs_f64(),
         );
+        if again > 0 {
+            crate::elog!(
+                "{} of this push were missing from {} when it checked at the end (a gc ran meanwhile, or the server lost a write): pushed again",
+                progress::plural(again, "path"),
+                args.dest
+            );
+        }
         super::say_requests(&cache);
     }
     if !report.ok() {
@@ -198,4 +206,46 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
         );
     }
     Ok(report.ok())
+}
+
+/// On storage without a writers' lock: checks the closure is whole in the cache now and pushes
+/// again what is not ([`crate::push::missing_now`]), at most [`crate::push::SETTLE_ROUNDS`]
+/// times; what is still missing then fails the push. Returns how many paths went again.
+fn settle(
+    cache: &Cache,
+    store: &crate::store::StoreLocation,
+    infos: &[crate::store::PathInfo],
+    opts: &PushOptions,
+    report: &mut crate::push::PushReport,
+) -> anyhow::Result<usize> {
+    if cache.exclusive() || !report.ok() {
+        return Ok(0);
+    }
+    let mut again = 0;
+    for round in 0..=crate::push::SETTLE_ROUNDS {
+        let missing = crate::push::missing_now(cache, infos, report)?;
+        if missing.is_empty() {
+            break;
+        }
+        if round == crate::push::SETTLE_ROUNDS {
+            anyhow::bail!(
+                "{} of this push are still missing from {} after pushing them again {} times: another writer keeps removing them (a gc with a short --older-than?) or the server loses writes",
+                progress::plural(missing.len(), "path"),
+                cache.describe(),
+                crate::push::SETTLE_ROUNDS
+            );
+        }
+        again += missing.len();
+        let quiet = Progress::new(Mode::Quiet, "pushing", infos.len(), 0);
+        let r = push(store, cache, infos, opts, &quiet);
+        report.repaired += r.pushed + r.repaired;
+        report.nar_bytes += r.nar_bytes;
+        report.file_bytes += r.file_bytes;
+        report.failed.extend(r.failed);
+        report.nars.extend(r.nars);
+        if !report.ok() {
+            break;
+        }
+    }
+    Ok(again)
 }

@@ -10,22 +10,42 @@
 //! 4. the instance metadata service (EC2, IMDSv2), at `AWS_EC2_METADATA_SERVICE_ENDPOINT` or
 //!    169.254.169.254, unless `AWS_EC2_METADATA_DISABLED=true`.
 //!
-//! Temporary credentials from 3 and 4 are fetched once per run and not refreshed: a run
-//! longer than their lifetime (hours) fails with a refused credential.
+//! Temporary credentials from 3 and 4 say when they expire; a run that outlives them fetches
+//! them again [`REFRESH_BEFORE`] their expiry (the bucket client asks before each request), so
+//! a push of many hours never signs with an expired key. Credentials from 1 and 2 do not
+//! expire and are read once.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rusty_s3::Credentials;
 use serde::Deserialize;
 
 use super::s3::S3Error;
 
+/// How long before their expiry temporary credentials are fetched again: the AWS SDKs' margin,
+/// long enough for a request signed just before to reach the server.
+pub const REFRESH_BEFORE: Duration = Duration::from_secs(5 * 60);
+
 /// Credentials and where they came from (for messages; never the secret).
 pub struct Creds {
     pub creds: Credentials,
     pub source: String,
+    /// When temporary credentials stop working; `None` for ones that do not expire.
+    pub expires: Option<SystemTime>,
+}
+
+impl Creds {
+    /// Credentials that do not expire.
+    pub fn lasting(creds: Credentials, source: impl Into<String>) -> Creds {
+        Creds { creds, source: source.into(), expires: None }
+    }
+
+    /// Whether they should be fetched again before signing at `now`.
+    pub fn due(&self, now: SystemTime) -> bool {
+        self.expires.is_some_and(|e| e.duration_since(now).unwrap_or_default() < REFRESH_BEFORE)
+    }
 }
 
 /// Reads an AWS-style INI file: section name -> key -> value.
@@ -58,10 +78,14 @@ struct Temporary {
     access_key_id: String,
     secret_access_key: String,
     token: Option<String>,
+    /// RFC 3339; absent or unreadable: treated as not expiring (fetched once).
+    expiration: Option<String>,
 }
 
 impl Temporary {
     fn into_creds(self, source: String) -> Creds {
+        let expires =
+            self.expiration.as_deref().and_then(|e| e.parse::<jiff::Timestamp>().ok()).map(SystemTime::from);
         Creds {
             creds: Credentials::new_with_token(
                 self.access_key_id,
@@ -69,6 +93,7 @@ impl Temporary {
                 self.token.unwrap_or_default(),
             ),
             source,
+            expires,
         }
     }
 }
@@ -136,7 +161,7 @@ fn instance(endpoint: &str) -> Option<Creds> {
 /// Finds credentials (see the module's documentation).
 pub fn find(profile: Option<&str>) -> Result<Creds, S3Error> {
     if let Some(creds) = Credentials::from_env() {
-        return Ok(Creds { creds, source: "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY".into() });
+        return Ok(Creds::lasting(creds, "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"));
     }
     let profile =
         profile.map(str::to_owned).or_else(|| env("AWS_PROFILE")).unwrap_or_else(|| "default".into());
@@ -156,10 +181,10 @@ pub fn find(profile: Option<&str>) -> Result<Creds, S3Error> {
             && let (Some(k), Some(v)) = (s.get("aws_access_key_id"), s.get("aws_secret_access_key"))
         {
             let token = s.get("aws_session_token").cloned();
-            return Ok(Creds {
-                creds: Credentials::new_with_token(k.clone(), v.clone(), token.unwrap_or_default()),
-                source: format!("profile {profile} in {}", file.display()),
-            });
+            return Ok(Creds::lasting(
+                Credentials::new_with_token(k.clone(), v.clone(), token.unwrap_or_default()),
+                format!("profile {profile} in {}", file.display()),
+            ));
         }
     }
     let mut looked = format!(
@@ -212,5 +237,12 @@ mod tests {
                 .unwrap();
         let c = t.into_creds("x".into());
         assert_eq!((c.creds.key(), c.creds.secret(), c.creds.token()), ("A", "S", Some("T")));
+        let at = |s: &str| SystemTime::from(s.parse::<jiff::Timestamp>().unwrap());
+        assert_eq!(c.expires, Some(at("2026-11-23T20:00:00Z")));
+        // Fetched again within five minutes of the expiry, not before.
+        assert!(!c.due(at("2026-11-23T19:54:00Z")));
+        assert!(c.due(at("2026-11-23T19:56:00Z")));
+        assert!(c.due(at("2026-11-23T21:00:00Z")));
+        assert!(!Creds::lasting(Credentials::new("a", "b"), "env").due(at("2099-01-01T00:00:00Z")));
     }
 }

@@ -21,8 +21,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
-use super::{Backend, Leftover, Meta, NewFile, Reader, Staged};
-use crate::cache::{CacheError, FileProblem, LOCK_FILE, SUBDIRS, TEMP_PREFIX};
+use super::{Backend, Leftover, Meta, NewFile, Reader, Record, Staged};
+use super::{FileProblem, StorageError};
+use crate::layout::{LOCK_FILE, SUBDIRS, TEMP_PREFIX};
 
 /// Cache files a web server must read whatever the pusher's umask: `open` and `mkdir` take
 /// the umask off, `chmod` does not.
@@ -80,7 +81,7 @@ fn open_regular(path: &Path, opts: &mut OpenOptions) -> Result<Option<File>, Fil
 
 /// Creates the directory `p` (and its parents) when missing; one this call creates is
 /// 0755. An existing one keeps its mode: it is the admin's.
-fn make_dir(p: &Path) -> Result<(), CacheError> {
+fn make_dir(p: &Path) -> Result<(), StorageError> {
     if !p.exists() {
         match fs::create_dir_all(p) {
             Ok(()) => fs::set_permissions(p, fs::Permissions::from_mode(DIR_MODE))
@@ -90,7 +91,7 @@ fn make_dir(p: &Path) -> Result<(), CacheError> {
         }
     }
     if !p.is_dir() {
-        return Err(CacheError::NotADirectory { path: p.to_owned() });
+        return Err(StorageError::NotADirectory { path: p.to_owned() });
     }
     Ok(())
 }
@@ -106,12 +107,12 @@ fn bad_subdirs(dir: &Path) -> Vec<(&'static str, &'static str)> {
         .collect()
 }
 
-fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CacheError + 'a {
-    move |source| CacheError::Io { action, path: path.to_owned(), source }
+fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StorageError + 'a {
+    move |source| StorageError::Io { action, path: path.to_owned(), source }
 }
 
 /// Locks `f` (exclusive or shared), calling `on_wait` once if someone else holds it.
-fn acquire(f: &File, path: &Path, shared: bool, on_wait: &mut dyn FnMut()) -> Result<(), CacheError> {
+fn acquire(f: &File, path: &Path, shared: bool, on_wait: &mut dyn FnMut()) -> Result<(), StorageError> {
     let tried = if shared { f.try_lock_shared() } else { f.try_lock() };
     match tried {
         Ok(()) => Ok(()),
@@ -133,9 +134,9 @@ pub struct DirBackend {
 
 impl DirBackend {
     /// Creates `dir` and its subdirectories when missing.
-    pub fn create(dir: &Path) -> Result<DirBackend, CacheError> {
+    pub fn create(dir: &Path) -> Result<DirBackend, StorageError> {
         if dir.exists() && !dir.is_dir() {
-            return Err(CacheError::NotADirectory { path: dir.to_owned() });
+            return Err(StorageError::NotADirectory { path: dir.to_owned() });
         }
         for sub in ["", "nar", "log", "realisations"] {
             make_dir(&dir.join(sub))?;
@@ -144,17 +145,17 @@ impl DirBackend {
     }
 
     /// An existing cache directory.
-    pub fn open(dir: &Path) -> Result<DirBackend, CacheError> {
+    pub fn open(dir: &Path) -> Result<DirBackend, StorageError> {
         if !dir.exists() {
-            return Err(CacheError::Missing { path: dir.to_owned() });
+            return Err(StorageError::Missing { path: dir.to_owned() });
         }
         if !dir.is_dir() {
-            return Err(CacheError::NotADirectory { path: dir.to_owned() });
+            return Err(StorageError::NotADirectory { path: dir.to_owned() });
         }
         Ok(DirBackend { dir: dir.to_owned(), lock: None })
     }
 
-    fn temp_file(&self, sub: &str, suffix: &str) -> Result<TempFile, CacheError> {
+    fn temp_file(&self, sub: &str, suffix: &str) -> Result<TempFile, StorageError> {
         let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = format!("{TEMP_PREFIX}{}-{n}{suffix}", std::process::id());
         let path = self.dir.join(sub).join(name);
@@ -179,15 +180,15 @@ impl Backend for DirBackend {
         bad_subdirs(&self.dir)
     }
 
-    fn create_subdir(&self, sub: &'static str) -> Result<(), CacheError> {
+    fn create_subdir(&self, sub: &'static str) -> Result<(), StorageError> {
         make_dir(&self.dir.join(sub))?;
         match bad_subdirs(&self.dir).into_iter().find(|(b, _)| *b == sub) {
-            Some((_, kind)) => Err(CacheError::NotARealDirectory { path: self.dir.join(sub), kind }),
+            Some((_, kind)) => Err(StorageError::NotARealDirectory { path: self.dir.join(sub), kind }),
             None => Ok(()),
         }
     }
 
-    fn lock(&mut self, shared: bool, on_wait: &mut dyn FnMut()) -> Result<(), CacheError> {
+    fn lock(&mut self, shared: bool, on_wait: &mut dyn FnMut()) -> Result<(), StorageError> {
         let path = self.dir.join(LOCK_FILE);
         let f = if shared {
             // On read-only media there is no writer to wait for, and no lock is taken.
@@ -197,7 +198,7 @@ impl Backend for DirBackend {
             // Not through a link, nor creating through a dangling one.
             let mut opts = OpenOptions::new();
             let f = open_regular(&path, opts.create(true).truncate(false).write(true))
-                .map_err(|source| CacheError::BadFile { path: path.clone(), source })?
+                .map_err(|source| StorageError::BadFile { path: path.clone(), source })?
                 .ok_or_else(|| io_err("open lock file", &path)(io::ErrorKind::NotFound.into()))?;
             // Readers (verify, as another user) take it shared: readable by all.
             if f.metadata().is_ok_and(|m| m.permissions().mode() & 0o777 != FILE_MODE) {
@@ -215,7 +216,7 @@ impl Backend for DirBackend {
     }
 
     /// Never through a subdirectory that is a link or a file: such a one lists as empty.
-    fn list(&self, sub: &str) -> Result<Vec<Meta>, CacheError> {
+    fn list(&self, sub: &str) -> Result<Vec<Meta>, StorageError> {
         let d = self.dir.join(sub);
         if !sub.is_empty() && fs::symlink_metadata(&d).is_ok_and(|m| !m.is_dir()) {
             return Ok(Vec::new());
@@ -257,11 +258,11 @@ impl Backend for DirBackend {
         Ok(Some((Box::new(f), size)))
     }
 
-    fn create(&self, sub: &str, suffix: &str) -> Result<Box<dyn NewFile>, CacheError> {
+    fn create(&self, sub: &str, suffix: &str) -> Result<Box<dyn NewFile>, StorageError> {
         Ok(Box::new(DirNewFile { tmp: self.temp_file(sub, suffix)?, dir: self.dir.clone() }))
     }
 
-    fn stage(&self, rel: &str, data: &[u8], modified: Option<SystemTime>) -> Result<Staged, CacheError> {
+    fn stage(&self, rel: &str, data: &[u8], modified: Option<SystemTime>) -> Result<Staged, StorageError> {
         let sub = Path::new(rel).parent().and_then(Path::to_str).unwrap_or("");
         let mut t = self.temp_file(sub, ".part")?;
         t.file().write_all(data).map_err(io_err("write", &t.path))?;
@@ -277,7 +278,7 @@ impl Backend for DirBackend {
     /// Not `syncfs`: that flushes everything waiting on the filesystem, such as the build
     /// that just wrote gigabytes to the store before a nightly push (measured: 0.5 s instead
     /// of 1.0-1.9 s for the medium closure with 2.3 GB dirty, on a fast virtual disk).
-    fn sync(&self, staged: &[&Staged]) -> Result<(), CacheError> {
+    fn sync(&self, staged: &[&Staged]) -> Result<(), StorageError> {
         let files: Vec<&Path> = staged.iter().filter_map(|s| s.durable()).collect();
         let sync = |p: &&Path| {
             File::options()
@@ -300,22 +301,22 @@ impl Backend for DirBackend {
         })
     }
 
-    fn sync_dir(&self, sub: &str) -> Result<(), CacheError> {
+    fn sync_dir(&self, sub: &str) -> Result<(), StorageError> {
         let dir = self.dir.join(sub);
         File::open(&dir).and_then(|d| d.sync_all()).map_err(io_err("sync directory", &dir))
     }
 
-    fn touch(&self, rel: &str) -> Result<(), CacheError> {
+    fn touch(&self, rel: &str) -> Result<(), StorageError> {
         let path = self.dir.join(rel);
         let f = match open_regular(&path, File::options().write(true)) {
             Ok(Some(f)) => f,
             Ok(None) => return Err(io_err("open", &path)(io::ErrorKind::NotFound.into())),
-            Err(source) => return Err(CacheError::BadFile { path, source }),
+            Err(source) => return Err(StorageError::BadFile { path, source }),
         };
         f.set_modified(SystemTime::now()).map_err(io_err("set the time of", &path))
     }
 
-    fn remove(&self, rel: &str) -> Result<(), CacheError> {
+    fn remove(&self, rel: &str) -> Result<(), StorageError> {
         let path = self.dir.join(rel);
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),
@@ -324,12 +325,12 @@ impl Backend for DirBackend {
         }
     }
 
-    fn scratch(&self) -> Result<File, CacheError> {
+    fn scratch(&self) -> Result<File, StorageError> {
         let dir = self.dir.join("nar");
         tempfile::tempfile_in(&dir).map_err(io_err("create a scratch file in", &dir))
     }
 
-    fn leftovers(&self) -> Result<Vec<Leftover>, CacheError> {
+    fn leftovers(&self) -> Result<Vec<Leftover>, StorageError> {
         let mut found = Vec::new();
         for sub in ["", "nar", "debuginfo"] {
             for m in self.list(sub)? {
@@ -348,20 +349,24 @@ impl Backend for DirBackend {
         Ok(found)
     }
 
-    fn remove_leftover(&self, l: &Leftover) -> Result<(), CacheError> {
+    fn remove_leftover(&self, l: &Leftover) -> Result<(), StorageError> {
         self.remove(&l.name)
     }
 
-    fn record_push(&self, _: &[&str]) -> Result<Option<String>, CacheError> {
+    fn record_push(&self, _: &[&str]) -> Result<Option<String>, StorageError> {
         // Narinfos' modification times are the record: push touches them.
         Ok(None)
     }
 
-    fn push_records(&self) -> Result<Vec<(String, SystemTime, Vec<String>)>, CacheError> {
+    fn push_records(
+        &self,
+        _: &dyn Fn(&str) -> bool,
+        _: &mut dyn FnMut(&str, SystemTime),
+    ) -> Result<Vec<Record>, StorageError> {
         Ok(Vec::new())
     }
 
-    fn prepare_lookups(&self, _: usize) -> Result<Option<String>, CacheError> {
+    fn prepare_lookups(&self, _: usize) -> Result<Option<String>, StorageError> {
         Ok(None)
     }
 
@@ -401,7 +406,7 @@ impl TempFile {
         Staged::new(rel, Some(durable), move || self.rename(&dest))
     }
 
-    fn rename(mut self, dest: &Path) -> Result<(), CacheError> {
+    fn rename(mut self, dest: &Path) -> Result<(), StorageError> {
         fs::rename(&self.path, dest).map_err(io_err("rename into place", dest))?;
         self.persisted = true;
         Ok(())
@@ -432,7 +437,7 @@ impl Write for DirNewFile {
 }
 
 impl NewFile for DirNewFile {
-    fn stage(self: Box<Self>, dest: &str) -> Result<Staged, CacheError> {
+    fn stage(self: Box<Self>, dest: &str) -> Result<Staged, StorageError> {
         let path = self.dir.join(dest);
         Ok(self.tmp.stage(dest, path))
     }

@@ -14,6 +14,7 @@
 //!
 //! [`Cache`]: crate::cache::Cache
 
+pub mod answers;
 pub mod credentials;
 pub mod dir;
 pub mod s3;
@@ -25,7 +26,11 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use crate::cache::{CacheError, FileProblem};
+use std::io;
+
+use thiserror::Error;
+
+use crate::layout::SUBDIRS;
 
 /// Where a cache is: `--dest`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,6 +66,56 @@ impl Default for Dest {
     }
 }
 
+/// Why a file in the cache cannot be used as what its name says, or could not be read.
+#[derive(Debug, Error)]
+pub enum FileProblem {
+    #[error("is a {0}, not a regular file; nixcache never reads or writes through one")]
+    NotRegular(&'static str),
+    #[error("is {size} bytes, more than the {limit} bytes such a file may have")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("is not UTF-8 text")]
+    NotText,
+    /// Not a fact about the file: reading it failed (a local I/O error; on a bucket a
+    /// transport error, a timeout, a 5xx after the retries, or a body that ended early).
+    /// Nothing may be concluded from it: gc stops on one.
+    #[error("cannot be read")]
+    Io(#[source] io::Error),
+}
+
+impl FileProblem {
+    /// Whether this says something about the file itself (read in full and bad), rather
+    /// than that reading it failed.
+    pub fn is_established(&self) -> bool {
+        !matches!(self, FileProblem::Io(_))
+    }
+}
+
+/// What the storage could not do.
+#[derive(Debug, Error)]
+pub enum StorageError {
+    #[error("{} exists and is not a directory; --dest must be a directory", path.display())]
+    NotADirectory { path: PathBuf },
+    #[error("{} does not exist", path.display())]
+    Missing { path: PathBuf },
+    #[error("cannot {action} {}", path.display())]
+    Io { action: &'static str, path: PathBuf, source: io::Error },
+    #[error("{} {source}", path.display())]
+    BadFile { path: PathBuf, source: FileProblem },
+    #[error(
+        "{} is a {kind}; a cache's {} must be a real directory (nixcache never follows links inside a cache): replace it with a directory",
+        path.display(), SUBDIRS.join("/, ") + "/"
+    )]
+    NotARealDirectory { path: PathBuf, kind: &'static str },
+    #[error(transparent)]
+    Bucket(s3::S3Error),
+}
+
+impl From<s3::S3Error> for StorageError {
+    fn from(e: s3::S3Error) -> Self {
+        StorageError::Bucket(e)
+    }
+}
+
 /// A cache file opened for streaming.
 pub type Reader = Box<dyn Read + Send>;
 
@@ -80,7 +135,7 @@ pub struct Meta {
 /// are known.
 pub trait NewFile: Write + Send {
     /// Ends the file and makes it ready to go in place as `dest` (cache-relative).
-    fn stage(self: Box<Self>, dest: &str) -> Result<Staged, CacheError>;
+    fn stage(self: Box<Self>, dest: &str) -> Result<Staged, StorageError>;
 }
 
 /// What a file written but not yet in place needs: made durable ([`Backend::sync`]), then
@@ -89,14 +144,14 @@ pub struct Staged {
     dest: String,
     /// A local file to fsync before the commit (directory caches).
     durable: Option<PathBuf>,
-    commit: Box<dyn FnOnce() -> Result<(), CacheError> + Send>,
+    commit: Box<dyn FnOnce() -> Result<(), StorageError> + Send>,
 }
 
 impl Staged {
     pub fn new(
         dest: &str,
         durable: Option<PathBuf>,
-        commit: impl FnOnce() -> Result<(), CacheError> + Send + 'static,
+        commit: impl FnOnce() -> Result<(), StorageError> + Send + 'static,
     ) -> Self {
         Staged { dest: dest.to_owned(), durable, commit: Box::new(commit) }
     }
@@ -113,7 +168,7 @@ impl Staged {
 
     /// Puts it in place: only after [`Backend::sync`] covered it. The caller then syncs the
     /// directory ([`Backend::sync_dir`]).
-    pub fn commit(self) -> Result<(), CacheError> {
+    pub fn commit(self) -> Result<(), StorageError> {
         (self.commit)()
     }
 }
@@ -129,8 +184,20 @@ pub struct Leftover {
     pub upload_id: Option<String>,
 }
 
+/// A push record, as listed.
+#[derive(Clone, Debug)]
+pub struct Record {
+    /// Cache-relative name.
+    pub name: String,
+    /// When written, as the server said.
+    pub modified: SystemTime,
+    /// Why it is not a record nixcache wrote (misplaced, too large, not hash parts): reported,
+    /// and removed with the window like any record.
+    pub problem: Option<String>,
+}
+
 /// The storage of a cache. Names are cache-relative and already checked
-/// ([`crate::cache::Cache::resolve`]): a plain name at the top or one in a subdirectory.
+/// (by the cache above): a plain name at the top or one in a subdirectory.
 pub trait Backend: Send + Sync {
     /// Where the cache is, for messages.
     fn describe(&self) -> String;
@@ -143,11 +210,11 @@ pub trait Backend: Send + Sync {
     fn bad_dirs(&self) -> Vec<(&'static str, &'static str)>;
 
     /// Makes the subdirectory `sub` ready to hold files.
-    fn create_subdir(&self, sub: &'static str) -> Result<(), CacheError>;
+    fn create_subdir(&self, sub: &'static str) -> Result<(), StorageError>;
 
     /// Takes the writers' lock (or, `shared`, waits for writers), calling `on_wait` once if
     /// someone else holds it. A bucket has none.
-    fn lock(&mut self, shared: bool, on_wait: &mut dyn FnMut()) -> Result<(), CacheError>;
+    fn lock(&mut self, shared: bool, on_wait: &mut dyn FnMut()) -> Result<(), StorageError>;
 
     /// Whether writers exclude each other: then a writer may remove every temporary file it
     /// finds, since no other writer is running.
@@ -155,10 +222,16 @@ pub trait Backend: Send + Sync {
 
     /// The entries of the subdirectory `sub` ("" for the top), sorted by name: never
     /// directories, and nothing when `sub` is missing or not a real directory.
-    fn list(&self, sub: &str) -> Result<Vec<Meta>, CacheError>;
+    fn list(&self, sub: &str) -> Result<Vec<Meta>, StorageError>;
 
-    /// What `rel` is, if it exists.
+    /// What `rel` is, if it exists (a bucket may answer from a listing taken earlier).
     fn stat(&self, rel: &str) -> Result<Option<Meta>, FileProblem>;
+
+    /// What `rel` is, asked of the storage now, never from a listing: what gc confirms an
+    /// absence with before it acts on it.
+    fn stat_fresh(&self, rel: &str) -> Result<Option<Meta>, FileProblem> {
+        self.stat(rel)
+    }
 
     /// The bytes of `rel`, if it exists and is at most `limit` bytes.
     fn read(&self, rel: &str, limit: u64) -> Result<Option<Vec<u8>>, FileProblem> {
@@ -178,44 +251,51 @@ pub trait Backend: Send + Sync {
     fn open(&self, rel: &str) -> Result<Option<(Reader, u64)>, FileProblem>;
 
     /// A new file to be written in the subdirectory `sub`, named when staged.
-    fn create(&self, sub: &str, suffix: &str) -> Result<Box<dyn NewFile>, CacheError>;
+    fn create(&self, sub: &str, suffix: &str) -> Result<Box<dyn NewFile>, StorageError>;
 
     /// Stages `data` to become `rel`, with the modification time `modified` where the
     /// storage keeps one.
-    fn stage(&self, rel: &str, data: &[u8], modified: Option<SystemTime>) -> Result<Staged, CacheError>;
+    fn stage(&self, rel: &str, data: &[u8], modified: Option<SystemTime>) -> Result<Staged, StorageError>;
 
     /// Makes the contents of staged files durable.
-    fn sync(&self, staged: &[&Staged]) -> Result<(), CacheError>;
+    fn sync(&self, staged: &[&Staged]) -> Result<(), StorageError>;
 
     /// Makes the names committed into the subdirectory `sub` durable.
-    fn sync_dir(&self, sub: &str) -> Result<(), CacheError>;
+    fn sync_dir(&self, sub: &str) -> Result<(), StorageError>;
 
     /// Records that a push included the file `rel` now (a directory keeps it as the file's
     /// modification time; a bucket keeps push records instead, see [`Backend::record_push`]).
-    fn touch(&self, rel: &str) -> Result<(), CacheError>;
+    fn touch(&self, rel: &str) -> Result<(), StorageError>;
 
     /// Removes `rel` (a link itself, never what it points to); gone already is fine.
-    fn remove(&self, rel: &str) -> Result<(), CacheError>;
+    fn remove(&self, rel: &str) -> Result<(), StorageError>;
 
     /// Scratch space for a push: a file without a name, gone when closed.
-    fn scratch(&self) -> Result<File, CacheError>;
+    fn scratch(&self) -> Result<File, StorageError>;
 
     /// Temporary files and incomplete uploads left by runs, with their ages.
-    fn leftovers(&self) -> Result<Vec<Leftover>, CacheError>;
+    fn leftovers(&self) -> Result<Vec<Leftover>, StorageError>;
 
     /// Removes a leftover (aborts an upload).
-    fn remove_leftover(&self, l: &Leftover) -> Result<(), CacheError>;
+    fn remove_leftover(&self, l: &Leftover) -> Result<(), StorageError>;
 
     /// Records, before a push looks at the cache, the narinfo hash parts it names (where
     /// modification times cannot be touched). Returns the record's name, if one was written.
-    fn record_push(&self, hash_parts: &[&str]) -> Result<Option<String>, CacheError>;
+    fn record_push(&self, hash_parts: &[&str]) -> Result<Option<String>, StorageError>;
 
-    /// The push records: name, when written, and the hash parts each names.
-    fn push_records(&self) -> Result<Vec<(String, SystemTime, Vec<String>)>, CacheError>;
+    /// The push records, each hash part they name handed to `each` with the record's time as
+    /// the server stated it (streamed: a record is never held whole). A record that cannot
+    /// be read is the error: what it names is unknown.
+    /// Records whose names `skip` accepts are listed but not read.
+    fn push_records(
+        &self,
+        skip: &dyn Fn(&str) -> bool,
+        each: &mut dyn FnMut(&str, SystemTime),
+    ) -> Result<Vec<Record>, StorageError>;
 
     /// Prepares to look up `paths` store paths: a bucket may list itself once instead of
     /// asking per path, when that is cheaper. Says which it chose.
-    fn prepare_lookups(&self, paths: usize) -> Result<Option<String>, CacheError>;
+    fn prepare_lookups(&self, paths: usize) -> Result<Option<String>, StorageError>;
 
     /// Requests made so far, by kind, for the summary and the benchmark.
     fn requests(&self) -> HashMap<&'static str, u64>;

@@ -23,11 +23,10 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
@@ -35,9 +34,11 @@ use rusty_s3::{Bucket, Method, UrlStyle};
 use thiserror::Error;
 use url::Url;
 
+use super::answers::{self, error_code, parse_time, printable, redact_url, xml_values};
 use super::credentials::{self, Creds};
-use super::{Backend, Leftover, Meta, NewFile, Reader, Staged};
-use crate::cache::{CacheError, FileProblem, TEMP_PREFIX};
+use super::{Backend, Leftover, Meta, NewFile, Reader, Record, Staged};
+use super::{FileProblem, StorageError};
+use crate::layout::TEMP_PREFIX;
 
 /// How many times a request is tried before its error is reported.
 pub const ATTEMPTS: u32 = 6;
@@ -52,6 +53,24 @@ const COPY_LIMIT: u64 = 5 << 30;
 
 /// Where push records live, under the prefix.
 const RECORDS: &str = ".nixcache/pushes";
+
+/// How long a request may go without a byte from the server (its answer's head or body)
+/// before it is given up and tried again: [`READ_TIMEOUT`], or `NIXCACHE_S3_READ_TIMEOUT`
+/// seconds.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn read_timeout() -> Duration {
+    std::env::var("NIXCACHE_S3_READ_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(READ_TIMEOUT, Duration::from_secs)
+}
+
+/// The most hash parts one push record holds; a larger closure writes several records. A
+/// record is at most [`RECORD_LIMIT`] bytes, and a larger object is not nixcache's.
+pub const RECORD_PATHS: usize = 100_000;
+/// The largest push record read: [`RECORD_PATHS`] hash parts, one per line.
+pub const RECORD_LIMIT: u64 = (RECORD_PATHS as u64) * 33;
 
 /// Uploads in flight at once, across all NARs of a run.
 pub const DEFAULT_UPLOADS: usize = 8;
@@ -196,7 +215,7 @@ impl S3Error {
 
 /// The Content-Type Nix's S3 store gives a key.
 fn content_type(rel: &str) -> &'static str {
-    if rel == crate::cache::CACHE_INFO {
+    if rel == crate::layout::CACHE_INFO {
         "text/x-nix-cache-info"
     } else if rel.ends_with(".narinfo") {
         "text/x-nix-narinfo"
@@ -234,7 +253,12 @@ impl Slots {
 struct Client {
     agent: ureq::Agent,
     bucket: Bucket,
-    creds: Option<Creds>,
+    /// None: anonymous. Replaced when temporary ones are due ([`Client::creds`]).
+    creds: RwLock<Option<Arc<Creds>>>,
+    /// Where the credentials came from can be asked again (found, not given by the caller).
+    refreshable: bool,
+    /// One refresh at a time.
+    refreshing: Mutex<()>,
     /// The key prefix with a trailing slash, or empty.
     prefix: String,
     endpoint: String,
@@ -247,42 +271,12 @@ struct Client {
 
 type Response = ureq::http::Response<ureq::Body>;
 
-/// The `Code` and `Message` of an S3 error body.
-fn error_code(body: &str) -> (String, String) {
-    let tag = |t: &str| {
-        let open = format!("<{t}>");
-        let close = format!("</{t}>");
-        body.split_once(&open).and_then(|(_, r)| r.split_once(&close)).map(|(v, _)| v.to_owned())
-    };
-    (tag("Code").unwrap_or_default(), tag("Message").unwrap_or_default())
-}
-
-fn xml_values<'a>(body: &'a str, tag: &str) -> Vec<&'a str> {
-    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
-    let mut out = Vec::new();
-    let mut rest = body;
-    while let Some((_, r)) = rest.split_once(open.as_str()) {
-        let Some((v, r)) = r.split_once(close.as_str()) else { break };
-        out.push(v);
-        rest = r;
-    }
-    out
-}
-
-fn xml_unescape(s: &str) -> String {
-    s.replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&quot;", "\"")
-        .replace("&apos;", "'")
-        .replace("&amp;", "&")
-}
-
-fn parse_time(s: &str) -> SystemTime {
-    let parsed = s
-        .parse::<jiff::Timestamp>()
-        .ok()
-        .or_else(|| jiff::fmt::rfc2822::parse(s).ok().map(|z| z.timestamp()));
-    parsed.map(SystemTime::from).unwrap_or(SystemTime::UNIX_EPOCH)
+/// Why reading an answer's body failed: worth another try, or final.
+enum BodyError {
+    /// The body broke off, stalled or was not what such an answer must be: try again.
+    Retry(String),
+    /// Final (the answer is complete and wrong, or too large).
+    Fail(S3Error),
 }
 
 impl Client {
@@ -296,6 +290,42 @@ impl Client {
 
     fn count(&self, kind: &'static str) {
         *self.counts.lock().unwrap_or_else(|e| e.into_inner()).entry(kind).or_default() += 1;
+    }
+
+    /// The credentials to sign with now: temporary ones are fetched again from where they
+    /// came from once due ([`credentials::REFRESH_BEFORE`] their expiry). A failed refresh
+    /// keeps the old ones (they may still work; the server says when not).
+    fn creds(&self) -> Option<Arc<Creds>> {
+        let current = self.creds.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let now = SystemTime::now();
+        if !self.refreshable || !current.as_ref().is_some_and(|c| c.due(now)) {
+            return current;
+        }
+        let _one = self.refreshing.lock().unwrap_or_else(|e| e.into_inner());
+        // Another thread may have just done it.
+        let current = self.creds.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if !current.as_ref().is_some_and(|c| c.due(now)) {
+            return current;
+        }
+        self.count("credentials");
+        match credentials::find(self.url.profile.as_deref()) {
+            Ok(fresh) => {
+                let fresh = Some(Arc::new(fresh));
+                *self.creds.write().unwrap_or_else(|e| e.into_inner()) = fresh.clone();
+                fresh
+            }
+            Err(_) => current,
+        }
+    }
+
+    /// What a server's message may say in ours: see [`answers::printable`].
+    fn printable(&self, message: &str) -> String {
+        let creds = self.creds.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let secrets: Vec<&str> = creds
+            .as_deref()
+            .map(|c| [c.creds.key(), c.creds.secret(), c.creds.token().unwrap_or_default()].to_vec())
+            .unwrap_or_default();
+        printable(message, &secrets)
     }
 
     /// A signed URL for `method` on `key` (None: the bucket), with `query` and the signed
@@ -315,7 +345,7 @@ impl Client {
         query.sort();
         let mut headers: Vec<(&str, &str)> = headers.to_vec();
         headers.sort();
-        match &self.creds {
+        match self.creds().as_deref() {
             Some(c) => rusty_s3::signing::sign(
                 &jiff::Timestamp::now(),
                 method,
@@ -357,6 +387,26 @@ impl Client {
         body: Option<&[u8]>,
         ok: &[u16],
     ) -> Result<Response, S3Error> {
+        self.send_with(kind, what, method, key, query, headers, body, ok, Ok)
+    }
+
+    /// [`Client::send`], and `read` the answer (status in `ok`) in the same try: a body that
+    /// breaks off, stalls past the read timeout or is not what it must be
+    /// ([`BodyError::Retry`]) is tried again like a failed request, and after the last try is
+    /// an error, never a short answer.
+    #[allow(clippy::too_many_arguments)]
+    fn send_with<T>(
+        &self,
+        kind: &'static str,
+        what: &dyn Fn() -> String,
+        method: Method,
+        key: Option<&str>,
+        query: &[(&str, &str)],
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+        ok: &[u16],
+        read: impl Fn(Response) -> Result<T, BodyError>,
+    ) -> Result<T, S3Error> {
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -388,20 +438,29 @@ impl Client {
                     }
                 }
             };
-            let retry = match &result {
-                Ok(r) => {
-                    let s = r.status().as_u16();
-                    s == 429 || s >= 500
-                }
-                Err(_) => true,
-            };
-            if !retry || attempt >= ATTEMPTS {
-                return match result {
-                    Ok(r) => self.check(what, r, ok),
-                    Err(e) => {
-                        Err(S3Error::Unreachable { endpoint: self.endpoint.clone(), reason: transport(&e) })
+            let last = attempt >= ATTEMPTS;
+            match result {
+                Ok(r) if last || !(r.status().as_u16() == 429 || r.status().as_u16() >= 500) => {
+                    match read(self.check(what, r, ok)?) {
+                        Ok(t) => return Ok(t),
+                        Err(BodyError::Fail(e)) => return Err(e),
+                        Err(BodyError::Retry(reason)) if last => {
+                            return Err(S3Error::BadAnswer {
+                                what: what(),
+                                reason: format!("{reason} (tried {ATTEMPTS} times)"),
+                            });
+                        }
+                        Err(BodyError::Retry(_)) => {}
                     }
-                };
+                }
+                Ok(_) => {}
+                Err(e) if last => {
+                    return Err(S3Error::Unreachable {
+                        endpoint: self.endpoint.clone(),
+                        reason: transport(&e),
+                    });
+                }
+                Err(_) => {}
             }
             // 0.25 s, 0.5 s, 1 s, 2 s, 4 s: about 8 s in all, with jitter.
             let base = 250u64 << (attempt - 1).min(5);
@@ -418,6 +477,7 @@ impl Client {
         }
         let body = r.body_mut().with_config().limit(64 << 10).read_to_string().unwrap_or_default();
         let (code, message) = error_code(&body);
+        let (code, message) = (self.printable(&code), self.printable(&message));
         Err(match (status, code.as_str()) {
             (404, "NoSuchBucket") => {
                 S3Error::NoSuchBucket { bucket: self.url.bucket.clone(), endpoint: self.endpoint.clone() }
@@ -428,6 +488,8 @@ impl Client {
                     bucket: self.url.to_string(),
                     source_name: self
                         .creds
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
                         .as_ref()
                         .map_or_else(|| "nowhere (anonymous)".into(), |c| c.source.clone()),
                     code: if code.is_empty() { status.to_string() } else { code },
@@ -438,16 +500,43 @@ impl Client {
         })
     }
 
-    fn read_body(what: &dyn Fn() -> String, r: Response, limit: u64) -> Result<String, S3Error> {
-        r.into_body()
-            .with_config()
-            .limit(limit)
-            .read_to_string()
-            .map_err(|e| S3Error::BadAnswer { what: what(), reason: transport(&e) })
+    /// Reads a whole text body of at most `limit` bytes; one that breaks off or stalls is
+    /// worth another try.
+    fn body_text(r: Response, limit: u64) -> Result<String, BodyError> {
+        let bytes = Self::body_bytes(r, limit)?;
+        String::from_utf8(bytes).map_err(|_| BodyError::Retry("the answer is not UTF-8".into()))
     }
 
-    /// Every object under `prefix` (a key prefix), with `delimiter` "/" only direct ones.
-    fn list_keys(&self, prefix: &str, max_pages: Option<usize>) -> Result<Option<Vec<Meta>>, S3Error> {
+    /// Reads a whole body of at most `limit` bytes, checked against its Content-Length.
+    fn body_bytes(r: Response, limit: u64) -> Result<Vec<u8>, BodyError> {
+        let declared = r.body().content_length();
+        let mut out = Vec::new();
+        r.into_body()
+            .into_with_config()
+            .limit(limit)
+            .reader()
+            .read_to_end(&mut out)
+            .map_err(|e| BodyError::Retry(format!("the answer broke off: {e}")))?;
+        if declared.is_some_and(|d| d != out.len() as u64) {
+            return Err(BodyError::Retry(format!(
+                "the answer ended after {} of its {} bytes",
+                out.len(),
+                declared.unwrap_or_default()
+            )));
+        }
+        Ok(out)
+    }
+
+    /// Every object under `prefix` (a key prefix), with `direct` only those directly under it
+    /// (delimiter `/`); `None` when that takes more than `max_pages` pages. Parsed strictly
+    /// ([`answers::list_page`]), keys url-encoded by the server and decoded here, so a key with
+    /// any character is listed as what it is.
+    fn list_keys(
+        &self,
+        prefix: &str,
+        direct: bool,
+        max_pages: Option<usize>,
+    ) -> Result<Option<Vec<Meta>>, S3Error> {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         let mut pages = 0;
@@ -457,33 +546,51 @@ impl Client {
             }
             pages += 1;
             let what = || format!("listing {}/{prefix}", self.url.bucket);
-            let mut query = vec![("list-type", "2"), ("prefix", prefix), ("delimiter", "/")];
+            let mut query = vec![("list-type", "2"), ("prefix", prefix), ("encoding-type", "url")];
+            if direct {
+                query.push(("delimiter", "/"));
+            }
             if let Some(t) = &token {
                 query.push(("continuation-token", t.as_str()));
             }
-            let r = self.send("list", &what, Method::Get, None, &query, &[], None, &[200])?;
-            let body = Self::read_body(&what, r, 64 << 20)?;
-            let parsed = rusty_s3::actions::ListObjectsV2::parse_response(&body)
-                .map_err(|e| S3Error::BadAnswer { what: what(), reason: e.to_string() })?;
-            for c in parsed.contents {
-                let rel = self.rel(&c.key).to_owned();
+            let page = self.send_with("list", &what, Method::Get, None, &query, &[], None, &[200], |r| {
+                let body = Self::body_text(r, 64 << 20)?;
+                answers::list_page(&body, prefix).map_err(BodyError::Retry)
+            })?;
+            for o in page.objects {
+                let rel = self.rel(&o.key).to_owned();
                 if rel.ends_with('/') {
                     continue;
                 }
-                out.push(Meta {
-                    name: rel,
-                    size: c.size.unwrap_or(0),
-                    modified: c.last_modified.as_deref().map_or(SystemTime::UNIX_EPOCH, parse_time),
-                    not_regular: None,
-                });
+                out.push(Meta { name: rel, size: o.size, modified: o.modified, not_regular: None });
             }
-            match parsed.next_continuation_token {
-                Some(t) if !t.is_empty() => token = Some(t),
-                _ => break,
+            match page.next {
+                Some(t) => token = Some(t),
+                None => break,
             }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Some(out))
+    }
+
+    /// What a HEAD of `rel` answers, never from a listing: `None` for a 404.
+    fn head(&self, rel: &str) -> Result<Option<Meta>, S3Error> {
+        let key = self.key(rel);
+        let what = || format!("looking up {}", self.url_of(rel));
+        let r = self.send("head", &what, Method::Head, Some(&key), &[], &[], None, &[200, 404])?;
+        if r.status().as_u16() == 404 {
+            return Ok(None);
+        }
+        let header = |h: &str| r.headers().get(h).and_then(|v| v.to_str().ok());
+        let bad = |reason: &str| S3Error::BadAnswer { what: what(), reason: reason.into() };
+        Ok(Some(Meta {
+            name: rel.to_owned(),
+            size: header("content-length")
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| bad("no Content-Length"))?,
+            modified: header("last-modified").and_then(parse_time).ok_or_else(|| bad("no Last-Modified"))?,
+            not_regular: None,
+        }))
     }
 
     fn put(&self, rel: &str, data: &[u8]) -> Result<(), S3Error> {
@@ -532,8 +639,8 @@ impl Client {
     }
 
     /// The cache error for a failed `action` on `rel`.
-    fn cache_err<'a>(&'a self, action: &'static str, rel: &'a str) -> impl Fn(S3Error) -> CacheError + 'a {
-        move |e| CacheError::Io { action, path: PathBuf::from(self.url_of(rel)), source: e.into_io() }
+    fn cache_err<'a>(&'a self, action: &'static str, rel: &'a str) -> impl Fn(S3Error) -> StorageError + 'a {
+        move |e| StorageError::Io { action, path: PathBuf::from(self.url_of(rel)), source: e.into_io() }
     }
 
     fn url_of(&self, rel: &str) -> String {
@@ -553,13 +660,19 @@ impl Client {
                 ("x-amz-copy-source", source.as_str()),
                 ("x-amz-metadata-directive", "REPLACE"),
             ];
-            let r = self.send("copy", &what, Method::Put, Some(&key), &[], &headers, None, &[200])?;
-            // A copy can fail after its 200 has been sent: the error is in the body.
-            let body = Self::read_body(&what, r, 1 << 20)?;
-            if body.contains("<Error>") {
-                let (code, message) = error_code(&body);
-                return Err(S3Error::Status { what: what(), status: 200, code, message });
-            }
+            // A copy can fail after its 200 has been sent: the error is in the body, and an
+            // answer without its CopyObjectResult is no copy. Copying again is harmless.
+            self.send_with("copy", &what, Method::Put, Some(&key), &[], &headers, None, &[200], |r| {
+                let body = Self::body_text(r, 1 << 20)?;
+                if body.contains("<Error>") {
+                    let (code, message) = error_code(&body);
+                    return Err(BodyError::Retry(format!("{}: {}", code, self.printable(&message))));
+                }
+                if !body.contains("<CopyObjectResult") {
+                    return Err(BodyError::Retry("the answer has no CopyObjectResult".into()));
+                }
+                Ok(())
+            })?;
         } else {
             let part = limit.max(size.div_ceil(9000));
             let id = self.create_multipart(rel, &key)?;
@@ -572,7 +685,7 @@ impl Client {
                     let headers =
                         [("x-amz-copy-source", source.as_str()), ("x-amz-copy-source-range", range.as_str())];
                     let query = [("partNumber", number.as_str()), ("uploadId", id.as_str())];
-                    let r = self.send(
+                    let etag = self.send_with(
                         "copy-part",
                         &what,
                         Method::Put,
@@ -581,15 +694,17 @@ impl Client {
                         &headers,
                         None,
                         &[200],
-                    )?;
-                    let body = Self::read_body(&what, r, 1 << 20)?;
-                    let etag =
-                        xml_values(&body, "ETag").first().map(|e| xml_unescape(e)).ok_or_else(|| {
-                            S3Error::BadAnswer {
-                                what: what(),
-                                reason: "no ETag in UploadPartCopy's answer".into(),
+                        |r| {
+                            let body = Self::body_text(r, 1 << 20)?;
+                            let etag = xml_values(&body, "ETag").first().map(|e| answers::xml_unescape(e));
+                            match etag {
+                                Some(Ok(e)) if body.contains("<CopyPartResult") => Ok(e),
+                                _ => Err(BodyError::Retry(
+                                    "no CopyPartResult with an ETag in the answer".into(),
+                                )),
                             }
-                        })?;
+                        },
+                    )?;
                     etags.push(etag);
                 }
                 self.complete_multipart(rel, &key, &id, &etags)
@@ -599,13 +714,26 @@ impl Client {
             }
             copied?;
         }
+        // Acknowledged is not done: the object must be there, whole.
+        match self.head(rel)? {
+            Some(m) if m.size == size => {}
+            found => {
+                return Err(S3Error::BadAnswer {
+                    what: what(),
+                    reason: match found {
+                        Some(m) => format!("the copy is {} bytes, not {size}", m.size),
+                        None => "the server acknowledged the copy but does not have it".into(),
+                    },
+                });
+            }
+        }
         self.noted(rel, size);
         Ok(())
     }
 
     fn create_multipart(&self, rel: &str, key: &str) -> Result<String, S3Error> {
         let what = || format!("starting an upload to {}", self.url_of(rel));
-        let r = self.send(
+        self.send_with(
             "create-multipart",
             &what,
             Method::Post,
@@ -614,11 +742,14 @@ impl Client {
             &[("content-type", content_type(rel))],
             None,
             &[200],
-        )?;
-        let body = Self::read_body(&what, r, 1 << 20)?;
-        rusty_s3::actions::CreateMultipartUpload::parse_response(&body)
-            .map(|r| r.upload_id().to_owned())
-            .map_err(|e| S3Error::BadAnswer { what: what(), reason: e.to_string() })
+            |r| {
+                let body = Self::body_text(r, 1 << 20)?;
+                match xml_values(&body, "UploadId").first().map(|u| answers::xml_unescape(u)) {
+                    Some(Ok(id)) if !id.is_empty() => Ok(id),
+                    _ => Err(BodyError::Retry("no UploadId in the answer".into())),
+                }
+            },
+        )
     }
 
     fn upload_part(&self, key: &str, id: &str, n: usize, data: &[u8]) -> Result<String, S3Error> {
@@ -641,7 +772,7 @@ impl Client {
             body.push_str(&format!("<Part><PartNumber>{}</PartNumber><ETag>{etag}</ETag></Part>", n + 1));
         }
         body.push_str("</CompleteMultipartUpload>");
-        let r = self.send(
+        self.send_with(
             "complete-multipart",
             &what,
             Method::Post,
@@ -650,13 +781,24 @@ impl Client {
             &[],
             Some(body.as_bytes()),
             &[200],
-        )?;
-        let answer = Self::read_body(&what, r, 1 << 20)?;
-        if answer.contains("<Error>") {
-            let (code, message) = error_code(&answer);
-            return Err(S3Error::Status { what: what(), status: 200, code, message });
-        }
-        Ok(())
+            |r| {
+                let answer = Self::body_text(r, 1 << 20)?;
+                if answer.contains("<Error>") {
+                    let (code, message) = error_code(&answer);
+                    let message = self.printable(&message);
+                    return Err(BodyError::Fail(S3Error::Status {
+                        what: what(),
+                        status: 200,
+                        code,
+                        message,
+                    }));
+                }
+                if !answer.contains("<CompleteMultipartUploadResult") {
+                    return Err(BodyError::Retry("no CompleteMultipartUploadResult in the answer".into()));
+                }
+                Ok(())
+            },
+        )
     }
 
     fn abort_multipart(&self, key: &str, id: &str) -> Result<(), S3Error> {
@@ -705,33 +847,70 @@ pub struct S3Backend {
     client: Arc<Client>,
 }
 
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+/// 128 random bits, in hex: a name no other run picks.
+fn random_id() -> Result<String, S3Error> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b)
+        .map_err(|e| S3Error::BadAnswer { what: "drawing random bits".into(), reason: e.to_string() })?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// Whether `rel` is a temporary name a nixcache run gives: directly under the cache (or its
+/// `nar/` or `debuginfo/`), [`TEMP_PREFIX`] and then only name characters. Nothing else is
+/// ever aborted or removed as a leftover: not another program's upload, not another cache's
+/// under a longer prefix.
+pub fn is_own_temp(rel: &str) -> bool {
+    let name = match rel.split_once('/') {
+        None => rel,
+        Some((sub, name)) if (sub == "nar" || sub == "debuginfo") && !name.contains('/') => name,
+        Some(_) => return false,
+    };
+    name.strip_prefix(TEMP_PREFIX)
+        .is_some_and(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)))
+}
+
+/// Whether `name` (under `.nixcache/pushes/`) is a push record's name: milliseconds, a dash,
+/// then a run's id.
+fn is_record_name(name: &str) -> bool {
+    name.split_once('-').is_some_and(|(ms, id)| {
+        ms.len() == 13
+            && ms.bytes().all(|b| b.is_ascii_digit())
+            && !id.is_empty()
+            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    })
+}
 
 impl S3Backend {
     /// Opens the bucket: finds credentials (anonymous if `anonymous_ok` and none are found)
     /// and checks that the bucket answers.
-    pub fn connect(url: &BucketUrl, anonymous_ok: bool) -> Result<S3Backend, CacheError> {
+    pub fn connect(url: &BucketUrl, anonymous_ok: bool) -> Result<S3Backend, StorageError> {
         let creds = match credentials::find(url.profile.as_deref()) {
             Ok(c) => Some(c),
             Err(_) if anonymous_ok => None,
             Err(e) => return Err(e.into()),
         };
-        Self::connect_as(url, creds)
+        Self::connect_as(url, creds, true)
     }
 
     /// Opens the bucket with the given key and secret (for a program that has them from
     /// elsewhere than the environment).
-    pub fn connect_with(url: &BucketUrl, key: &str, secret: &str) -> Result<S3Backend, CacheError> {
-        let creds = Creds { creds: rusty_s3::Credentials::new(key, secret), source: "the caller".into() };
-        Self::connect_as(url, Some(creds))
+    pub fn connect_with(url: &BucketUrl, key: &str, secret: &str) -> Result<S3Backend, StorageError> {
+        let creds = Creds::lasting(rusty_s3::Credentials::new(key, secret), "the caller");
+        Self::connect_as(url, Some(creds), false)
     }
 
-    fn connect_as(url: &BucketUrl, creds: Option<Creds>) -> Result<S3Backend, CacheError> {
+    fn connect_as(
+        url: &BucketUrl,
+        creds: Option<Creds>,
+        refreshable: bool,
+    ) -> Result<S3Backend, StorageError> {
         let aws = url.endpoint.is_none();
-        let endpoint =
+        let typed =
             url.endpoint.clone().unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", url.region));
+        // Said in messages without any user:password written into it.
+        let endpoint = redact_url(&typed);
         let bad = |reason: String| S3Error::BadEndpoint { endpoint: endpoint.clone(), reason };
-        let parsed: Url = endpoint.parse().map_err(|e: url::ParseError| bad(e.to_string()))?;
+        let parsed: Url = typed.parse().map_err(|e: url::ParseError| bad(e.to_string()))?;
         let style = match url.addressing {
             Addressing::Path => UrlStyle::Path,
             Addressing::Virtual => UrlStyle::VirtualHost,
@@ -745,6 +924,9 @@ impl S3Backend {
                 .http_status_as_error(false)
                 .timeout_connect(Some(Duration::from_secs(10)))
                 .timeout_recv_response(Some(Duration::from_secs(120)))
+                // A server that stops sending, headers or body, with the connection open.
+                .timeout_per_read(Some(read_timeout()))
+                .timeout_per_write(Some(read_timeout()))
                 .max_idle_connections_per_host(64)
                 .user_agent(concat!("nixcache/", env!("CARGO_PKG_VERSION")))
                 .build(),
@@ -752,7 +934,9 @@ impl S3Backend {
         let client = Client {
             agent,
             bucket,
-            creds,
+            creds: RwLock::new(creds.map(Arc::new)),
+            refreshable,
+            refreshing: Mutex::new(()),
             prefix: if url.prefix.is_empty() { String::new() } else { format!("{}/", url.prefix) },
             endpoint,
             url: url.clone(),
@@ -775,7 +959,7 @@ impl S3Backend {
         Ok(S3Backend { client: Arc::new(client) })
     }
 
-    fn io<'a>(&'a self, action: &'static str, rel: &'a str) -> impl Fn(S3Error) -> CacheError + 'a {
+    fn io<'a>(&'a self, action: &'static str, rel: &'a str) -> impl Fn(S3Error) -> StorageError + 'a {
         self.client.cache_err(action, rel)
     }
 }
@@ -793,11 +977,11 @@ impl Backend for S3Backend {
         Vec::new()
     }
 
-    fn create_subdir(&self, _: &'static str) -> Result<(), CacheError> {
+    fn create_subdir(&self, _: &'static str) -> Result<(), StorageError> {
         Ok(())
     }
 
-    fn lock(&mut self, _: bool, _: &mut dyn FnMut()) -> Result<(), CacheError> {
+    fn lock(&mut self, _: bool, _: &mut dyn FnMut()) -> Result<(), StorageError> {
         Ok(())
     }
 
@@ -805,10 +989,10 @@ impl Backend for S3Backend {
         false
     }
 
-    fn list(&self, sub: &str) -> Result<Vec<Meta>, CacheError> {
+    fn list(&self, sub: &str) -> Result<Vec<Meta>, StorageError> {
         let prefix =
             if sub.is_empty() { self.client.prefix.clone() } else { self.client.key(&format!("{sub}/")) };
-        let found = self.client.list_keys(&prefix, None).map_err(self.io("list", sub))?;
+        let found = self.client.list_keys(&prefix, true, None).map_err(self.io("list", sub))?;
         Ok(found.unwrap_or_default())
     }
 
@@ -816,22 +1000,37 @@ impl Backend for S3Backend {
         if let Some(known) = self.client.listed(rel) {
             return Ok(known);
         }
-        let key = self.client.key(rel);
-        let what = || format!("looking up {}", self.client.url_of(rel));
-        let r = self
-            .client
-            .send("head", &what, Method::Head, Some(&key), &[], &[], None, &[200, 404])
-            .map_err(|e| FileProblem::Io(e.into_io()))?;
-        if r.status().as_u16() == 404 {
+        self.stat_fresh(rel)
+    }
+
+    fn stat_fresh(&self, rel: &str) -> Result<Option<Meta>, FileProblem> {
+        self.client.head(rel).map_err(|e| FileProblem::Io(e.into_io()))
+    }
+
+    fn read(&self, rel: &str, limit: u64) -> Result<Option<Vec<u8>>, FileProblem> {
+        if let Some(None) = self.client.listed(rel) {
             return Ok(None);
         }
-        let header = |h: &str| r.headers().get(h).and_then(|v| v.to_str().ok());
-        Ok(Some(Meta {
-            name: rel.to_owned(),
-            size: header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0),
-            modified: header("last-modified").map_or(SystemTime::UNIX_EPOCH, parse_time),
-            not_regular: None,
-        }))
+        let key = self.client.key(rel);
+        let what = || format!("downloading {}", self.client.url_of(rel));
+        // The whole body in the try, retried like the request: a read cut short is no file.
+        self.client
+            .send_with("get", &what, Method::Get, Some(&key), &[], &[], None, &[200, 404], |r| {
+                if r.status().as_u16() == 404 {
+                    return Ok(None);
+                }
+                if let Some(size) = r.body().content_length().filter(|&n| n > limit) {
+                    return Ok(Some(Err(FileProblem::TooLarge { size, limit })));
+                }
+                match Client::body_bytes(r, limit + 1)? {
+                    b if b.len() as u64 > limit => {
+                        Ok(Some(Err(FileProblem::TooLarge { size: b.len() as u64, limit })))
+                    }
+                    b => Ok(Some(Ok(b))),
+                }
+            })
+            .map_err(|e| FileProblem::Io(e.into_io()))?
+            .transpose()
     }
 
     fn open(&self, rel: &str) -> Result<Option<(Reader, u64)>, FileProblem> {
@@ -851,9 +1050,10 @@ impl Backend for S3Backend {
         Ok(Some((Box::new(r.into_body().into_reader()), size)))
     }
 
-    fn create(&self, sub: &str, suffix: &str) -> Result<Box<dyn NewFile>, CacheError> {
-        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let tmp = format!("{sub}/{TEMP_PREFIX}{}-{n}{suffix}", std::process::id());
+    fn create(&self, sub: &str, suffix: &str) -> Result<Box<dyn NewFile>, StorageError> {
+        // Unique across processes and machines: two pushes never share an upload's key.
+        let tmp =
+            format!("{sub}/{TEMP_PREFIX}{}{suffix}", random_id().map_err(self.io("name an upload in", sub))?);
         Ok(Box::new(Upload {
             client: self.client.clone(),
             tmp_rel: tmp.trim_start_matches('/').to_owned(),
@@ -866,45 +1066,45 @@ impl Backend for S3Backend {
         }))
     }
 
-    fn stage(&self, rel: &str, data: &[u8], _: Option<SystemTime>) -> Result<Staged, CacheError> {
+    fn stage(&self, rel: &str, data: &[u8], _: Option<SystemTime>) -> Result<Staged, StorageError> {
         let (client, rel_owned, data) = (self.client.clone(), rel.to_owned(), data.to_vec());
         Ok(Staged::new(rel, None, move || {
             client.put(&rel_owned, &data).map_err(client.cache_err("write", &rel_owned))
         }))
     }
 
-    fn sync(&self, _: &[&Staged]) -> Result<(), CacheError> {
+    fn sync(&self, _: &[&Staged]) -> Result<(), StorageError> {
         // An object is durable once the server has answered.
         Ok(())
     }
 
-    fn sync_dir(&self, _: &str) -> Result<(), CacheError> {
+    fn sync_dir(&self, _: &str) -> Result<(), StorageError> {
         Ok(())
     }
 
-    fn touch(&self, _: &str) -> Result<(), CacheError> {
+    fn touch(&self, _: &str) -> Result<(), StorageError> {
         // The push record, written before the push looked, names it.
         Ok(())
     }
 
-    fn remove(&self, rel: &str) -> Result<(), CacheError> {
+    fn remove(&self, rel: &str) -> Result<(), StorageError> {
         self.client.delete(rel).map_err(self.io("remove", rel))
     }
 
-    fn scratch(&self) -> Result<File, CacheError> {
+    fn scratch(&self) -> Result<File, StorageError> {
         let dir = std::env::temp_dir();
-        tempfile::tempfile_in(&dir).map_err(|source| CacheError::Io {
+        tempfile::tempfile_in(&dir).map_err(|source| StorageError::Io {
             action: "create a scratch file in",
             path: dir,
             source,
         })
     }
 
-    fn leftovers(&self) -> Result<Vec<Leftover>, CacheError> {
+    fn leftovers(&self) -> Result<Vec<Leftover>, StorageError> {
         let mut found = Vec::new();
         for sub in ["", "nar", "debuginfo"] {
             for m in self.list(sub)? {
-                if m.name.rsplit('/').next().unwrap_or_default().starts_with(TEMP_PREFIX) {
+                if is_own_temp(&m.name) {
                     found.push(Leftover {
                         name: m.name,
                         size: m.size,
@@ -918,42 +1118,41 @@ impl Backend for S3Backend {
         let what = || format!("listing the incomplete uploads of {}", c.url);
         let mut marker: Option<(String, String)> = None;
         loop {
-            let mut query = vec![("uploads", ""), ("prefix", c.prefix.as_str())];
+            // The prefix with its slash: not the uploads of a cache whose prefix merely starts
+            // with ours.
+            let mut query = vec![("uploads", ""), ("prefix", c.prefix.as_str()), ("encoding-type", "url")];
             if let Some((k, u)) = &marker {
                 query.push(("key-marker", k.as_str()));
                 query.push(("upload-id-marker", u.as_str()));
             }
-            let r = c
-                .send("list-uploads", &what, Method::Get, None, &query, &[], None, &[200])
+            let page = c
+                .send_with("list-uploads", &what, Method::Get, None, &query, &[], None, &[200], |r| {
+                    let body = Client::body_text(r, 64 << 20)?;
+                    answers::upload_page(&body, &c.prefix).map_err(BodyError::Retry)
+                })
                 .map_err(self.io("list the uploads of", ""))?;
-            let body = Client::read_body(&what, r, 64 << 20).map_err(self.io("list the uploads of", ""))?;
-            for upload in xml_values(&body, "Upload") {
-                let key = xml_values(upload, "Key").first().map(|k| xml_unescape(k)).unwrap_or_default();
-                let id = xml_values(upload, "UploadId").first().map(|k| xml_unescape(k)).unwrap_or_default();
-                let initiated =
-                    xml_values(upload, "Initiated").first().map_or(SystemTime::UNIX_EPOCH, |t| parse_time(t));
+            for u in page.uploads {
+                let rel = c.rel(&u.key);
+                if !is_own_temp(rel) {
+                    continue;
+                }
                 found.push(Leftover {
-                    name: format!("{} (incomplete upload)", c.rel(&key)),
+                    name: format!("{rel} (incomplete upload)"),
                     size: 0,
-                    modified: initiated,
-                    upload_id: Some(id),
+                    modified: u.initiated,
+                    upload_id: Some(u.id),
                 });
             }
-            let truncated = xml_values(&body, "IsTruncated").first() == Some(&"true");
-            let next = (
-                xml_values(&body, "NextKeyMarker").first().map(|k| xml_unescape(k)),
-                xml_values(&body, "NextUploadIdMarker").first().map(|k| xml_unescape(k)),
-            );
-            match next {
-                (Some(k), Some(u)) if truncated && !k.is_empty() => marker = Some((k, u)),
-                _ => break,
+            match page.next {
+                Some(next) => marker = Some(next),
+                None => break,
             }
         }
         found.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(found)
     }
 
-    fn remove_leftover(&self, l: &Leftover) -> Result<(), CacheError> {
+    fn remove_leftover(&self, l: &Leftover) -> Result<(), StorageError> {
         match &l.upload_id {
             Some(id) => {
                 let rel = l.name.trim_end_matches(" (incomplete upload)");
@@ -964,40 +1163,70 @@ impl Backend for S3Backend {
         }
     }
 
-    fn record_push(&self, hash_parts: &[&str]) -> Result<Option<String>, CacheError> {
+    fn record_push(&self, hash_parts: &[&str]) -> Result<Option<String>, StorageError> {
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{RECORDS}/{:013}-{}-{n}", now.as_millis(), std::process::id());
-        let mut body = String::new();
-        for h in hash_parts {
-            body.push_str(h);
-            body.push('\n');
+        let run = random_id().map_err(self.io("name the push record in", RECORDS))?;
+        let mut first = None;
+        // A record holds at most RECORD_PATHS: a larger closure writes several.
+        for (n, chunk) in hash_parts.chunks(RECORD_PATHS).enumerate() {
+            let name = format!("{RECORDS}/{:013}-{run}-{n}", now.as_millis());
+            let mut body = String::with_capacity(chunk.len() * 33);
+            for h in chunk {
+                body.push_str(h);
+                body.push('\n');
+            }
+            self.client.put(&name, body.as_bytes()).map_err(self.io("write the push record", &name))?;
+            first.get_or_insert(name);
         }
-        self.client.put(&name, body.as_bytes()).map_err(self.io("write the push record", &name))?;
-        Ok(Some(name))
+        Ok(first)
     }
 
-    fn push_records(&self) -> Result<Vec<(String, SystemTime, Vec<String>)>, CacheError> {
+    fn push_records(
+        &self,
+        skip: &dyn Fn(&str) -> bool,
+        each: &mut dyn FnMut(&str, SystemTime),
+    ) -> Result<Vec<Record>, StorageError> {
+        let c = &self.client;
+        // Every key below, not only the direct ones: a misplaced object is found (and goes with
+        // the window) instead of lying there forever.
+        let dir = c.key(&format!("{RECORDS}/"));
+        let listed = c.list_keys(&dir, false, None).map_err(self.io("list", RECORDS))?.unwrap_or_default();
         let mut out = Vec::new();
-        for m in self.list(RECORDS)? {
-            let Ok(Some(bytes)) = self.read(&m.name, 64 << 20) else { continue };
-            let names = String::from_utf8_lossy(&bytes).lines().map(str::to_owned).collect();
-            out.push((m.name, m.modified, names));
+        for m in listed {
+            let name = m.name.strip_prefix(&format!("{RECORDS}/")).unwrap_or(&m.name);
+            let problem = if skip(&m.name) {
+                None
+            } else if !is_record_name(name) {
+                Some("is not a push record's name (nixcache writes .nixcache/pushes/<ms>-<id>)".to_owned())
+            } else {
+                match self.read(&m.name, RECORD_LIMIT) {
+                    // Gone since the listing: another gc removed it.
+                    Ok(None) => continue,
+                    Ok(Some(bytes)) => parse_record(&bytes, |h| each(h, m.modified)).err(),
+                    Err(e) if e.is_established() => Some(e.to_string()),
+                    // Not read: what it names is unknown, so nothing may be concluded.
+                    Err(source) => return Err(StorageError::BadFile { path: self.locate(&m.name), source }),
+                }
+            };
+            out.push(Record { name: m.name, modified: m.modified, problem });
         }
         Ok(out)
     }
 
-    fn prepare_lookups(&self, paths: usize) -> Result<Option<String>, CacheError> {
+    fn prepare_lookups(&self, paths: usize) -> Result<Option<String>, StorageError> {
         // A listing page names up to 1000 objects; without one, each path costs a request
         // or two. List when that takes fewer requests than the paths.
         let c = &self.client;
+        // Whatever was listed before is forgotten: the answers are asked for again.
+        *c.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let budget = paths.max(1);
-        let Some(top) = c.list_keys(&c.prefix, Some(budget)).map_err(self.io("list", ""))? else {
+        let Some(top) = c.list_keys(&c.prefix, true, Some(budget)).map_err(self.io("list", ""))? else {
             return Ok(Some(format!(
                 "looking up each of the {paths} paths (the bucket is too large to list for this push)"
             )));
         };
-        let Some(nars) = c.list_keys(&c.key("nar/"), Some(budget)).map_err(self.io("list", "nar"))? else {
+        let Some(nars) = c.list_keys(&c.key("nar/"), true, Some(budget)).map_err(self.io("list", "nar"))?
+        else {
             return Ok(Some(format!(
                 "looking up each of the {paths} paths (the bucket is too large to list for this push)"
             )));
@@ -1013,10 +1242,17 @@ impl Backend for S3Backend {
     }
 }
 
-impl From<S3Error> for CacheError {
-    fn from(e: S3Error) -> Self {
-        CacheError::Bucket(e)
+/// Hands each hash part of a push record to `each`; the first line that is not one is the
+/// error (what came before it was handed on: a record is only ever more generous).
+fn parse_record(bytes: &[u8], mut each: impl FnMut(&str)) -> Result<(), String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "is not text".to_owned())?;
+    for (n, line) in text.lines().enumerate() {
+        if line.len() != crate::store_path::HASH_LEN || crate::nixbase32::decode::<20>(line).is_err() {
+            return Err(format!("line {} is not a store path's hash part", n + 1));
+        }
+        each(line);
     }
+    Ok(())
 }
 
 /// A NAR going up: parts of [`PART_SIZE`] (growing) as they fill, each on a thread of its
@@ -1091,7 +1327,7 @@ impl Write for Upload {
 }
 
 impl NewFile for Upload {
-    fn stage(mut self: Box<Self>, dest: &str) -> Result<Staged, CacheError> {
+    fn stage(mut self: Box<Self>, dest: &str) -> Result<Staged, StorageError> {
         let client = self.client.clone();
         let io = client.cache_err("upload", dest);
         if self.id.is_none() {
@@ -1160,10 +1396,31 @@ mod tests {
     }
 
     #[test]
-    fn error_bodies() {
-        let body = "<?xml version=\"1.0\"?><Error><Code>NoSuchBucket</Code><Message>The specified bucket does not exist</Message></Error>";
-        assert_eq!(error_code(body).0, "NoSuchBucket");
-        assert_eq!(xml_values("<a><K>1</K><K>2</K></a>", "K"), ["1", "2"]);
-        assert_eq!(xml_unescape("&quot;e&quot;"), "\"e\"");
+    fn own_names() {
+        for own in ["nar/.nixcache-tmp-0123abcd.nar.xz", ".nixcache-tmp-1-2", "debuginfo/.nixcache-tmp-x"] {
+            assert!(is_own_temp(own), "{own}");
+        }
+        for other in [
+            "b/nar/.nixcache-tmp-1.nar.xz",
+            "backup.tar",
+            "nar/x.nar.xz",
+            "log/.nixcache-tmp-1",
+            "nar/.nixcache-tmp-",
+            "nar/.nixcache-tmp-a b",
+        ] {
+            assert!(!is_own_temp(other), "{other}");
+        }
+        assert!(is_record_name("1764660000000-0123abcd-0") && is_record_name("1764660000000-123-4"));
+        assert!(
+            !is_record_name("x/1764660000000-1")
+                && !is_record_name("176466-1")
+                && !is_record_name("1764660000000-")
+        );
+        let h = "0123456789abcdfghijklmnpqrsvwxyz";
+        let mut seen = Vec::new();
+        assert!(parse_record(format!("{h}\n{h}\n").as_bytes(), |x| seen.push(x.to_owned())).is_ok());
+        assert_eq!(seen.len(), 2);
+        assert!(parse_record(b"not a hash\n", |_| {}).is_err());
+        assert!(parse_record(&[0xff], |_| {}).is_err());
     }
 }

@@ -522,28 +522,95 @@ fn bucket_survives_a_server_killed_mid_push() {
     restore(&s.http("kill"), &t.path().join("root"), &[&random, &f.top]);
 }
 
+/// What the fault-injecting proxy does with one try of a request.
+#[derive(Clone, Copy)]
+enum Fault {
+    Forward,
+    /// Answer with this status and an S3 error body, without forwarding.
+    Status(&'static str),
+    /// Forward after this long.
+    Delay(Duration),
+    /// Forward, then send the head and half the body and close the connection.
+    Cut,
+    /// Forward, then send the head and half the body and stop sending, connection open.
+    Stall,
+    /// Forward, and rewrite the answer's body.
+    Rewrite(fn(&str) -> String),
+    /// Answer 200 with an ETag and an empty body, without forwarding: a write the server lost.
+    Lose,
+}
+
 /// A proxy on loopback in front of the server, one request per connection: the `n`th try
-/// (from 0) of each request (method, path and body size; the signature changes per try) is
-/// answered with `status` when `fail(request_line, n)`, else forwarded.
+/// (from 0) of each request (method, path and body size; the signature changes per try) gets
+/// `rule(head, n)`, the head being the request line and headers as sent.
 struct Flaky {
     port: u16,
     failed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     forwarded: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Every request line seen, in order.
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 fn flaky(upstream: u16, status: &'static str, fail: fn(&str, usize) -> bool) -> Flaky {
+    faulty(upstream, move |head, n| {
+        if fail(head.lines().next().unwrap_or_default(), n) { Fault::Status(status) } else { Fault::Forward }
+    })
+}
+
+/// Splits an HTTP answer into its head (without the blank line) and its body, decoding a
+/// chunked body.
+fn split_answer(raw: &[u8]) -> (String, Vec<u8>) {
+    let at = raw.windows(4).position(|w| w == b"\r\n\r\n").map_or(raw.len(), |i| i + 4);
+    let head = String::from_utf8_lossy(&raw[..at]).trim_end().to_owned();
+    let mut body = raw[at.min(raw.len())..].to_vec();
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+            let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..eol]).trim(), 16).unwrap_or(0);
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+            rest = &rest[eol + 4 + size..];
+        }
+        body = out;
+    }
+    (head, body)
+}
+
+/// `head` with its body framing replaced by a Content-Length of `len`.
+fn reframe(head: &str, len: usize) -> String {
+    let mut out: Vec<&str> = head
+        .lines()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            !l.starts_with("content-length:")
+                && !l.starts_with("transfer-encoding:")
+                && !l.starts_with("connection:")
+        })
+        .collect();
+    let length = format!("Content-Length: {len}");
+    out.push(&length);
+    out.push("Connection: close");
+    out.join("\r\n") + "\r\n\r\n"
+}
+
+fn faulty(upstream: u16, rule: impl Fn(&str, usize) -> Fault + Send + Sync + 'static) -> Flaky {
     use std::io::{BufRead, BufReader, Read, Write};
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let (failed, forwarded) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let (f2, w2) = (failed.clone(), forwarded.clone());
-    let tries = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<String, usize>::new()));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (f2, w2, s2) = (failed.clone(), forwarded.clone(), seen.clone());
+    let tries = Arc::new(Mutex::new(std::collections::HashMap::<String, usize>::new()));
+    let rule = Arc::new(rule);
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut client) = stream else { continue };
-            let (f2, w2, tries) = (f2.clone(), w2.clone(), tries.clone());
+            let (f2, w2, s2, tries, rule) = (f2.clone(), w2.clone(), s2.clone(), tries.clone(), rule.clone());
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(client.try_clone().unwrap());
                 let mut head = Vec::new();
@@ -568,7 +635,9 @@ fn flaky(upstream: u16, status: &'static str, fail: fn(&str, usize) -> bool) -> 
                 if reader.read_exact(&mut body).is_err() {
                     return;
                 }
-                let request = String::from_utf8_lossy(&head).lines().next().unwrap_or_default().to_owned();
+                let text = String::from_utf8_lossy(&head).into_owned();
+                let request = text.lines().next().unwrap_or_default().to_owned();
+                s2.lock().unwrap().push(request.clone());
                 let id = format!("{} {length}", request.split('?').next().unwrap_or_default());
                 let n = {
                     let mut t = tries.lock().unwrap();
@@ -576,30 +645,66 @@ fn flaky(upstream: u16, status: &'static str, fail: fn(&str, usize) -> bool) -> 
                     *n += 1;
                     *n - 1
                 };
-                if fail(&request, n) {
-                    f2.fetch_add(1, Ordering::SeqCst);
-                    let code = status.split_whitespace().next().unwrap();
-                    let xml = format!(
-                        "<?xml version=\"1.0\"?><Error><Code>{}</Code><Message>injected</Message></Error>",
-                        if code == "503" { "SlowDown" } else { "InternalError" }
-                    );
-                    let _ = write!(
-                        client,
-                        "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{xml}",
-                        xml.len()
-                    );
-                    return;
+                let fault = rule(&text, n);
+                match fault {
+                    Fault::Status(status) => {
+                        f2.fetch_add(1, Ordering::SeqCst);
+                        let code = status.split_whitespace().next().unwrap();
+                        let xml = format!(
+                            "<?xml version=\"1.0\"?><Error><Code>{}</Code><Message>injected</Message></Error>",
+                            if code == "503" { "SlowDown" } else { "InternalError" }
+                        );
+                        let _ = write!(
+                            client,
+                            "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{xml}",
+                            xml.len()
+                        );
+                        return;
+                    }
+                    Fault::Lose => {
+                        f2.fetch_add(1, Ordering::SeqCst);
+                        let _ = write!(
+                            client,
+                            "HTTP/1.1 200 OK\r\nETag: \"d41d8cd98f00b204e9800998ecf8427e\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        );
+                        return;
+                    }
+                    Fault::Delay(d) => std::thread::sleep(d),
+                    _ => {}
                 }
                 w2.fetch_add(1, Ordering::SeqCst);
                 let mut up = std::net::TcpStream::connect(("127.0.0.1", upstream)).unwrap();
                 head.extend_from_slice(b"Connection: close\r\n\r\n");
                 up.write_all(&head).unwrap();
                 up.write_all(&body).unwrap();
-                let _ = std::io::copy(&mut up, &mut client);
+                if matches!(fault, Fault::Forward | Fault::Delay(_)) {
+                    let _ = std::io::copy(&mut up, &mut client);
+                    return;
+                }
+                let mut raw = Vec::new();
+                let _ = up.read_to_end(&mut raw);
+                let (head, body) = split_answer(&raw);
+                f2.fetch_add(1, Ordering::SeqCst);
+                match fault {
+                    Fault::Rewrite(f) => {
+                        let body = f(&String::from_utf8_lossy(&body));
+                        let _ = client.write_all(reframe(&head, body.len()).as_bytes());
+                        let _ = client.write_all(body.as_bytes());
+                    }
+                    // Cut or stall: half the body of a declared length.
+                    _ => {
+                        let _ = client.write_all(reframe(&head, body.len()).as_bytes());
+                        let _ = client.write_all(&body[..body.len() / 2]);
+                        let _ = client.flush();
+                        if matches!(fault, Fault::Stall) {
+                            std::thread::sleep(Duration::from_secs(600));
+                        }
+                    }
+                }
             });
         }
     });
-    Flaky { port, failed, forwarded }
+    Flaky { port, failed, forwarded, seen }
 }
 
 #[test]
@@ -1029,4 +1134,458 @@ fn gc_aborts_the_uploads_of_killed_runs_once_stale() {
     let report = nixcache::gc::gc(&cache, Duration::from_secs(1), &[], later, false).unwrap();
     assert!(report.removals.iter().any(|r| r.file.ends_with("(incomplete upload)")), "{:?}", report.removals);
     assert!(s.uploads().is_empty(), "{:?}", s.uploads());
+}
+
+/// The number of narinfos in the bucket under `prefix`, as Nix would find them.
+fn narinfo_count(s: &Server, home: &Path, url: &str) -> u64 {
+    let v = ok(nc(s, home).args(["verify", "--json", "--dest", url]));
+    let v: serde_json::Value = serde_json::from_str(&v).unwrap();
+    v["narinfos"].as_u64().unwrap()
+}
+
+fn is_get_of(head: &str, what: &str) -> bool {
+    head.starts_with("GET ") && head.lines().next().unwrap_or_default().contains(what)
+}
+
+#[test]
+fn gc_removes_nothing_on_a_failed_read_or_a_listing_that_lies() {
+    let s = Server::start();
+    let f = fixtures();
+    let t = tmp();
+    let url = s.url("gcfault");
+    ok(nc(&s, t.path()).args(["push", "-q", "-k", SECRET, "--dest", &url]).arg(&f.top));
+    let all = narinfo_count(&s, t.path(), &url);
+    assert!(all >= 5, "{all}");
+    static LEAF: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    LEAF.set(format!("{}.narinfo", hash_part(f.path("edge-dep")))).unwrap();
+    let leaf = || LEAF.get().unwrap().as_str();
+    let nar_listing = |h: &str| is_get_of(h, "list-type=2") && h.lines().next().unwrap().contains("nar%2F");
+    type Rule = Box<dyn Fn(&str, usize) -> Fault + Send + Sync>;
+    let cases: Vec<(&str, Rule)> = vec![
+        (
+            "a narinfo whose body is cut short on every try",
+            Box::new(move |h, _| if is_get_of(h, leaf()) { Fault::Cut } else { Fault::Forward }),
+        ),
+        (
+            "a narinfo answered 503 SlowDown on every try",
+            Box::new(
+                move |h, _| {
+                    if is_get_of(h, leaf()) { Fault::Status("503 Slow Down") } else { Fault::Forward }
+                },
+            ),
+        ),
+        (
+            "a narinfo whose body stalls",
+            Box::new(move |h, _| if is_get_of(h, leaf()) { Fault::Stall } else { Fault::Forward }),
+        ),
+        (
+            "a NAR listing without <Size>",
+            Box::new(move |h, _| {
+                if nar_listing(h) {
+                    Fault::Rewrite(|b| {
+                        b.split("<Size>").map(|p| p.split_once("</Size>").map_or(p, |(_, r)| r)).collect()
+                    })
+                } else {
+                    Fault::Forward
+                }
+            }),
+        ),
+        (
+            "a NAR listing with odd times",
+            Box::new(move |h, _| {
+                if nar_listing(h) {
+                    Fault::Rewrite(|b| b.replace("<LastModified>", "<LastModified>x"))
+                } else {
+                    Fault::Forward
+                }
+            }),
+        ),
+        (
+            "a NAR listing cut short",
+            Box::new(move |h, _| if nar_listing(h) { Fault::Cut } else { Fault::Forward }),
+        ),
+        (
+            "an empty NAR listing",
+            Box::new(move |h, _| {
+                if nar_listing(h) {
+                    Fault::Rewrite(|b| {
+                        let kept: String =
+                            b.split("<Contents>")
+                                .enumerate()
+                                .map(|(i, p)| {
+                                    if i == 0 {
+                                        p
+                                    } else {
+                                        p.split_once("</Contents>").map_or("", |(_, r)| r)
+                                    }
+                                })
+                                .collect();
+                        let count = kept
+                            .split("<KeyCount>")
+                            .nth(1)
+                            .and_then(|r| r.split_once("</KeyCount>"))
+                            .map(|(n, _)| n.to_owned());
+                        match count {
+                            Some(n) => {
+                                kept.replace(&format!("<KeyCount>{n}</KeyCount>"), "<KeyCount>0</KeyCount>")
+                            }
+                            None => kept,
+                        }
+                    })
+                } else {
+                    Fault::Forward
+                }
+            }),
+        ),
+    ];
+    for (case, rule) in cases {
+        let p = faulty(s.port, rule);
+        let started = Instant::now();
+        let out = nc(&s, t.path())
+            .env("NIXCACHE_S3_READ_TIMEOUT", "1")
+            .args(["gc", "--older-than", "14d", "--dest", &s.url_via("gcfault", p.port)])
+            .output()
+            .unwrap();
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+        assert!(!out.status.success(), "{case}: gc succeeded: {said}");
+        assert!(!said.contains("removed /nix/store"), "{case}: {said}");
+        assert!(p.failed.load(std::sync::atomic::Ordering::SeqCst) > 0, "{case}: no fault injected");
+        assert!(started.elapsed() < Duration::from_secs(90), "{case}: took {:?}", started.elapsed());
+        assert_eq!(narinfo_count(&s, t.path(), &url), all, "{case}: {said}");
+    }
+    // One fault, then a whole answer: retried, and gc goes on, removing nothing it must keep.
+    let p =
+        faulty(s.port, move |h, n| if n == 0 && is_get_of(h, leaf()) { Fault::Cut } else { Fault::Forward });
+    let out =
+        ok(nc(&s, t.path()).args(["gc", "--older-than", "14d", "--dest", &s.url_via("gcfault", p.port)]));
+    assert!(!out.contains("removed"), "{out}");
+    assert_eq!(p.failed.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // A push record that cannot be read stops gc: here the only thing keeping the closure.
+    std::thread::sleep(Duration::from_secs(3));
+    ok(nc(&s, t.path()).args(["push", "-q", "--dest", &url]).arg(&f.top));
+    let p = faulty(s.port, |h, _| if is_get_of(h, "pushes") { Fault::Cut } else { Fault::Forward });
+    let out = nc(&s, t.path())
+        .args(["gc", "--older-than", "2s", "--dest", &s.url_via("gcfault", p.port)])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(stderr(&out).contains("pushes"), "{}", stderr(&out));
+    assert_eq!(narinfo_count(&s, t.path(), &url), all);
+    ok(nc(&s, t.path()).args(["verify", "-q", "--trusted-public-key", PUBLIC, "--dest", &url]));
+    fresh_nix_cache();
+    restore(&s.http("gcfault"), &t.path().join("root"), &[&f.top]);
+}
+
+#[test]
+fn temporary_keys_are_unique_across_machines_and_copies_are_checked() {
+    let s = Server::start();
+    let t = tmp();
+    let randoms: Vec<String> = ["pid-a", "pid-b"]
+        .iter()
+        .map(|salt| {
+            ok(nix_cmd("nix-build").args([RANDOM, "--no-out-link", "--argstr", "salt", salt]))
+                .trim()
+                .to_owned()
+        })
+        .collect();
+    // Two pushes of different large paths at once, each as pid 1 of its own namespace (two
+    // containers), their server-side copies slowed so that both are uploading at once.
+    let p = faulty(s.port, |h, _| {
+        if h.to_ascii_lowercase().contains("x-amz-copy-source") {
+            Fault::Delay(Duration::from_millis(1500))
+        } else {
+            Fault::Forward
+        }
+    });
+    let url = s.url_via("pids", p.port);
+    let pushes: Vec<_> = randoms
+        .iter()
+        .map(|r| {
+            let mut c = nc(&s, t.path());
+            let program = c.get_program().to_owned();
+            let args: Vec<_> = ["push", "-q", "-j", "1", "-k", SECRET, "--dest", &url, r]
+                .iter()
+                .map(|a| a.to_string())
+                .collect();
+            let mut u = Command::new("unshare");
+            u.args(["--pid", "--fork"]).arg(program).args(args);
+            for (k, v) in c.get_envs() {
+                match v {
+                    Some(v) => u.env(k, v),
+                    None => u.env_remove(k),
+                };
+            }
+            c = u;
+            c.stderr(Stdio::piped()).spawn().unwrap()
+        })
+        .collect();
+    for push in pushes {
+        let out = push.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let copies = p
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.starts_with("PUT") && l.contains("/nar/") && !l.contains("partNumber"))
+        .count();
+    assert!(copies >= 2, "{copies}");
+    fresh_nix_cache();
+    restore(&s.http("pids"), &t.path().join("root"), &[&randoms[0], &randoms[1]]);
+
+    // Acknowledged is not done: a copy answered 200 without its result, and a NAR PUT the
+    // server lost, are found and done again; the push exits 0 with its closure whole.
+    let f = fixtures();
+    let fresh = ok(nix_cmd("nix-build").args([RANDOM, "--no-out-link", "--argstr", "salt", "lost"]))
+        .trim()
+        .to_owned();
+    let p = faulty(s.port, |h, n| {
+        let line = h.lines().next().unwrap_or_default();
+        let copy = h.to_ascii_lowercase().contains("x-amz-copy-source");
+        let nar_put = line.starts_with("PUT")
+            && line.contains("/nar/")
+            && !line.contains("partNumber")
+            && !line.contains("nixcache-tmp");
+        if n == 0 && (copy || nar_put) { Fault::Lose } else { Fault::Forward }
+    });
+    let out = nc(&s, t.path())
+        .args(["push", "-k", SECRET, "--dest", &s.url_via("lost", p.port)])
+        .args([&f.top, &fresh])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(p.failed.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    let broken = inconsistencies(&s, t.path(), &s.url("lost"), Some(PUBLIC));
+    assert!(broken.is_empty(), "{}: {broken:#?}", stderr(&out));
+    fresh_nix_cache();
+    restore(&s.http("lost"), &t.path().join("root-lost"), &[&f.top, &fresh]);
+}
+
+/// Starts a multipart upload to `key` (under the server's test prefix), signed by curl.
+fn start_upload(s: &Server, key: &str) {
+    let url = format!("{}/{}/{}{key}?uploads=", s.endpoint, s.bucket, s.run);
+    let (status, body) = s.signed("POST", &url);
+    assert_eq!(status, 200, "{key}: {body}");
+}
+
+/// Puts `data` at `key` (under the server's test prefix), signed by curl; `key` may hold
+/// percent-escapes.
+fn put_object(s: &Server, key: &str, data: &Path) {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT", "--upload-file"])
+        .arg(data)
+        .args(["--aws-sigv4", &format!("aws:amz:{}:s3", s.region)])
+        .args(["--user", &format!("{}:{}", s.key, s.secret)])
+        .arg(format!("{}/{}/{}{key}", s.endpoint, s.bucket, s.run))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "put {key}");
+}
+
+#[test]
+fn gc_aborts_only_its_own_uploads_and_removes_foreign_records_and_odd_keys() {
+    use std::time::SystemTime;
+    let s = Server::start();
+    let t = tmp();
+    let f = fixtures();
+    let url = s.url("a");
+    ok(nc(&s, t.path()).args(["push", "-q", "-k", SECRET, "--dest", &url]).arg(&f.top));
+    // Ours, stale; another cache's under a longer prefix; another program's.
+    start_upload(&s, "a/nar/.nixcache-tmp-00112233445566778899aabbccddeeff.nar.xz");
+    start_upload(&s, "a/b/nar/.nixcache-tmp-1-0.nar.xz");
+    start_upload(&s, "a/b/backup.tar");
+    start_upload(&s, "a/backup.tar");
+    // Records nixcache never writes: misplaced, oversized, not hash parts.
+    let junk = t.path().join("junk");
+    std::fs::write(&junk, "x".repeat(nixcache::storage::s3::RECORD_LIMIT as usize + 1)).unwrap();
+    put_object(&s, "a/.nixcache/pushes/1764660000000-big", &junk);
+    std::fs::write(&junk, "not a hash\n").unwrap();
+    put_object(&s, "a/.nixcache/pushes/1764660000000-bad", &junk);
+    put_object(&s, "a/.nixcache/pushes/sub/1764660000000-deep", &junk);
+    // A key with a control character, which only a url-encoded listing names right.
+    put_object(&s, "a/ctl%01x.narinfo", &junk);
+    let v = fails(nc(&s, t.path()).args(["verify", "--json", "--dest", &url]));
+    let report = String::from_utf8_lossy(&v.stdout).into_owned();
+    assert!(report.contains("ctl\\u0001x.narinfo"), "{report}");
+
+    let out = nc(&s, t.path()).args(["gc", "--older-than", "1h", "--dest", &url]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    for name in ["1764660000000-big", "1764660000000-bad", "sub/1764660000000-deep"] {
+        assert!(stderr(&out).contains(name), "{name}: {}", stderr(&out));
+    }
+    // The odd narinfo serves nothing: gone, by its real name.
+    let gc = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(gc.contains("removed ctl\u{1}x.narinfo (not a usable narinfo)"), "{gc}");
+    // Two hours on (gc's clock), past the grace: only ours is aborted; the odd records and
+    // the odd narinfo go, the closure (kept) stays.
+    let bucket: nixcache::storage::s3::BucketUrl = url.parse().unwrap();
+    let backend = nixcache::storage::s3::S3Backend::connect_with(&bucket, &s.key, &s.secret).unwrap();
+    let cache = nixcache::cache::Cache::on(Box::new(backend));
+    let later = SystemTime::now() + Duration::from_secs(2 * 3600);
+    let report =
+        nixcache::gc::gc(&cache, Duration::from_secs(1), std::slice::from_ref(&f.top), later, false).unwrap();
+    let removed: Vec<&str> = report.removals.iter().map(|r| r.file.as_str()).collect();
+    let mut left = s.uploads();
+    left.sort();
+    let prefixed = |k: &str| format!("{}{k}", s.run);
+    assert_eq!(
+        left,
+        [prefixed("a/b/backup.tar"), prefixed("a/b/nar/.nixcache-tmp-1-0.nar.xz"), prefixed("a/backup.tar")],
+        "{removed:?}"
+    );
+    for gone in [
+        ".nixcache/pushes/1764660000000-big",
+        ".nixcache/pushes/1764660000000-bad",
+        ".nixcache/pushes/sub/1764660000000-deep",
+    ] {
+        assert!(removed.contains(&gone), "{gone}: {removed:?}");
+    }
+    assert!(!removed.iter().any(|r| r.ends_with(".narinfo")), "{removed:?}");
+    ok(nc(&s, t.path()).args(["verify", "-q", "--trusted-public-key", PUBLIC, "--dest", &url]));
+}
+
+#[test]
+fn no_secret_is_printed() {
+    let s = Server::start();
+    let t = tmp();
+    // A user:password in the endpoint, and a server that quotes the signed request back.
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("s3://cache/x?endpoint=http://KEYID:SUPERSECRET@127.0.0.1:{closed}");
+    let out = fails(nc(&s, t.path()).args(["verify", "--dest", &url]));
+    assert!(!stderr(&out).contains("SUPERSECRET") && stderr(&out).contains("127.0.0.1"), "{}", stderr(&out));
+    let quoting = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = quoting.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::{BufRead, BufReader, Write};
+        for stream in quoting.incoming() {
+            let Ok(mut c) = stream else { continue };
+            let mut line = String::new();
+            let _ = BufReader::new(c.try_clone().unwrap()).read_line(&mut line);
+            let body = format!(
+                "<Error><Code>AccessDenied</Code><Message>denied: {}</Message></Error>",
+                line.trim().replace('&', "&amp;")
+            );
+            let _ = write!(
+                c,
+                "HTTP/1.1 400 Bad Request\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let out = fails(nc(&s, t.path()).env("AWS_SESSION_TOKEN", "SESSIONTOKEN0123456789abcdef").args([
+        "verify",
+        "--dest",
+        &s.url_via("x", port),
+    ]));
+    let err = stderr(&out);
+    assert!(err.contains("AccessDenied") && err.contains("denied"), "{err}");
+    for leak in ["X-Amz-Signature", "X-Amz-Credential", &s.key, "SESSIONTOKEN", "Security-Token"] {
+        assert!(!err.contains(leak), "{leak}: {err}");
+    }
+}
+
+#[test]
+fn a_push_racing_gc_leaves_every_narinfo_whole() {
+    let s = Server::start();
+    let t = tmp();
+    let f = fixtures();
+    let url = s.url("racegc");
+    for round in 0..3 {
+        ok(nc(&s, t.path()).args(["push", "-q", "-k", SECRET, "--dest", &url]).arg(&f.top));
+        std::thread::sleep(Duration::from_millis(2500));
+        // gc finds everything old; its narinfo deletes are slowed, and a push of the same
+        // closure starts as the first goes out.
+        let p = faulty(s.port, |h, _| {
+            let line = h.lines().next().unwrap_or_default();
+            if line.starts_with("DELETE") && line.contains(".narinfo") {
+                Fault::Delay(Duration::from_millis(400))
+            } else {
+                Fault::Forward
+            }
+        });
+        let gc = nc(&s, t.path())
+            .args(["gc", "--older-than", "1s", "--dest", &s.url_via("racegc", p.port)])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !p.seen.lock().unwrap().iter().any(|l| l.starts_with("DELETE")) {
+            assert!(Instant::now() < deadline, "gc deleted nothing");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let push =
+            nc(&s, t.path()).args(["push", "-k", SECRET, "--dest", &url]).arg(&f.top).output().unwrap();
+        let gc = gc.wait_with_output().unwrap();
+        assert!(gc.status.success(), "round {round}: {}", String::from_utf8_lossy(&gc.stderr));
+        assert!(push.status.success(), "round {round}: {}", stderr(&push));
+        let broken = inconsistencies(&s, t.path(), &url, Some(PUBLIC));
+        assert!(
+            broken.is_empty(),
+            "round {round}: push: {}\ngc: {}{}\n{broken:#?}",
+            stderr(&push),
+            String::from_utf8_lossy(&gc.stdout),
+            String::from_utf8_lossy(&gc.stderr)
+        );
+    }
+    ok(nc(&s, t.path()).args(["push", "-q", "-k", SECRET, "--dest", &url]).arg(&f.top));
+    fresh_nix_cache();
+    restore(&s.http("racegc"), &t.path().join("root"), &[&f.top]);
+}
+
+#[test]
+fn temporary_credentials_are_fetched_again_before_they_expire() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let s = Server::start();
+    let t = tmp();
+    let f = fixtures();
+    // A container credential service whose credentials expire in 5 minutes and 2 seconds:
+    // due for a refresh 2 seconds after each fetch.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let (count, key, secret) = (fetches.clone(), s.key.clone(), s.secret.clone());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut c) = stream else { continue };
+            let mut reader = BufReader::new(c.try_clone().unwrap());
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+            }
+            count.fetch_add(1, Ordering::SeqCst);
+            let expires = jiff::Timestamp::now() + jiff::SignedDuration::from_secs(302);
+            let json = format!(
+                r#"{{"AccessKeyId":"{key}","SecretAccessKey":"{secret}","Token":"","Expiration":"{expires}"}}"#
+            );
+            let _ = write!(
+                c,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
+                json.len()
+            );
+        }
+    });
+    // Every request slowed: the push outlives the first credentials' refresh point.
+    let p = faulty(s.port, |_, _| Fault::Delay(Duration::from_millis(150)));
+    let out = nixcache()
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE")
+        .env("HOME", t.path())
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", format!("http://127.0.0.1:{port}/creds"))
+        .args(["push", "-j", "1", "--dest", &s.url_via("creds", p.port)])
+        .arg(&f.top)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let n = fetches.load(Ordering::SeqCst);
+    assert!(n >= 2, "fetched {n} times in a push of {}", stderr(&out));
+    assert!(stderr(&out).contains("credentials"), "{}", stderr(&out));
 }

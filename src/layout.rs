@@ -1,0 +1,27 @@
+//! The names every layer of a cache agrees on, from the storage below to the commands above:
+//! what a cache's own files are called. Pure constants, no I/O.
+//!
+//! ```text
+//! nix-cache-info            StoreDir, WantMassQuery, Priority
+//! <hashpart>.narinfo        one per store path
+//! nar/<filehash>.nar.<ext>  the compressed NARs, named by their own hash
+//! log/, realisations/       created empty in a directory: Nix creates them when it opens a
+//!                           file:// cache, which fails on read-only media if they are missing
+//! .nixcache.lock            a directory's writers' lock (push, sign, gc); clients never read it
+//! .nixcache/pushes/         a bucket's push records (see `storage::s3`)
+//! ```
+
+/// Prefix of every temporary file a writer leaves while it works.
+pub const TEMP_PREFIX: &str = ".nixcache-tmp-";
+/// A directory cache's writers' lock.
+pub const LOCK_FILE: &str = ".nixcache.lock";
+/// What Nix reads first.
+pub const CACHE_INFO: &str = "nix-cache-info";
+
+/// The subdirectories of a cache. When present, each must be a real directory.
+pub const SUBDIRS: [&str; 4] = ["nar", "debuginfo", "log", "realisations"];
+
+/// Whether the base name `name` is a temporary file's (one nixcache writes and removes).
+pub fn is_temp(name: &str) -> bool {
+    name.starts_with(TEMP_PREFIX)
+}
