@@ -502,8 +502,13 @@ fn bucket_survives_a_server_killed_mid_push() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Kill the server while the large path goes up.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Kill the server while the large path goes up (its multipart upload has begun), not
+    // after a fixed time: a fast run could be done by then.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while s.uploads().is_empty() {
+        assert!(Instant::now() < deadline, "no multipart upload started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     s.kill();
     let out = push.wait_with_output().unwrap();
     if s.kill_stops_everything() {
