@@ -280,7 +280,7 @@ impl Cache {
 
     /// What the cache file `rel` is, if it exists (a link or special file included).
     pub fn stat(&self, rel: &str) -> Option<Meta> {
-        self.backend.stat(self.resolve(rel)?).ok().flatten()
+        self.try_stat(rel).ok().flatten()
     }
 
     /// What the cache file `rel` is, if it exists; an error when that could not be found out.
@@ -304,13 +304,17 @@ impl Cache {
     /// storage answers (`fresh`: asked now, not from a listing); an error when it could not
     /// be found out, which is no answer.
     pub fn nar_present(&self, ni: &NarInfo, fresh: bool) -> Result<bool, FileProblem> {
-        let Some(rel) = ni.nar_file() else { return Ok(false) };
-        let meta = if fresh { self.stat_fresh(&rel)? } else { self.try_stat(&rel)? };
-        Ok(match (meta.filter(|m| m.not_regular.is_none()), ni.file_size) {
-            (Some(m), Some(want)) => m.size == want,
-            (Some(_), None) => true,
-            (None, _) => false,
-        })
+        match ni.nar_file() {
+            Some(rel) => self.holds(&rel, ni.file_size, fresh),
+            None => Ok(false),
+        }
+    }
+
+    /// Whether `rel` is a regular file of `size` bytes (any size when `None`), as the storage
+    /// answers (`fresh`: asked now, not from a listing).
+    pub fn holds(&self, rel: &str, size: Option<u64>, fresh: bool) -> Result<bool, FileProblem> {
+        let meta = if fresh { self.stat_fresh(rel)? } else { self.try_stat(rel)? };
+        Ok(meta.filter(|m| m.not_regular.is_none()).is_some_and(|m| size.is_none_or(|s| s == m.size)))
     }
 
     /// Size of a cache file, if it exists and is a regular file.
@@ -320,11 +324,7 @@ impl Cache {
 
     /// True when the NAR a narinfo points at is there, with the FileSize it claims.
     pub fn has_nar(&self, ni: &NarInfo) -> bool {
-        match (ni.nar_file().and_then(|f| self.file_size(&f)), ni.file_size) {
-            (Some(have), Some(want)) => have == want,
-            (Some(_), None) => true,
-            (None, _) => false,
-        }
+        self.nar_present(ni, false).unwrap_or(false)
     }
 
     /// Records that a push included the narinfo `rel` now (which `gc` reads).
@@ -461,7 +461,7 @@ impl Cache {
 
     /// The narinfo files, as listed.
     pub fn narinfo_entries(&self) -> Result<Vec<Meta>, CacheError> {
-        self.list_entries("", |n| n.ends_with(".narinfo") && !n.starts_with(TEMP_PREFIX))
+        self.list_entries("", |n| n.ends_with(".narinfo") && !crate::layout::is_temp(n))
     }
 
     /// The NAR files, as cache-relative names (`nar/….nar.xz`), sorted.
@@ -471,7 +471,7 @@ impl Cache {
 
     /// The NAR files, as listed.
     pub fn nar_entries(&self) -> Result<Vec<Meta>, CacheError> {
-        self.list_entries("nar", |n| !n.starts_with(TEMP_PREFIX))
+        self.list_entries("nar", |n| !crate::layout::is_temp(n))
     }
 
     /// The entries of the cache subdirectory `sub` whose base names `keep` accepts, sorted:

@@ -136,16 +136,11 @@ pub fn gc(
     for (h, e) in &sorted {
         let Ok(ni) = &e.narinfo else { continue };
         let rel = ni.nar_file().unwrap_or_default();
-        let present = cache.nar_present(ni, false).map_err(unknown(&rel))?
-            || (ni.nar_file().is_some() && {
-                // The listing says it is missing or the wrong size: ask for it alone.
-                if cache.nar_present(ni, true).map_err(unknown(&rel))? {
-                    return Err(GcError::Contradicted { path: cache.locate(&rel) });
-                }
-                false
-            });
-        if present {
+        if cache.nar_present(ni, false).map_err(unknown(&rel))? {
             complete.insert(h.as_str());
+        } else if cache.nar_present(ni, true).map_err(unknown(&rel))? {
+            // The listing said missing or the wrong size; asked alone, it is there.
+            return Err(GcError::Contradicted { path: cache.locate(&rel) });
         }
     }
     // References without a narinfo in the listing: absent only if a lookup says so.
@@ -326,7 +321,7 @@ pub fn gc(
                 cache.sync_dir("")?;
             }
             let boundary = i == 0 || layers[i] != layers[i - 1];
-            if boundary && !cache.exclusive() && (layers[i].is_some() || r.store_path.is_none()) {
+            if boundary && !cache.exclusive() {
                 for h in cache.new_push_records(&known)? {
                     if let Some(nar) = index
                         .entries

@@ -470,11 +470,11 @@ pub const SETTLE_ROUNDS: usize = 3;
 /// again what is missing, and exits 0 only once the check finds it whole.
 pub fn missing_now(cache: &Cache, infos: &[PathInfo], report: &PushReport) -> Result<Vec<usize>, CacheError> {
     cache.prepare_lookups(infos.len())?;
+    // A lookup that fails counts as missing: the path is pushed again, never skipped.
     let whole = |i: usize| {
         let Some((nar, size)) = report.nars.get(&i) else { return false };
-        let there = |rel: &str| cache.try_stat(rel).ok().flatten();
-        there(&Cache::narinfo_rel(&infos[i].path)).is_some()
-            && there(nar).is_some_and(|m| size.is_none_or(|s| s == m.size))
+        let holds = |rel: &str, size| cache.holds(rel, size, false).unwrap_or(false);
+        holds(&Cache::narinfo_rel(&infos[i].path), None) && holds(nar, *size)
     };
     Ok((0..infos.len()).filter(|&i| !whole(i)).collect())
 }

@@ -335,7 +335,7 @@ impl Backend for DirBackend {
         for sub in ["", "nar", "debuginfo"] {
             for m in self.list(sub)? {
                 let base = m.name.rsplit('/').next().unwrap_or_default();
-                if base.starts_with(TEMP_PREFIX) {
+                if crate::layout::is_temp(base) {
                     found.push(Leftover {
                         name: m.name,
                         size: m.size,
