@@ -136,8 +136,13 @@ pub fn dump(path: &str) -> Vec<u8> {
 
 /// Restores `paths` from `url` into a fresh chroot store at `root`, requiring signatures by
 /// `PUBLIC` (or `key`).
+/// `nix copy` from `url` into the chroot store `root`, with a Nix cache of its own beside
+/// `root` (`XDG_CACHE_HOME`): nothing remembered from another restore (a narinfo Nix once
+/// missed), and no shared cache database for parallel tests to collide in.
 pub fn restore_cmd(url: &str, root: &Path, key: &str, paths: &[&str]) -> Command {
     let mut c = nix_cmd("nix");
+    let name = root.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    c.env("XDG_CACHE_HOME", root.with_file_name(format!("{name}.nix-cache")));
     c.args(["copy", "--from", url, "--to"])
         .arg(root)
         .args(["--option", "trusted-public-keys", key, "--option", "require-sigs", "true"])

@@ -293,12 +293,6 @@ fn get(url: &str) -> (u16, Vec<u8>, String) {
     (status, text[split..].to_vec(), head.to_ascii_lowercase())
 }
 
-fn fresh_nix_cache() {
-    let _ = std::fs::remove_dir_all(
-        std::env::var("HOME").map(|h| PathBuf::from(h).join(".cache/nix")).unwrap_or_default(),
-    );
-}
-
 #[test]
 fn bucket_push_is_the_directory_push_and_nix_restores_it() {
     let s = Server::start();
@@ -337,7 +331,6 @@ fn bucket_push_is_the_directory_push_and_nix_restores_it() {
             assert!(head.contains(&format!("content-type: {want}")), "{rel}: {head}");
             assert!(!head.contains("content-encoding"), "{rel}: {head}");
         }
-        fresh_nix_cache();
         let root = t.path().join(format!("root-{compression}"));
         restore(&s.http(&prefix), &root, &[&f.top, &random]);
         let mut all = f.closure.clone();
@@ -403,7 +396,6 @@ fn bucket_verify_sign_gc_and_repair() {
     assert!(report.contains(leaf) && report.contains("missing-nar"), "{report}");
     ok(nc(&s, t.path()).args(["push", "-q", "-k", SECRET, "--dest", &url]).arg(&f.top));
     ok(nc(&s, t.path()).args(["verify", "-q", "--trusted-public-key", PUBLIC, "--dest", &url]));
-    fresh_nix_cache();
     restore(&s.http("life"), &t.path().join("root"), &[&f.top]);
 
     // gc: with --keep the closure stays; a path nothing keeps and no push named goes, NAR and all.
@@ -423,7 +415,6 @@ fn bucket_verify_sign_gc_and_repair() {
     assert!(!gc.contains(&f.top), "{gc}");
     ok(nc(&s, t.path()).args(["verify", "-q", "--trusted-public-key", PUBLIC, "--dest", &url]));
     assert_eq!(get(&format!("{}/{}.narinfo", s.http("life"), hash_part(&other))).0, 404);
-    fresh_nix_cache();
     restore(&s.http("life"), &t.path().join("root2"), &[&f.top]);
 
     // A push names its closure in a record: gc with a long window keeps it, though sign
@@ -495,20 +486,28 @@ fn bucket_survives_a_server_killed_mid_push() {
         .trim()
         .to_owned();
     let f = fixtures();
-    let url = s.url("kill");
+    // The large path's parts slowed, so the push is surely still uploading when the server
+    // goes, however fast the machine; killed two seconds after its upload began, when what
+    // the push wrote first (nix-cache-info) has had time to reach the server's disk.
+    let p = faulty(s.port, |h, _| {
+        if h.lines().next().unwrap_or_default().contains("partNumber=") {
+            Fault::Delay(Duration::from_secs(5))
+        } else {
+            Fault::Forward
+        }
+    });
     let push = nc(&s, t.path())
-        .args(["push", "-q", "-k", SECRET, "-j", "1", "--dest", &url])
+        .args(["push", "-q", "-k", SECRET, "-j", "1", "--dest", &s.url_via("kill", p.port)])
         .args([&random, &f.top])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Kill the server while the large path goes up (its multipart upload has begun), not
-    // after a fixed time: a fast run could be done by then.
     let deadline = Instant::now() + Duration::from_secs(60);
     while s.uploads().is_empty() {
         assert!(Instant::now() < deadline, "no multipart upload started");
         std::thread::sleep(Duration::from_millis(50));
     }
+    std::thread::sleep(Duration::from_secs(2));
     s.kill();
     let out = push.wait_with_output().unwrap();
     if s.kill_stops_everything() {
@@ -523,7 +522,6 @@ fn bucket_survives_a_server_killed_mid_push() {
     ok(nc(&s, t.path()).args(["push", "-q", "-k", SECRET, "--dest", &url]).args([&random, &f.top]));
     let broken = inconsistencies(&s, t.path(), &url, Some(PUBLIC));
     assert!(broken.is_empty(), "after the re-run: {broken:#?}");
-    fresh_nix_cache();
     restore(&s.http("kill"), &t.path().join("root"), &[&random, &f.top]);
 }
 
@@ -729,7 +727,6 @@ fn bucket_slowdown_and_errors_are_retried_but_not_forever() {
         ok(nc(&s, t.path()).args(["verify", "-q", "--trusted-public-key", PUBLIC, "--dest", &url]));
         assert!(p.failed.load(Ordering::SeqCst) > 10, "{status}: the proxy failed too few requests");
         assert!(p.forwarded.load(Ordering::SeqCst) > 5);
-        fresh_nix_cache();
         restore(&s.http(prefix), &t.path().join(format!("root-{prefix}")), &[&f.top]);
     }
     // A server that always answers 503: push gives up after its attempts, with the answer.
@@ -896,7 +893,6 @@ fn a_volume_server_killed_mid_push_leaves_a_consistent_bucket() {
     ok(nc(&c.server, t.path()).args(["push", "-q", "-k", SECRET, "--dest", &url]).args([&random, &f.top]));
     let broken = inconsistencies(&c.server, t.path(), &url, Some(PUBLIC));
     assert!(broken.is_empty(), "after the re-push: {broken:#?}");
-    fresh_nix_cache();
     restore(&c.server.http("volume"), &t.path().join("root"), &[&random, &f.top]);
 }
 
@@ -925,7 +921,6 @@ fn racing_pushes_are_harmless_and_a_push_record_keeps_its_closure() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     ok(nc(&s, t.path()).args(["verify", "-q", "--trusted-public-key", PUBLIC, "--dest", &url]));
-    fresh_nix_cache();
     restore(&s.http("race"), &t.path().join("root"), &[&random, &f.top]);
     // The narinfos are now older than a one-second window; a push that finds everything
     // there writes only its record, and that record keeps the whole closure from gc.
@@ -971,7 +966,6 @@ fn a_push_killed_mid_upload_leaves_a_consistent_bucket() {
     ok(nc(&s, t.path())
         .args(["verify", "-q", "--trusted-public-key", PUBLIC, "--dest", &url])
         .stdout(Stdio::null()));
-    fresh_nix_cache();
     restore(&s.http("sigkill"), &t.path().join("root"), &[&random, &f.top]);
 }
 
@@ -1278,7 +1272,6 @@ fn gc_removes_nothing_on_a_failed_read_or_a_listing_that_lies() {
     assert!(stderr(&out).contains("pushes"), "{}", stderr(&out));
     assert_eq!(narinfo_count(&s, t.path(), &url), all);
     ok(nc(&s, t.path()).args(["verify", "-q", "--trusted-public-key", PUBLIC, "--dest", &url]));
-    fresh_nix_cache();
     restore(&s.http("gcfault"), &t.path().join("root"), &[&f.top]);
 }
 
@@ -1337,7 +1330,6 @@ fn temporary_keys_are_unique_across_machines_and_copies_are_checked() {
         .filter(|l| l.starts_with("PUT") && l.contains("/nar/") && !l.contains("partNumber"))
         .count();
     assert!(copies >= 2, "{copies}");
-    fresh_nix_cache();
     restore(&s.http("pids"), &t.path().join("root"), &[&randoms[0], &randoms[1]]);
 
     // Acknowledged is not done: a copy answered 200 without its result, and a NAR PUT the
@@ -1364,7 +1356,6 @@ fn temporary_keys_are_unique_across_machines_and_copies_are_checked() {
     assert!(p.failed.load(std::sync::atomic::Ordering::SeqCst) >= 2);
     let broken = inconsistencies(&s, t.path(), &s.url("lost"), Some(PUBLIC));
     assert!(broken.is_empty(), "{}: {broken:#?}", stderr(&out));
-    fresh_nix_cache();
     restore(&s.http("lost"), &t.path().join("root-lost"), &[&f.top, &fresh]);
 }
 
@@ -1536,7 +1527,6 @@ fn a_push_racing_gc_leaves_every_narinfo_whole() {
         );
     }
     ok(nc(&s, t.path()).args(["push", "-q", "-k", SECRET, "--dest", &url]).arg(&f.top));
-    fresh_nix_cache();
     restore(&s.http("racegc"), &t.path().join("root"), &[&f.top]);
 }
 
