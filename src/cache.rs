@@ -255,6 +255,16 @@ impl Cache {
         }
     }
 
+    /// Opens the regular file `rel` on this machine to send it, if it can be in the cache
+    /// ([`Cache::resolve`]): no link is followed below the cache, only a regular file is
+    /// opened. `None` if it is missing; an error from a cache not on this machine.
+    pub fn local_file(&self, rel: &str) -> Result<Option<(File, std::fs::Metadata)>, FileProblem> {
+        match self.resolve(rel) {
+            Some(rel) => self.backend.local_file(rel),
+            None => Ok(None),
+        }
+    }
+
     /// Reads the narinfo file `rel`: what it holds, or why it cannot be used (a narinfo for
     /// another path than its name says cannot: Nix would refuse it).
     pub fn read_narinfo(&self, rel: &str) -> Result<Option<NarInfo>, BadNarInfo> {

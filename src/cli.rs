@@ -33,6 +33,8 @@ pub enum Command {
     Sign(SignArgs),
     /// Remove paths no recent push included, keeping every remaining closure whole.
     Gc(GcArgs),
+    /// Serve a cache directory over HTTP, optionally filling it from the local store on demand.
+    Serve(ServeArgs),
     /// Print a shell completion script: nixcache completions bash > /etc/bash_completion.d/nixcache
     Completions(CompletionsArgs),
 }
@@ -127,6 +129,17 @@ fn man_extra(sub: Option<&str>) -> String {
             (
                 "nixcache gc --dest /var/lib/static-nix-cache --older-than 14d --keep ./result --dry-run",
                 "Show what would go, keeping ./result's closure.",
+            ),
+        ],
+        Some("serve") => &[
+            ("nixcache serve --dest /var/lib/static-nix-cache", "Serve what push wrote, on 127.0.0.1:5000."),
+            (
+                "nixcache serve --dest /var/cache/nixcache --from-store --secret-key cache.sec --roots /nix/var/nix/gcroots/per-user/ci --listen [::]:5000",
+                "Fill the cache from the local store as clients ask, only with the closures of CI's GC roots.",
+            ),
+            (
+                "nixcache serve --dest /var/cache/nixcache --from-store --whole-store -k cache.sec",
+                "Serve every valid store path, as nix-serve does, compressing each once.",
             ),
         ],
         Some("keygen") => &[(
@@ -371,6 +384,74 @@ impl PushArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The cache directory to serve, as push writes it; with --from-store, created if missing.
+    #[arg(long, short = 'd', value_name = "DIR", value_parser = parse_dest)]
+    pub dest: Dest,
+    /// Listen on this address; repeatable [default: 127.0.0.1:5000, or the sockets systemd
+    /// passes by socket activation].
+    #[arg(long, short = 'l', value_name = "ADDR:PORT")]
+    pub listen: Vec<std::net::SocketAddr>,
+    /// Fill the cache from the local store when a client asks for a path it lacks (needs
+    /// --roots or --whole-store).
+    #[arg(long)]
+    pub from_store: bool,
+    /// With --from-store: serve only the closures of these roots: store paths, links such as
+    /// ./result, or directories of GC-root links such as /nix/var/nix/gcroots (read again as
+    /// they change); repeatable.
+    #[arg(long, value_name = "PATH", requires = "from_store")]
+    pub roots: Vec<PathBuf>,
+    /// With --from-store: serve every valid path in the store, as nix-serve does.
+    #[arg(long, requires = "from_store", conflicts_with = "roots")]
+    pub whole_store: bool,
+    /// With --from-store: sign what is filled with this secret key file; repeatable.
+    #[arg(
+        long = "secret-key",
+        visible_alias = "key-file",
+        short = 'k',
+        value_name = "FILE",
+        requires = "from_store"
+    )]
+    pub secret_keys: Vec<PathBuf>,
+    /// With --from-store: how to compress what is filled (zstd keeps a first client's wait short).
+    #[arg(long, short = 'c', value_enum, default_value_t = Compression::Zstd, value_name = "xz|bzip2|zstd|none")]
+    pub compression: Compression,
+    /// With --from-store: the compression level [default: xz 6, bzip2 9, zstd 3].
+    #[arg(long, value_name = "N", allow_negative_numbers = false)]
+    pub compression_level: Option<i32>,
+    /// Threads serving requests, and compressing each fill [default: all cores].
+    #[arg(long, short = 'j', value_name = "N", value_parser = parse_jobs)]
+    pub jobs: Option<NonZeroUsize>,
+    /// Close idle connections, slow request heads and clients that stop reading after this
+    /// many seconds.
+    #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub timeout: u64,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// No access log: print only the startup line, fills and errors.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+impl ServeArgs {
+    /// What clap cannot say in a sentence.
+    pub fn check(&self) -> Result<(), clap::Error> {
+        let why = if matches!(self.dest, Dest::Bucket(_)) {
+            "serve serves a directory; a bucket is served by its own HTTP endpoint (clients use http://ENDPOINT/BUCKET/PREFIX as the substituter)"
+        } else if self.from_store && self.roots.is_empty() && !self.whole_store {
+            "--from-store needs --roots PATH (serve only those closures) or --whole-store (serve every valid path): a store can hold paths not meant to leave the machine"
+        } else if !self.from_store
+            && (self.compression_level.is_some() || self.compression != Compression::Zstd)
+        {
+            "--compression and --compression-level are for what --from-store fills; a cache's files are served as they are"
+        } else {
+            return Ok(());
+        };
+        Err(Cli::command().error(clap::error::ErrorKind::MissingRequiredArgument, why))
+    }
+}
+
+#[derive(Debug, Args)]
 pub struct KeygenArgs {
     /// The key's name, conventionally the cache's host name and a number: cache.example.org-1.
     pub name: String,
@@ -491,6 +572,7 @@ mod tests {
                 "nixcache-gc.1",
                 "nixcache-keygen.1",
                 "nixcache-push.1",
+                "nixcache-serve.1",
                 "nixcache-sign.1",
                 "nixcache-verify.1",
                 "nixcache.1"

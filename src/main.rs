@@ -17,6 +17,10 @@ fn main() -> ExitCode {
         Command::Keygen(a) => cmd::keygen::run(a).map(|()| true),
         Command::Sign(a) => cmd::sign::run(a),
         Command::Gc(a) => cmd::gc::run(a),
+        Command::Serve(a) => match a.check() {
+            Ok(()) => cmd::serve::run(a),
+            Err(e) => e.exit(),
+        },
         Command::Verify(a) => return cmd::verify::run(a),
         Command::Completions(a) => {
             // Rendered into memory: clap_complete panics when its writer fails.

@@ -152,6 +152,55 @@ impl StoreLocation {
     }
 }
 
+/// How deep [`StoreLocation::roots`] walks directories of root links.
+const ROOTS_DEPTH: usize = 16;
+
+impl StoreLocation {
+    /// The store paths `arg` names as a root: a store path, a link chain into the store
+    /// (`./result`), or a directory of GC-root links such as `/nix/var/nix/gcroots`, walked as
+    /// Nix walks it: its subdirectories, and a link to a directory outside the store
+    /// (`gcroots/profiles`), are walked too; a dangling link or a link to anything else names
+    /// nothing. Sorted, without duplicates.
+    pub fn roots(&self, arg: &Path) -> Result<Vec<StorePath>, StoreError> {
+        let mut found = BTreeSet::new();
+        let mut seen = BTreeSet::new();
+        let top =
+            std::fs::metadata(arg).map_err(|source| StoreError::NotFound { path: arg.to_owned(), source })?;
+        if top.is_dir() && self.resolve(arg).is_err() {
+            self.walk_roots(arg, 0, &mut seen, &mut found);
+        } else {
+            found.insert(self.resolve(arg)?);
+        }
+        Ok(found.into_iter().collect())
+    }
+
+    fn walk_roots(
+        &self,
+        dir: &Path,
+        depth: usize,
+        seen: &mut BTreeSet<PathBuf>,
+        found: &mut BTreeSet<StorePath>,
+    ) {
+        let Ok(real) = std::fs::canonicalize(dir) else { return };
+        if depth > ROOTS_DEPTH || !seen.insert(real) {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.filter_map(Result::ok) {
+            let p = e.path();
+            match self.resolve(&p) {
+                Ok(sp) => {
+                    found.insert(sp);
+                }
+                Err(_) if std::fs::metadata(&p).is_ok_and(|m| m.is_dir()) => {
+                    self.walk_roots(&p, depth + 1, seen, found)
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
 /// A Nix store read through its database or the `nix` command.
 pub struct Store {
     store_dir: StoreDir,
@@ -224,6 +273,44 @@ impl Store {
     /// Turns a command-line argument into a store path: see [`StoreLocation::resolve`].
     pub fn resolve(&self, arg: &Path) -> Result<StorePath, StoreError> {
         self.location().resolve(arg)
+    }
+
+    /// The valid store path whose hash part is `hash` (32 nixbase32 characters), as Nix's
+    /// `queryPathFromHashPart` finds it: the first valid path at or after `<store>/<hash>`.
+    pub fn path_from_hash_part(&self, hash: &str) -> Result<Option<StorePath>, StoreError> {
+        let prefix = format!("{}/{hash}-", self.store_dir.as_str());
+        let candidate = match &self.backend {
+            Backend::Db { conn, path } => conn
+                .query_row(
+                    "SELECT path FROM ValidPaths WHERE path >= ?1 LIMIT 1",
+                    [&prefix[..prefix.len() - 1]],
+                    |r| r.get::<_, String>(0),
+                )
+                .optional()
+                .map_err(|source| StoreError::Db { db: path.clone(), source })?,
+            Backend::Nix { store_arg } => {
+                // No query by hash part on the command line: look at the store's entries, then
+                // ask Nix whether the one found is valid.
+                let entries = std::fs::read_dir(&self.real_dir)
+                    .map_err(|source| StoreError::NotFound { path: self.real_dir.clone(), source })?;
+                let name = entries.filter_map(Result::ok).find_map(|e| {
+                    let n = e.file_name().into_string().ok()?;
+                    n.starts_with(&prefix[self.store_dir.as_str().len() + 1..]).then_some(n)
+                });
+                match name {
+                    Some(n) => {
+                        let abs = format!("{}/{n}", self.store_dir.as_str());
+                        let mut args = vec!["--check-validity".to_owned(), abs.clone()];
+                        if let Some(s) = store_arg {
+                            args.extend(["--store".to_owned(), s.clone()]);
+                        }
+                        run("nix-store", &args).ok().map(|_| abs)
+                    }
+                    None => None,
+                }
+            }
+        };
+        Ok(candidate.filter(|c| c.starts_with(&prefix)).and_then(|c| self.store_dir.parse_path(&c).ok()))
     }
 
     /// The closure of `roots`, references before referrers is not promised: callers order.

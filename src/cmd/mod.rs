@@ -3,6 +3,7 @@
 pub mod gc;
 pub mod keygen;
 pub mod push;
+pub mod serve;
 pub mod sign;
 pub mod verify;
 

@@ -59,7 +59,7 @@ fn dry_run(args: &PushArgs, store: &Store, infos: &[crate::store::PathInfo]) -> 
 }
 
 /// nix-serve's default: ahead of cache.nixos.org (40) on clients that use both.
-const DEFAULT_PRIORITY: u32 = 30;
+pub(crate) const DEFAULT_PRIORITY: u32 = 30;
 
 pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     let started = Instant::now();

@@ -79,6 +79,51 @@ fn open_regular(path: &Path, opts: &mut OpenOptions) -> Result<Option<File>, Fil
     Ok(Some(f))
 }
 
+/// Opens the regular file `rel` (`name` or `sub/name`) of the cache at `dir` without following
+/// a link at any step below `dir`: the subdirectory is opened with `O_NOFOLLOW | O_DIRECTORY`
+/// and the file with `O_NOFOLLOW` relative to it (`openat`), so a subdirectory swapped for a
+/// link after the cache was opened leads nowhere. FIFOs do not block; only a regular file is
+/// returned, with its metadata. `None` when it does not exist.
+fn open_beneath(dir: &Path, rel: &str) -> Result<Option<(File, fs::Metadata)>, FileProblem> {
+    use rustix::fs::{CWD, Mode, OFlags, openat};
+    let flags = OFlags::RDONLY | OFlags::CLOEXEC;
+    let missing = |e: &rustix::io::Errno| *e == rustix::io::Errno::NOENT;
+    let found = |r: rustix::io::Result<std::os::fd::OwnedFd>| match r {
+        Ok(fd) => Ok(Some(fd)),
+        Err(e) if missing(&e) => Ok(None),
+        Err(e) if e == rustix::io::Errno::LOOP => Err(FileProblem::NotRegular("symbolic link")),
+        Err(e) => Err(FileProblem::Io(e.into())),
+    };
+    // The cache directory itself is the admin's choice: a link to it is followed.
+    let Some(base) = found(openat(CWD, dir, flags | OFlags::DIRECTORY, Mode::empty()))? else {
+        return Ok(None);
+    };
+    let (parent, name) = match rel.split_once('/') {
+        Some((sub, name)) => {
+            let sub = openat(&base, sub, flags | OFlags::DIRECTORY | OFlags::NOFOLLOW, Mode::empty());
+            match found(sub) {
+                Ok(Some(fd)) => (fd, name),
+                Ok(None) => return Ok(None),
+                // Not a real directory (a link, a file): nothing under it is in the cache.
+                Err(FileProblem::NotRegular(_)) => return Ok(None),
+                Err(FileProblem::Io(e)) if e.raw_os_error() == Some(libc::ENOTDIR) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+        None => (base, rel),
+    };
+    let Some(fd) = found(openat(&parent, name, flags | OFlags::NOFOLLOW | OFlags::NONBLOCK, Mode::empty()))?
+    else {
+        return Ok(None);
+    };
+    let f = File::from(fd);
+    let m = f.metadata().map_err(FileProblem::Io)?;
+    if !m.is_file() {
+        return Err(FileProblem::NotRegular(kind_of(m.file_type())));
+    }
+    Ok(Some((f, m)))
+}
+
 /// Creates the directory `p` (and its parents) when missing; one this call creates is
 /// 0755. An existing one keeps its mode: it is the admin's.
 fn make_dir(p: &Path) -> Result<(), StorageError> {
@@ -251,11 +296,11 @@ impl Backend for DirBackend {
     }
 
     fn open(&self, rel: &str) -> Result<Option<(Reader, u64)>, FileProblem> {
-        let Some(f) = open_regular(&self.dir.join(rel), File::options().read(true))? else {
-            return Ok(None);
-        };
-        let size = f.metadata().map_err(FileProblem::Io)?.len();
-        Ok(Some((Box::new(f), size)))
+        Ok(self.local_file(rel)?.map(|(f, m)| (Box::new(f) as Reader, m.len())))
+    }
+
+    fn local_file(&self, rel: &str) -> Result<Option<(File, fs::Metadata)>, FileProblem> {
+        open_beneath(&self.dir, rel)
     }
 
     fn create(&self, sub: &str, suffix: &str) -> Result<Box<dyn NewFile>, StorageError> {

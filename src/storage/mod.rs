@@ -250,6 +250,13 @@ pub trait Backend: Send + Sync {
     /// Opens `rel` for streaming, with its size.
     fn open(&self, rel: &str) -> Result<Option<(Reader, u64)>, FileProblem>;
 
+    /// Opens the regular file `rel` on this machine, with its metadata, following no link
+    /// below the cache: what a server sends. Storage elsewhere (a bucket) has none.
+    fn local_file(&self, rel: &str) -> Result<Option<(File, std::fs::Metadata)>, FileProblem> {
+        let _ = rel;
+        Err(FileProblem::Io(io::Error::new(io::ErrorKind::Unsupported, "not a file on this machine")))
+    }
+
     /// A new file to be written in the subdirectory `sub`, named when staged.
     fn create(&self, sub: &str, suffix: &str) -> Result<Box<dyn NewFile>, StorageError>;
 

@@ -1,0 +1,168 @@
+//! `nixcache serve`: sockets (given, or passed by systemd), the cache made ready, the startup
+//! line, then the server until SIGTERM.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::cache::Cache;
+use crate::cli::ServeArgs;
+use crate::push::PushOptions;
+use crate::serve::fill::{FillConfig, Filler, Policy};
+use crate::serve::{ServeConfig, run as serve};
+use crate::storage::Dest;
+use crate::store::Store;
+
+/// nix-serve's address.
+const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
+
+pub fn run(args: &ServeArgs) -> anyhow::Result<bool> {
+    let Dest::Dir(dir) = &args.dest else { bail!("serve serves a directory") };
+    let jobs = args
+        .jobs
+        .map(usize::from)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    let listeners = listeners(&args.listen)?;
+    raise_open_files_limit();
+
+    let mut public = Vec::new();
+    let filler = if args.from_store {
+        let keys =
+            args.secret_keys.iter().map(|p| super::read_secret_key(p)).collect::<anyhow::Result<Vec<_>>>()?;
+        public = keys.iter().map(|k| k.public_key().to_string()).collect();
+        let level = args.compression.level(args.compression_level)?;
+        let store = Store::open(&args.store.config()).context("cannot open the Nix store")?;
+        prepare(dir, &store, args.quiet)?;
+        let policy = if args.whole_store { Policy::WholeStore } else { Policy::Roots(args.roots.clone()) };
+        let push = PushOptions {
+            compression: args.compression,
+            level,
+            jobs,
+            force: false,
+            repair: false,
+            keys,
+            nar_listing: false,
+            index_debug_info: false,
+        };
+        let config = FillConfig { dest: dir.clone(), store: args.store.config(), policy, push };
+        Some(Filler::new(config).context("cannot read the roots' closures from the Nix store")?)
+    } else {
+        let cache = Cache::inspect(dir.as_path())?;
+        if cache.cache_info()?.is_none() {
+            bail!(
+                "{} is not a cache: it has no nix-cache-info (push to it first, or serve it with --from-store to fill it from the store)",
+                dir.display()
+            );
+        }
+        None
+    };
+
+    let urls: Vec<String> = listeners.iter().filter_map(|l| l.local_addr().ok()).map(url).collect();
+    let what = match &filler {
+        None => String::new(),
+        Some(f) => match f.allowed_paths() {
+            None => format!(", filled from {} (the whole store)", args.store.store_dir),
+            Some(n) => format!(
+                ", filled from {} (the closures of {}: {})",
+                args.store.store_dir,
+                crate::progress::plural(args.roots.len(), "root"),
+                crate::progress::plural(n, "path")
+            ),
+        },
+    };
+    let keys = if public.is_empty() {
+        String::new()
+    } else {
+        format!(" trusted-public-keys = {}", public.join(" "))
+    };
+    crate::elog!(
+        "serving {}{what} on {}; clients: substituters = {}{keys}",
+        dir.display(),
+        urls.join(" "),
+        urls.first().map_or("", String::as_str)
+    );
+
+    let config = ServeConfig {
+        dest: dir.clone(),
+        listeners,
+        timeout: Duration::from_secs(args.timeout),
+        access_log: !args.quiet,
+        filler,
+        threads: jobs,
+    };
+    serve(config, || {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    })?;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    if !args.quiet {
+        crate::elog!("stopped: the responses under way were finished");
+    }
+    Ok(true)
+}
+
+/// The sockets systemd passed (`LISTEN_FDS`), else the `--listen` addresses bound here.
+fn listeners(listen: &[SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
+    let mut fds = listenfd::ListenFd::from_env();
+    if fds.len() > 0 && listen.is_empty() {
+        let mut out = Vec::new();
+        for i in 0..fds.len() {
+            match fds.take_tcp_listener(i) {
+                Ok(Some(l)) => out.push(l),
+                _ => bail!(
+                    "socket {i} passed by systemd (LISTEN_FDS) is not a TCP stream socket: use ListenStream= in the .socket unit"
+                ),
+            }
+        }
+        return Ok(out);
+    }
+    let default = [DEFAULT_LISTEN.parse().expect("a valid address")];
+    let addrs = if listen.is_empty() { &default[..] } else { listen };
+    addrs
+        .iter()
+        .map(|a| {
+            TcpListener::bind(a).with_context(|| {
+                format!("cannot listen on {a} (in use by another server? give another with --listen)")
+            })
+        })
+        .collect()
+}
+
+/// How a client reaches `addr`.
+fn url(addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("http://<this host>:{}", addr.port())
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// Every connection is a file descriptor: take the hard limit, as nginx's
+/// worker_rlimit_nofile would (systemd gives services a soft limit of 1024).
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum {
+        l.current = l.maximum;
+        let _ = setrlimit(Resource::Nofile, l);
+    }
+}
+
+/// Makes `dir` a cache for this store: created, cleared of what a killed fill left,
+/// `nix-cache-info` written.
+fn prepare(dir: &Path, store: &Store, quiet: bool) -> anyhow::Result<()> {
+    let mut cache = Cache::create(dir)?;
+    cache.lock(|| {
+        if !quiet {
+            crate::elog!("waiting for another nixcache writing to {} ...", dir.display());
+        }
+    })?;
+    for p in cache.clean_temp_files()? {
+        if !quiet {
+            crate::elog!("removed {p} left by an interrupted run");
+        }
+    }
+    cache.ensure_cache_info(store.store_dir(), None, None, super::push::DEFAULT_PRIORITY)?;
+    Ok(())
+}

@@ -1,0 +1,563 @@
+//! `nixcache serve`: a cache directory over HTTP, as a static file server serves it, and
+//! optionally filled lazily from the local store ([`fill`]).
+//!
+//! The one asynchronous edge of nixcache: hyper's HTTP/1 server on tokio. A request path is
+//! mapped to a cache-relative name ([`files::target`]), opened through the cache's own
+//! resolver ([`Cache::local_file`]: no link followed below the cache, only a regular file),
+//! and sent. As nginx does without thread pools, a file is opened and read on the worker
+//! that serves the connection, a chunk per poll: page-cache work, with no thread hop per
+//! chunk. A fill runs the synchronous push pipeline on a blocking thread, once per path
+//! however many clients ask at the same time.
+//!
+//! Connections: idle ones and slow request heads are closed after the timeout (hyper's header
+//! read timeout, which also runs between requests), request heads are limited to
+//! [`MAX_HEAD`], and a client that stops reading is cut off once a write has waited the
+//! timeout. On SIGTERM or SIGINT the listeners close, responses under way finish (fills
+//! included), idle connections are closed, and [`run`] returns.
+
+pub mod files;
+pub mod fill;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
+
+use crate::cache::{Cache, CacheError};
+use crate::storage::FileProblem;
+use files::{Kind, Range, Target, Validators};
+use fill::{Filled, Filler};
+
+/// The largest request head (request line and headers) read; a larger one is answered 431.
+pub const MAX_HEAD: usize = 16 << 10;
+
+/// Bytes of a file sent per chunk.
+const CHUNK: u64 = 256 << 10;
+
+/// Files up to this size are read whole when opened.
+const SMALL: u64 = 64 << 10;
+
+/// How long responses under way may take to finish after SIGTERM.
+const GRACE: Duration = Duration::from_secs(60);
+
+/// What to serve, and how.
+pub struct ServeConfig {
+    pub dest: PathBuf,
+    pub listeners: Vec<std::net::TcpListener>,
+    /// Idle connections, slow request heads and stalled writes are cut off after this.
+    pub timeout: Duration,
+    /// One line per request on stderr.
+    pub access_log: bool,
+    /// With `--from-store`.
+    pub filler: Option<Filler>,
+    /// Worker threads.
+    pub threads: usize,
+}
+
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("cannot start the server")]
+    Start(#[source] io::Error),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
+
+/// What every connection shares.
+struct Shared {
+    cache: Cache,
+    filler: Option<Arc<Filler>>,
+    /// Fills under way, by hash part: later askers wait for the same outcome.
+    fills: Mutex<HashMap<String, watch::Receiver<Option<FillOutcome>>>>,
+    log: Option<Logger>,
+}
+
+/// What a fill came to: whether the narinfo is there now, or why it failed.
+type FillOutcome = Result<bool, Arc<str>>;
+
+/// Serves until SIGTERM or SIGINT; `ready` runs once the listeners accept.
+pub fn run(config: ServeConfig, ready: impl FnOnce()) -> Result<(), ServeError> {
+    let cache = Cache::inspect(config.dest.as_path())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.threads.max(1))
+        .thread_name("nixcache-serve")
+        .enable_all()
+        .build()
+        .map_err(ServeError::Start)?;
+    let shared = Arc::new(Shared {
+        cache,
+        filler: config.filler.map(Arc::new),
+        fills: Mutex::new(HashMap::new()),
+        log: config.access_log.then(Logger::start),
+    });
+    runtime.block_on(async move {
+        let mut listeners = Vec::new();
+        for l in config.listeners {
+            l.set_nonblocking(true).map_err(ServeError::Start)?;
+            listeners.push(tokio::net::TcpListener::from_std(l).map_err(ServeError::Start)?);
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(ServeError::Start)?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
+        let mut accepting = Vec::new();
+        for l in listeners {
+            let (shared, stop, graceful) = (shared.clone(), stop_rx.clone(), graceful.clone());
+            accepting.push(tokio::spawn(accept(l, shared, stop, graceful, config.timeout)));
+        }
+        ready();
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        let _ = stop_tx.send(true);
+        for a in accepting {
+            let _ = a.await;
+        }
+        // Every accept loop has dropped its handle: this one is the last.
+        if let Ok(g) = Arc::try_unwrap(graceful) {
+            let _ = tokio::time::timeout(GRACE, g.shutdown()).await;
+        }
+        Ok(())
+    })
+}
+
+/// Accepts connections until told to stop.
+async fn accept(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
+    timeout: Duration,
+) {
+    let mut said_full = false;
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.changed() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors (or another passing trouble): say it once, back off
+                // instead of spinning, and go on serving the connections there are.
+                if !said_full {
+                    crate::elog!("warning: cannot accept a connection: {e}");
+                    said_full = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        said_full = false;
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let shared = shared.clone();
+            async move { Ok::<_, Infallible>(handle(&shared, req, peer).await) }
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(timeout)
+            .max_buf_size(MAX_HEAD)
+            .serve_connection(TokioIo::new(WriteTimeout::new(stream, timeout)), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+}
+
+/// Answers one request.
+async fn handle(shared: &Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let access = shared.log.as_ref().map(|log| Access {
+        log: log.clone(),
+        peer,
+        method: req.method().clone(),
+        path: req.uri().path().to_owned(),
+        started: Instant::now(),
+        status: 0,
+    });
+    let mut resp = answer(shared, &req).await;
+    if let Some(mut a) = access {
+        a.status = resp.status().as_u16();
+        resp.body_mut().access = Some(a);
+    }
+    resp
+}
+
+async fn answer(shared: &Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = status(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
+        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    let Some(target) = files::target(req.uri().path()) else { return not_found() };
+    match shared.cache.local_file(&target.rel) {
+        Ok(Some(f)) => return file_response(req, &target, f),
+        Ok(None) => {}
+        Err(e) => return unreadable(shared, &target, e),
+    }
+    let (Some(filler), Some(hash)) = (&shared.filler, &target.hash) else { return not_found() };
+    match fill(shared, filler, hash).await {
+        Ok(true) => match shared.cache.local_file(&target.rel) {
+            Ok(Some(f)) => file_response(req, &target, f),
+            Ok(None) => {
+                status(StatusCode::INTERNAL_SERVER_ERROR, "the narinfo went away after it was filled\n")
+            }
+            Err(e) => unreadable(shared, &target, e),
+        },
+        Ok(false) => not_found(),
+        // Nix retries a 500; a 404 it would remember for an hour.
+        Err(e) => status(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot fill {}: {e}\n", target.rel)),
+    }
+}
+
+/// A file that is there but not a regular file is not served (404); one that cannot be read
+/// is a 500, said on stderr.
+fn unreadable(shared: &Shared, target: &Target, e: FileProblem) -> Response<Body> {
+    if e.is_established() {
+        return not_found();
+    }
+    crate::elog!("error: {} {}", shared.cache.locate(&target.rel).display(), crate::error_chain(&e));
+    status(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the file\n")
+}
+
+/// Waits for the fill of `hash`, starting it unless one is under way.
+async fn fill(shared: &Arc<Shared>, filler: &Arc<Filler>, hash: &str) -> FillOutcome {
+    let mut rx = {
+        let mut fills = shared.fills.lock().unwrap_or_else(|e| e.into_inner());
+        match fills.get(hash) {
+            Some(rx) => rx.clone(),
+            None => {
+                let (tx, rx) = watch::channel(None);
+                fills.insert(hash.to_owned(), rx.clone());
+                let (shared, filler, hash) = (shared.clone(), filler.clone(), hash.to_owned());
+                // On a thread of its own, not tied to the request: a client that goes away
+                // does not stop a fill others wait for.
+                tokio::task::spawn_blocking(move || {
+                    let outcome = match filler.fill(&hash) {
+                        Ok(Filled::Pushed { path, paths, pushed, nar_bytes, file_bytes, seconds }) => {
+                            if pushed > 0 {
+                                crate::elog!(
+                                    "filled {path}: {pushed} of {} pushed, {} NAR -> {} in {seconds:.2}s",
+                                    crate::progress::plural(paths, "path"),
+                                    crate::progress::bytes(nar_bytes),
+                                    crate::progress::bytes(file_bytes),
+                                );
+                            }
+                            Ok(true)
+                        }
+                        Ok(Filled::NotServed(_)) => Ok(false),
+                        Err(e) => {
+                            let e = crate::error_chain(&e);
+                            crate::elog!("error: cannot fill {hash}: {e}");
+                            Err(Arc::from(e))
+                        }
+                    };
+                    shared.fills.lock().unwrap_or_else(|e| e.into_inner()).remove(&hash);
+                    let _ = tx.send(Some(outcome));
+                });
+                rx
+            }
+        }
+    };
+    match rx.wait_for(Option::is_some).await {
+        Ok(v) => v.clone().expect("waited for a value"),
+        Err(_) => Err(Arc::from("the fill ended without an outcome")),
+    }
+}
+
+fn not_found() -> Response<Body> {
+    status(StatusCode::NOT_FOUND, "not found\n")
+}
+
+fn status(code: StatusCode, text: &str) -> Response<Body> {
+    let mut r = Response::new(Body::bytes(Bytes::copy_from_slice(text.as_bytes())));
+    *r.status_mut() = code;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// The answer for an open file: 200, 206, 304 or 416, with the headers of its kind.
+fn file_response(
+    req: &Request<Incoming>,
+    target: &Target,
+    (file, meta): (std::fs::File, std::fs::Metadata),
+) -> Response<Body> {
+    let size = meta.len();
+    let v = Validators::new(meta.modified().unwrap_or(std::time::UNIX_EPOCH), size);
+    let h = |name| req.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+    let mut builder = Response::builder()
+        .header(header::CONTENT_TYPE, target.kind.content_type())
+        .header(header::CACHE_CONTROL, target.kind.cache_control())
+        .header(header::ETAG, &v.etag)
+        .header(header::LAST_MODIFIED, &v.last_modified)
+        .header(header::ACCEPT_RANGES, "bytes");
+    if v.not_modified(h(header::IF_NONE_MATCH), h(header::IF_MODIFIED_SINCE)) {
+        return builder.status(StatusCode::NOT_MODIFIED).body(Body::empty()).expect("valid response");
+    }
+    let range = match h(header::IF_RANGE) {
+        Some(ir) if !v.if_range_holds(ir) => Range::Whole,
+        _ => Range::parse(h(header::RANGE), size),
+    };
+    let (start, len) = match range {
+        Range::Whole => (0, size),
+        Range::Part { start, end } => {
+            builder = builder
+                .status(StatusCode::PARTIAL_CONTENT)
+                .header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{size}"));
+            (start, end - start + 1)
+        }
+        Range::Unsatisfiable => {
+            return builder
+                .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                .header(header::CONTENT_RANGE, format!("bytes */{size}"))
+                .header(header::CONTENT_LENGTH, 0)
+                .body(Body::empty())
+                .expect("valid response");
+        }
+    };
+    builder = builder.header(header::CONTENT_LENGTH, len);
+    let body = if req.method() == Method::HEAD {
+        Body::empty()
+    } else if target.kind != Kind::Nar && len <= SMALL {
+        let mut buf = vec![0; len as usize];
+        match file.read_exact_at(&mut buf, start) {
+            Ok(()) => Body::bytes(Bytes::from(buf)),
+            // Shrunk since it was opened: cut the response off rather than send a short file.
+            Err(e) => Body::failed(e),
+        }
+    } else {
+        Body::file(file, start, len)
+    };
+    builder.body(body).expect("valid response")
+}
+
+/// A response body: nothing, bytes in memory, or a range of an open file, read a chunk at a
+/// time as the connection can take it. Logs the request when dropped, with the bytes sent.
+pub struct Body {
+    inner: Inner,
+    sent: u64,
+    access: Option<Access>,
+}
+
+enum Inner {
+    Empty,
+    Bytes(Option<Bytes>),
+    File { file: std::fs::File, offset: u64, remaining: u64 },
+    Failed(Option<io::Error>),
+}
+
+impl Body {
+    fn new(inner: Inner) -> Body {
+        Body { inner, sent: 0, access: None }
+    }
+    fn empty() -> Body {
+        Body::new(Inner::Empty)
+    }
+    fn bytes(b: Bytes) -> Body {
+        Body::new(Inner::Bytes(Some(b)))
+    }
+    fn file(file: std::fs::File, offset: u64, remaining: u64) -> Body {
+        Body::new(Inner::File { file, offset, remaining })
+    }
+    fn failed(e: io::Error) -> Body {
+        Body::new(Inner::Failed(Some(e)))
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        let chunk = match &mut this.inner {
+            Inner::Empty => None,
+            Inner::Bytes(b) => b.take().map(Ok),
+            Inner::Failed(e) => e.take().map(Err),
+            Inner::File { remaining: 0, .. } => None,
+            Inner::File { file, offset, remaining } => {
+                let mut buf = vec![0; CHUNK.min(*remaining) as usize];
+                Some(match file.read_at(&mut buf, *offset) {
+                    // Shrunk under us: end the response short, so the client sees it failed.
+                    Ok(0) => {
+                        Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file shrank while it was sent"))
+                    }
+                    Ok(n) => {
+                        buf.truncate(n);
+                        *offset += n as u64;
+                        *remaining -= n as u64;
+                        Ok(Bytes::from(buf))
+                    }
+                    Err(e) => Err(e),
+                })
+            }
+        };
+        if let Some(Ok(b)) = &chunk {
+            this.sent += b.len() as u64;
+        }
+        Poll::Ready(chunk.map(|c| c.map(Frame::data)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Empty => true,
+            Inner::Bytes(b) => b.is_none(),
+            Inner::File { remaining, .. } => *remaining == 0,
+            Inner::Failed(e) => e.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Empty | Inner::Failed(_) => SizeHint::with_exact(0),
+            Inner::Bytes(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Inner::File { remaining, .. } => SizeHint::with_exact(*remaining),
+        }
+    }
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        if let Some(a) = self.access.take() {
+            a.log.line(format!(
+                "{} {} {} {} {} {:.1}ms",
+                a.peer,
+                a.method,
+                a.path,
+                a.status,
+                self.sent,
+                a.started.elapsed().as_secs_f64() * 1000.0
+            ));
+        }
+    }
+}
+
+/// What the access line of a request says.
+struct Access {
+    log: Logger,
+    peer: SocketAddr,
+    method: Method,
+    path: String,
+    started: Instant,
+    status: u16,
+}
+
+/// Access lines go to stderr from a thread of their own, batched, so a slow journal never
+/// holds up a response.
+#[derive(Clone)]
+struct Logger(std::sync::mpsc::Sender<String>);
+
+impl Logger {
+    fn start() -> Logger {
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut out = io::BufWriter::new(io::stderr());
+            while let Ok(line) = rx.recv() {
+                let _ = writeln!(out, "{line}");
+                while let Ok(line) = rx.try_recv() {
+                    let _ = writeln!(out, "{line}");
+                }
+                let _ = out.flush();
+            }
+        });
+        Logger(tx)
+    }
+
+    fn line(&self, line: String) {
+        let _ = self.0.send(line);
+    }
+}
+
+/// A connection whose writes fail once one has waited `timeout` for the client to read: a
+/// client that stops reading a NAR cannot hold the connection and its file forever.
+struct WriteTimeout<S> {
+    inner: S,
+    timeout: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteTimeout<S> {
+    fn new(inner: S, timeout: Duration) -> Self {
+        WriteTimeout { inner, timeout, stalled: None }
+    }
+
+    /// After a write returned Pending: the error once the wait reached the timeout.
+    fn waited<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let timeout = self.timeout;
+        let sleep = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading")))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteTimeout<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write(cx, buf) {
+            Poll::Pending => this.waited(cx),
+            done => {
+                this.stalled = None;
+                done
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
+            Poll::Pending => this.waited(cx),
+            done => {
+                this.stalled = None;
+                done
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
