@@ -122,11 +122,28 @@ fn listeners(listen: &[SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
     addrs
         .iter()
         .map(|a| {
-            TcpListener::bind(a).with_context(|| {
+            bind(a).with_context(|| {
                 format!("cannot listen on {a} (in use by another server? give another with --listen)")
             })
         })
         .collect()
+}
+
+/// Connections the kernel queues before they are accepted. std's 128 is too few for a burst
+/// of clients (a CI fleet starting at once): beyond it, Linux drops connections it
+/// acknowledged. The kernel caps it at `net.core.somaxconn`.
+const BACKLOG: i32 = 4096;
+
+/// A listening socket on `addr`, with `SO_REUSEADDR` (a restart does not wait for the old
+/// connections' TIME_WAIT) and a [`BACKLOG`] of its own.
+fn bind(addr: &SocketAddr) -> std::io::Result<TcpListener> {
+    use rustix::net::{AddressFamily, SocketType, bind, listen, socket, sockopt};
+    let family = if addr.is_ipv4() { AddressFamily::INET } else { AddressFamily::INET6 };
+    let fd = socket(family, SocketType::STREAM, None)?;
+    sockopt::set_socket_reuseaddr(&fd, true)?;
+    bind(&fd, addr)?;
+    listen(&fd, BACKLOG)?;
+    Ok(TcpListener::from(fd))
 }
 
 /// How a client reaches `addr`.

@@ -13,4 +13,5 @@ mod keys;
 mod maintenance;
 mod push;
 mod s3;
+mod serve;
 mod trust;
