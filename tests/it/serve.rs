@@ -344,7 +344,12 @@ fn lazy_fill_restores_a_closure_never_pushed_and_only_within_the_roots() {
     let top = build_fixtures("serve-lazy");
     let closure = requisites(&top);
     let other = build_fixtures("serve-lazy-other");
-    let link = t.path().join("result");
+    // A directory of GC-root links as Nix keeps them: per-user links into the store, auto
+    // links to ./result-style links elsewhere.
+    let gcroots = t.path().join("gcroots");
+    std::fs::create_dir_all(gcroots.join("per-user/ci")).unwrap();
+    std::fs::create_dir_all(gcroots.join("auto")).unwrap();
+    let link = gcroots.join("per-user/ci/result");
     std::os::unix::fs::symlink(&top, &link).unwrap();
     let cache = t.path().join("cache");
     let server = Server::start(&[
@@ -354,7 +359,7 @@ fn lazy_fill_restores_a_closure_never_pushed_and_only_within_the_roots() {
         OsStr::new("-k"),
         OsStr::new(SECRET),
         OsStr::new("--roots"),
-        link.as_os_str(),
+        gcroots.as_os_str(),
     ]);
     let start = server.lines().into_iter().find(|l| l.starts_with("serving ")).unwrap();
     assert!(start.contains(&format!("trusted-public-keys = {PUBLIC}")), "{start}");
@@ -382,11 +387,46 @@ fn lazy_fill_restores_a_closure_never_pushed_and_only_within_the_roots() {
     assert_eq!(narinfo(&cache, &top).compression, "zstd");
     ok(nixcache().args(["verify", "-q", "--trusted-public-key", PUBLIC, "--dest"]).arg(&cache));
 
-    // A root added later counts at once (the link now points elsewhere).
-    std::fs::remove_file(&link).unwrap();
-    std::os::unix::fs::symlink(&other, &link).unwrap();
+    // A root added later counts at once: an auto root, a link to a result link.
+    let result = t.path().join("result");
+    std::os::unix::fs::symlink(&other, &result).unwrap();
+    std::os::unix::fs::symlink(&result, gcroots.join("auto/0123")).unwrap();
     let root2 = t.path().join("root2");
     restore(&server.url, &root2, &[&other]);
+}
+
+#[test]
+fn a_fill_that_fails_answers_500_and_publishes_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tmp();
+    let top = build_fixtures("serve-corrupt");
+    let closure = requisites(&top);
+    // Corrupt one path in the store: its NAR no longer matches the database's NarHash.
+    let victim = closure.iter().find(|p| p.ends_with("edge-single-file")).unwrap().clone();
+    let meta = std::fs::metadata(&victim).unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::OpenOptions::new().append(true).open(&victim).unwrap().write_all(b"corrupt").unwrap();
+    std::fs::set_permissions(&victim, meta.permissions()).unwrap();
+    let cache = t.path().join("cache");
+    let server = Server::start(&[
+        OsStr::new("-q"),
+        OsStr::new("--dest"),
+        cache.as_os_str(),
+        OsStr::new("--from-store"),
+        OsStr::new("--whole-store"),
+    ]);
+    let a = get(server.addr, &format!("/{}.narinfo", hash_part(&top)));
+    // Repaired before any assertion can fail, so other tests never see a corrupt store.
+    ok(nix_cmd("nix-store").args(["--repair-path", &victim]));
+    assert_eq!(a.status, 500, "{}", String::from_utf8_lossy(&a.body));
+    assert!(String::from_utf8_lossy(&a.body).contains("corrupt"), "{}", String::from_utf8_lossy(&a.body));
+    assert!(!cache.join(format!("{}.narinfo", hash_part(&top))).exists());
+    assert!(!cache.join(format!("{}.narinfo", hash_part(&victim))).exists());
+    assert!(server.wait_for(5, |l| l.starts_with("error: cannot fill")), "{:?}", server.lines());
+    // What the failed path does not depend on was published whole; the rest follows once the
+    // store is repaired, at the next request.
+    let a = get(server.addr, &format!("/{}.narinfo", hash_part(&top)));
+    assert_eq!(a.status, 200);
 }
 
 #[test]
@@ -511,7 +551,7 @@ fn a_server_killed_mid_fill_leaves_a_clean_cache_and_a_restart_completes_it() {
     let server = Server::start(&args(&cache));
     let root = t.path().join("root");
     restore(&server.url, &root, &[&big]);
-    assert_restored_identical(&root, &[big.clone()]);
+    assert_restored_identical(&root, std::slice::from_ref(&big));
     assert!(server.lines().iter().any(|l| l.contains("left by an interrupted run")), "{:?}", server.lines());
 }
 
