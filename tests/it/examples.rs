@@ -139,7 +139,9 @@ fn install_puts_nixcache_where_the_hardened_units_run_it() {
     assert!(out.status.success() && !err.contains("nixcache"), "systemd-analyze verify:\n{err}");
     // Hardened: systemd's own review rates each service at most 3.0 ("OK"), the server at
     // most 2.0.
-    for (name, most) in [("nixcache-push.service", 3.0), ("nixcache-gc.service", 3.0), ("nixcache-serve.service", 2.0)] {
+    for (name, most) in
+        [("nixcache-push.service", 3.0), ("nixcache-gc.service", 3.0), ("nixcache-serve.service", 2.0)]
+    {
         let out = ok(Command::new("systemd-analyze")
             .args(["security", "--offline=yes"])
             .arg(format!("{EXAMPLES}/systemd/{name}"))
