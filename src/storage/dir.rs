@@ -82,40 +82,34 @@ fn open_regular(path: &Path, opts: &mut OpenOptions) -> Result<Option<File>, Fil
 /// Opens the regular file `rel` (`name` or `sub/name`) of the cache at `dir` without following
 /// a link at any step below `dir`: the subdirectory is opened with `O_NOFOLLOW | O_DIRECTORY`
 /// and the file with `O_NOFOLLOW` relative to it (`openat`), so a subdirectory swapped for a
-/// link after the cache was opened leads nowhere. FIFOs do not block; only a regular file is
-/// returned, with its metadata. `None` when it does not exist.
+/// link after the cache was opened leads nowhere. The steps of `dir`'s own path are the
+/// admin's and are followed (as `O_NOFOLLOW` does: it refuses a link only as the last step),
+/// which saves opening `dir` itself on every request. FIFOs do not block; only a regular file
+/// is returned, with its metadata. `None` when it does not exist.
 fn open_beneath(dir: &Path, rel: &str) -> Result<Option<(File, fs::Metadata)>, FileProblem> {
     use rustix::fs::{CWD, Mode, OFlags, openat};
-    let flags = OFlags::RDONLY | OFlags::CLOEXEC;
-    let missing = |e: &rustix::io::Errno| *e == rustix::io::Errno::NOENT;
+    let flags = OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
     let found = |r: rustix::io::Result<std::os::fd::OwnedFd>| match r {
         Ok(fd) => Ok(Some(fd)),
-        Err(e) if missing(&e) => Ok(None),
-        Err(e) if e == rustix::io::Errno::LOOP => Err(FileProblem::NotRegular("symbolic link")),
+        // Missing, or below something that is not a directory: not in the cache.
+        Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => Ok(None),
+        Err(rustix::io::Errno::LOOP) => Err(FileProblem::NotRegular("symbolic link")),
         Err(e) => Err(FileProblem::Io(e.into())),
     };
-    // The cache directory itself is the admin's choice: a link to it is followed.
-    let Some(base) = found(openat(CWD, dir, flags | OFlags::DIRECTORY, Mode::empty()))? else {
-        return Ok(None);
-    };
-    let (parent, name) = match rel.split_once('/') {
+    let file = match rel.split_once('/') {
+        Some((_, name)) if name.contains('/') => return Ok(None),
         Some((sub, name)) => {
-            let sub = openat(&base, sub, flags | OFlags::DIRECTORY | OFlags::NOFOLLOW, Mode::empty());
-            match found(sub) {
-                Ok(Some(fd)) => (fd, name),
-                Ok(None) => return Ok(None),
+            let parent = match found(openat(CWD, dir.join(sub), flags | OFlags::DIRECTORY, Mode::empty())) {
+                Ok(Some(fd)) => fd,
                 // Not a real directory (a link, a file): nothing under it is in the cache.
-                Err(FileProblem::NotRegular(_)) => return Ok(None),
-                Err(FileProblem::Io(e)) if e.raw_os_error() == Some(libc::ENOTDIR) => return Ok(None),
+                Ok(None) | Err(FileProblem::NotRegular(_)) => return Ok(None),
                 Err(e) => return Err(e),
-            }
+            };
+            openat(&parent, name, flags | OFlags::NONBLOCK, Mode::empty())
         }
-        None => (base, rel),
+        None => openat(CWD, dir.join(rel), flags | OFlags::NONBLOCK, Mode::empty()),
     };
-    let Some(fd) = found(openat(&parent, name, flags | OFlags::NOFOLLOW | OFlags::NONBLOCK, Mode::empty()))?
-    else {
-        return Ok(None);
-    };
+    let Some(fd) = found(file)? else { return Ok(None) };
     let f = File::from(fd);
     let m = f.metadata().map_err(FileProblem::Io)?;
     if !m.is_file() {
@@ -485,5 +479,45 @@ impl NewFile for DirNewFile {
     fn stage(self: Box<Self>, dest: &str) -> Result<Staged, StorageError> {
         let path = self.dir.join(dest);
         Ok(self.tmp.stage(dest, path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_beneath_sends_only_regular_files_below_the_cache() {
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("secret"), "x").unwrap();
+        let root = tempfile::tempdir().unwrap();
+        // The cache directory reached through a link is the admin's choice: it is followed.
+        let dir = root.path().join("cache");
+        fs::create_dir_all(root.path().join("real/nar")).unwrap();
+        std::os::unix::fs::symlink(root.path().join("real"), &dir).unwrap();
+        fs::write(dir.join("a.narinfo"), "narinfo").unwrap();
+        fs::write(dir.join("nar/a.nar"), "nar").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), dir.join("b.narinfo")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.join("log")).unwrap();
+        fs::create_dir(dir.join("debuginfo")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            dir.join("debuginfo/fifo"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+
+        let read = |rel| open_beneath(&dir, rel).map(|f| f.map(|(f, _)| io::read_to_string(f).unwrap()));
+        assert_eq!(read("a.narinfo").unwrap().as_deref(), Some("narinfo"));
+        assert_eq!(read("nar/a.nar").unwrap().as_deref(), Some("nar"));
+        assert!(matches!(read("b.narinfo"), Err(FileProblem::NotRegular("symbolic link"))));
+        assert!(matches!(read("log/secret"), Ok(None)), "a linked subdirectory leads nowhere");
+        assert!(matches!(read("debuginfo/fifo"), Err(FileProblem::NotRegular(_))), "a FIFO is not sent");
+        assert!(matches!(read("missing.narinfo"), Ok(None)));
+        assert!(matches!(read("a.narinfo/x"), Ok(None)));
+        assert!(matches!(read("nar/a.nar/x"), Ok(None)), "only name or sub/name");
+        assert!(matches!(read("nar"), Err(FileProblem::NotRegular(_))), "a directory is not sent");
     }
 }
