@@ -90,50 +90,76 @@ struct Shared {
 type FillOutcome = Result<bool, Arc<str>>;
 
 /// Serves until SIGTERM or SIGINT; `ready` runs once the listeners accept.
+///
+/// Each worker thread runs a single-threaded runtime that accepts on every listener and keeps
+/// the connections it accepted, as nginx's worker processes do: a request is parsed, answered
+/// and written on one thread, with no hand-off or work stealing between threads. (Measured on
+/// 2 cores: tokio's multi-threaded scheduler answered 0.75x-0.9x nginx's narinfo requests per
+/// second; a runtime per thread, about 1.0x.)
 pub fn run(config: ServeConfig, ready: impl FnOnce()) -> Result<(), ServeError> {
     let cache = Cache::inspect(config.dest.as_path())?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.threads.max(1))
-        .thread_name("nixcache-serve")
-        .enable_all()
-        .build()
-        .map_err(ServeError::Start)?;
     let shared = Arc::new(Shared {
         cache,
         filler: config.filler.map(Arc::new),
         fills: Mutex::new(HashMap::new()),
         log: config.access_log.then(Logger::start),
     });
-    runtime.block_on(async move {
-        let mut listeners = Vec::new();
-        for l in config.listeners {
-            l.set_nonblocking(true).map_err(ServeError::Start)?;
-            listeners.push(tokio::net::TcpListener::from_std(l).map_err(ServeError::Start)?);
-        }
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(ServeError::Start)?;
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
-        let mut accepting = Vec::new();
-        for l in listeners {
-            let (shared, stop, graceful) = (shared.clone(), stop_rx.clone(), graceful.clone());
-            accepting.push(tokio::spawn(accept(l, shared, stop, graceful, config.timeout)));
-        }
-        ready();
+    let runtime =
+        || tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ServeError::Start);
+    let main = runtime()?;
+    // Signals are caught from here on, before a client can connect.
+    let (mut term, mut int) = main
+        .block_on(async {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok::<_, io::Error>((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
+        })
+        .map_err(ServeError::Start)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut workers = Vec::new();
+    for i in 0..config.threads.max(1) {
+        let listeners = config.listeners.iter().map(|l| l.try_clone()).collect::<Result<Vec<_>, _>>();
+        let listeners = listeners.map_err(ServeError::Start)?;
+        let (rt, shared, stop) = (runtime()?, shared.clone(), stop_rx.clone());
+        let timeout = config.timeout;
+        let worker = std::thread::Builder::new().name(format!("nixcache-serve-{i}")).spawn(move || {
+            rt.block_on(async move {
+                let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
+                let mut accepting = Vec::new();
+                for l in listeners {
+                    l.set_nonblocking(true)?;
+                    let l = tokio::net::TcpListener::from_std(l)?;
+                    let (shared, stop, graceful) = (shared.clone(), stop.clone(), graceful.clone());
+                    accepting.push(tokio::spawn(accept(l, shared, stop, graceful, timeout)));
+                }
+                for a in accepting {
+                    let _ = a.await;
+                }
+                // Every accept loop has dropped its handle: this one is the last.
+                if let Ok(g) = Arc::try_unwrap(graceful) {
+                    let _ = tokio::time::timeout(GRACE, g.shutdown()).await;
+                }
+                Ok::<_, io::Error>(())
+            })
+        });
+        workers.push(worker.map_err(ServeError::Start)?);
+    }
+    ready();
+    main.block_on(async {
         tokio::select! {
             _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
         }
-        let _ = stop_tx.send(true);
-        for a in accepting {
-            let _ = a.await;
+    });
+    let _ = stop_tx.send(true);
+    let mut result = Ok(());
+    for w in workers {
+        match w.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => result = Err(ServeError::Start(e)),
+            Err(panic) => std::panic::resume_unwind(panic),
         }
-        // Every accept loop has dropped its handle: this one is the last.
-        if let Ok(g) = Arc::try_unwrap(graceful) {
-            let _ = tokio::time::timeout(GRACE, g.shutdown()).await;
-        }
-        Ok(())
-    })
+    }
+    result
 }
 
 /// Accepts connections until told to stop.
