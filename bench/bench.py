@@ -11,11 +11,18 @@ compression. With --s3 (xz,zstd by default), the closure pushed by nixcache to a
 bucket on loopback against the same push to a directory: wall, CPU, peak RSS and the requests
 made (Nix 2.8 cannot write to a bucket, so it is no peer here).
 
+With --serve, only `nixcache serve` against nginx serving the same directory (wrk: narinfo
+requests/s, NAR bytes/s; Nix's fetch of the closure; RSS idle, with 1,000 idle connections and
+at peak); the lazy fill against a zstd push then a fetch, and how long a first request waits
+for its closure to be filled with zstd and with xz.
+
 Usage: bench/run [--scale medium] [--runs 3] [--compressions xz,zstd,none] [--many 10000]
                  [--files 200000] [--s3 xz,zstd]
+       bench/run --serve [--scale medium] [--runs 3] [--serve-secs 5]
 """
 import argparse
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -150,6 +157,216 @@ def bench_s3(path, nar, a, work):
         server.wait()
 
 
+def start_nginx(cache, port, work):
+    """nginx serving `cache` with the example server block, as a cache's reference server."""
+    d = os.path.join(work, f"nginx-{port}")
+    os.makedirs(d)
+    with open(os.path.join(REPO, "examples", "nginx", "nixcache.conf")) as f:
+        server = (f.read().replace("listen 80;", f"listen 127.0.0.1:{port} backlog=4096;")
+                  .replace("listen [::]:80;", "").replace("root /var/lib/static-nix-cache;", f"root {cache};"))
+    with open(os.path.join(d, "server.conf"), "w") as f:
+        f.write(server)
+    with open(os.path.join(d, "nginx.conf"), "w") as f:
+        f.write(f"user root;\ndaemon off;\nworker_processes auto;\nworker_rlimit_nofile 20000;\npid {d}/nginx.pid;\n"
+                f"error_log {d}/error.log;\nevents {{ worker_connections 10000; }}\nhttp {{\naccess_log off;\n"
+                f"sendfile on;\ntcp_nopush on;\nclient_body_temp_path {d}/body;\nproxy_temp_path {d}/proxy;\n"
+                f"fastcgi_temp_path {d}/fastcgi;\nuwsgi_temp_path {d}/uwsgi;\nscgi_temp_path {d}/scgi;\n"
+                f"include /etc/nginx/mime.types;\ninclude {d}/server.conf;\n}}\n")
+    p = subprocess.Popen(["nginx", "-p", d, "-c", os.path.join(d, "nginx.conf")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return p
+
+
+def start_serve(args, port):
+    p = subprocess.Popen([NIXCACHE, "serve", "-q", "--listen", f"127.0.0.1:{port}", *args],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    wait_port(port)
+    return p
+
+
+def wait_port(port):
+    import socket
+    for _ in range(300):
+        try:
+            socket.create_connection(("127.0.0.1", port)).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+def wrk(url, conns, secs):
+    """Requests/s and bytes/s wrk measured."""
+    out = subprocess.run(["wrk", f"-t{min(2, conns)}", f"-c{conns}", f"-d{secs}s", "--latency", url], check=True,
+                         stdout=subprocess.PIPE, text=True).stdout
+    rps = float(next(l for l in out.splitlines() if l.startswith("Requests/sec:")).split()[1])
+    tr = next(l for l in out.splitlines() if l.startswith("Transfer/sec:")).split()[1]
+    units = {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}
+    m = re.match(r"[0-9.]+", tr)
+    num, unit = float(m.group()), tr[m.end():]
+    errors = next((l.strip() for l in out.splitlines() if "Non-2xx" in l or "Socket errors" in l), "")
+    return rps, num * units[unit], errors
+
+
+def rss(pid):
+    """Current and peak RSS of a process, MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        st = dict(l.split(":", 1) for l in f if ":" in l)
+    return int(st["VmRSS"].split()[0]) / 1024, int(st["VmHWM"].split()[0]) / 1024
+
+
+def nix_fetch(url, work, name, paths):
+    """Wall time of Nix restoring `paths` from `url` into a fresh chroot store. The store is on
+    tmpfs where there is one: a disk's writeback of the previous run's files made the same fetch
+    take 0.5 s to 3.8 s here, which would measure the disk, not the server."""
+    if os.path.isdir("/dev/shm"):
+        work = tempfile.mkdtemp(dir="/dev/shm", prefix="nixcache-bench-")
+    root = os.path.join(work, name)
+    env = dict(ENV, XDG_CACHE_HOME=root + ".cache")
+    start = time.perf_counter()
+    r = subprocess.run(["nix", "copy", "--from", url, "--to", root, "--option", "require-sigs", "true",
+                        "--option", "trusted-public-keys", open(KEY + ".pub").read().strip(), *paths], env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - start
+    if r.returncode != 0:
+        raise SystemExit(f"nix copy --from {url} failed:\n{r.stderr}")
+    subprocess.run(["chmod", "-R", "u+w", root])
+    shutil.rmtree(root)
+    shutil.rmtree(root + ".cache", ignore_errors=True)
+    if work.startswith("/dev/shm/"):
+        os.rmdir(work)
+    return wall
+
+
+KEY = None
+
+
+def bench_serve(path, closure, nar, a, work):
+    """nixcache serve against nginx serving the same directory, and the lazy fill."""
+    import socket
+    global KEY
+    KEY = os.path.join(work, "serve.secret")
+    sh([NIXCACHE, "keygen", "bench-serve-1", KEY, KEY + ".pub"])
+    cache = os.path.join(work, "served")
+    sh([NIXCACHE, "push", "-q", "-c", "zstd", "-k", KEY, "--dest", cache, path])
+    top = os.path.basename(path)[:32]
+    nars = sorted((os.path.getsize(os.path.join(cache, "nar", n)), n) for n in os.listdir(os.path.join(cache, "nar")))
+    big_size, big = nars[-1]
+    ports = {"nginx": 24001, "nixcache serve": 24002}
+    servers = {"nginx": start_nginx(cache, ports["nginx"], work),
+               "nixcache serve": start_serve(["--dest", cache], ports["nixcache serve"])}
+    print()
+    print(f"nixcache serve against nginx (examples/nginx, sendfile, {os.cpu_count()} workers, access logs off on both) "
+          f"serving the same directory: the {a.scale} closure pushed with zstd ({len(closure)} paths, "
+          f"{nar / 2**20:.1f} MiB of NAR; the largest NAR file {big_size / 2**20:.1f} MiB); wrk on loopback, "
+          f"{a.serve_secs} s each; nix copy median of {a.runs}:")
+    print()
+    print("| server | narinfo req/s, 16 conns | NAR MiB/s, 1 conn | NAR MiB/s, 16 conns | nix copy of the closure s |")
+    print("|---|---:|---:|---:|---:|")
+    res = {}
+    try:
+        for name, port in ports.items():
+            base = f"http://127.0.0.1:{port}"
+            ni, _, e1 = wrk(f"{base}/{top}.narinfo", 16, a.serve_secs)
+            _, b1, e2 = wrk(f"{base}/nar/{big}", 1, a.serve_secs)
+            _, b16, e3 = wrk(f"{base}/nar/{big}", 16, a.serve_secs)
+            fetch = statistics.median(nix_fetch(base, work, f"fetch-{port}-{i}", [path]) for i in range(a.runs))
+            res[name] = (ni, b1, b16, fetch)
+            errs = "; ".join(e for e in (e1, e2, e3) if e)
+            print(f"| {name} | {ni:.0f} | {b1 / 2**20:.0f} | {b16 / 2**20:.0f} | {fetch:.2f} |" + (f" {errs}" if errs else ""))
+        n, c = res["nginx"], res["nixcache serve"]
+        print(f"| nixcache / nginx | {c[0] / n[0]:.2f}x | {c[1] / n[1]:.2f}x | {c[2] / n[2]:.2f}x | {c[3] / n[3]:.2f}x |")
+        # Memory: idle, with 1,000 idle connections open, and the peak over all of the above.
+        pid = servers["nixcache serve"].pid
+        idle, _ = rss(pid)
+        conns = [socket.create_connection(("127.0.0.1", ports["nixcache serve"])) for _ in range(1000)]
+        time.sleep(1)
+        with_idle, peak = rss(pid)
+        for c in conns:
+            c.close()
+        print()
+        print(f"nixcache serve RSS: {idle:.1f} MiB idle after the load, {with_idle:.1f} MiB with 1,000 idle "
+              f"connections open, {peak:.1f} MiB peak (under load included)")
+    finally:
+        for p in servers.values():
+            p.terminate()  # nginx: SIGTERM stops its workers too; SIGKILL would orphan them
+            p.wait()
+
+    # Lazy: Nix fetches the closure from an empty --from-store cache, against pushing it with
+    # zstd and then fetching it from nginx.
+    lazy, pushed = [], []
+    for i in range(a.runs):
+        d = os.path.join(work, f"lazy-{i}")
+        port = 24010 + i
+        p = start_serve(["--dest", d, "--from-store", "--whole-store", "-k", KEY], port)
+        try:
+            lazy.append(nix_fetch(f"http://127.0.0.1:{port}", work, f"lazy-fetch-{i}", [path]))
+        finally:
+            p.terminate()
+            p.wait()
+        shutil.rmtree(d)
+        d = os.path.join(work, f"pushed-{i}")
+        start = time.perf_counter()
+        sh([NIXCACHE, "push", "-q", "-c", "zstd", "-k", KEY, "--dest", d, path])
+        push_s = time.perf_counter() - start
+        port = 24020 + i
+        ng = start_nginx(d, port, work)
+        try:
+            pushed.append((push_s, nix_fetch(f"http://127.0.0.1:{port}", work, f"pushed-fetch-{i}", [path])))
+        finally:
+            ng.terminate()
+            ng.wait()
+        shutil.rmtree(d)
+    lz = statistics.median(lazy)
+    ps = statistics.median(x[0] for x in pushed)
+    pf = statistics.median(x[1] for x in pushed)
+    print()
+    print(f"lazy: Nix fetches the closure from an empty `serve --from-store` cache (zstd), against a zstd push "
+          f"then a fetch from nginx, median of {a.runs}:")
+    print()
+    print("| case | s |")
+    print("|---|---:|")
+    print(f"| nix copy from the lazy server | {lz:.2f} |")
+    print(f"| push -c zstd, then nix copy from nginx | {ps:.2f} + {pf:.2f} = {ps + pf:.2f} |")
+    print(f"| lazy / push-then-fetch | {lz / (ps + pf):.2f}x |")
+
+    # How long a first client waits: one request for a narinfo on an empty cache, which fills
+    # the path's whole closure before it is answered; for the top path and for the largest path
+    # alone, with zstd (serve's default) and xz.
+    sizes = dict(zip(*[iter(sh(["nix", "path-info", "--size", *closure]).split())] * 2))
+    largest = max(closure, key=lambda p: int(sizes[p]))
+    cases = [("the top path (its closure)", path, nar),
+             (f"the largest path ({os.path.basename(largest)[33:]})",
+              largest, int(sh(["nix", "path-info", "-S", largest]).split()[1]))]
+    print()
+    print(f"first request alone on an empty `serve --from-store` cache: the narinfo's answer waits for the path's "
+          f"closure to be filled; median of {a.runs}:")
+    print()
+    print("| narinfo asked | closure MiB of NAR | -c zstd s | zstd MiB/s | -c xz s | xz MiB/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, p_, closure_nar in cases:
+        row = []
+        for comp in ("zstd", "xz"):
+            ts = []
+            for i in range(a.runs):
+                d = os.path.join(work, f"first-{comp}-{i}")
+                port = 24030 + i
+                srv = start_serve(["--dest", d, "--from-store", "--whole-store", "-k", KEY, "-c", comp], port)
+                try:
+                    start = time.perf_counter()
+                    subprocess.run(["curl", "-sf", "-o", "/dev/null",
+                                    f"http://127.0.0.1:{port}/{os.path.basename(p_)[:32]}.narinfo"], check=True)
+                    ts.append(time.perf_counter() - start)
+                finally:
+                    srv.terminate()
+                    srv.wait()
+                shutil.rmtree(d)
+            t = statistics.median(ts)
+            row += [f"{t:.2f}", f"{closure_nar / 2**20 / t:.0f}"]
+        print(f"| {label} | {closure_nar / 2**20:.1f} | " + " | ".join(row) + " |")
+
+
 def med(xs, k):
     return statistics.median(x[k] for x in xs)
 
@@ -162,6 +379,8 @@ def main():
     ap.add_argument("--many", type=int, default=10000, help="paths in the re-push fixture (0: skip)")
     ap.add_argument("--files", type=int, default=200000, help="files in the many-files path (0: skip)")
     ap.add_argument("--s3", default="xz,zstd", help="compressions pushed to a SeaweedFS bucket ('': skip)")
+    ap.add_argument("--serve", action="store_true", help="only nixcache serve against nginx, and the lazy fill")
+    ap.add_argument("--serve-secs", type=int, default=5, help="seconds of each wrk load")
     a = ap.parse_args()
 
     subprocess.run(["cargo", "build", "--release", "--locked", "-q"], cwd=REPO, check=True)
@@ -170,6 +389,10 @@ def main():
     nar = sum(int(x) for x in sh(["nix", "path-info", "--size"] + closure).split()[1::2])
     print(f"closure: {a.scale}, {len(closure)} paths, {nar / 2**20:.1f} MiB of NAR; {os.cpu_count()} cores; "
           f"{a.runs} runs each, medians; {sh(['nix-store', '--version'])}")
+    if a.serve:
+        with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as work:
+            bench_serve(path, closure, nar, a, work)
+        return
     print()
     print("| compression | tool | wall s | CPU s | peak RSS MiB | output MiB | re-push s |")
     print("|---|---|---:|---:|---:|---:|---:|")
