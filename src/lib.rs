@@ -18,6 +18,7 @@ pub mod narinfo;
 pub mod nixbase32;
 pub mod progress;
 pub mod push;
+pub mod retry;
 pub mod serve;
 pub mod signing;
 pub mod storage;

@@ -40,8 +40,7 @@ use super::{Backend, Leftover, Meta, NewFile, Reader, Record, Staged};
 use super::{FileProblem, StorageError};
 use crate::layout::TEMP_PREFIX;
 
-/// How many times a request is tried before its error is reported.
-pub const ATTEMPTS: u32 = 6;
+use crate::retry::ATTEMPTS;
 
 /// The first part of a multipart upload; every thousand parts the size doubles, so no
 /// upload needs more than S3's 10,000 parts (8 MiB x 1000 x (1 + 2 + ... + 512) is about
@@ -440,7 +439,7 @@ impl Client {
             };
             let last = attempt >= ATTEMPTS;
             match result {
-                Ok(r) if last || !(r.status().as_u16() == 429 || r.status().as_u16() >= 500) => {
+                Ok(r) if last || !crate::retry::retryable(r.status().as_u16()) => {
                     match read(self.check(what, r, ok)?) {
                         Ok(t) => return Ok(t),
                         Err(BodyError::Fail(e)) => return Err(e),
@@ -462,10 +461,7 @@ impl Client {
                 }
                 Err(_) => {}
             }
-            // 0.25 s, 0.5 s, 1 s, 2 s, 4 s: about 8 s in all, with jitter.
-            let base = 250u64 << (attempt - 1).min(5);
-            let jitter = u64::from(std::process::id() ^ attempt).wrapping_mul(2654435761) % (base / 2 + 1);
-            std::thread::sleep(Duration::from_millis(base + jitter));
+            std::thread::sleep(crate::retry::pause(attempt));
         }
     }
 

@@ -735,7 +735,7 @@ fn bucket_slowdown_and_errors_are_retried_but_not_forever() {
     let out = fails(nc(&s, t.path()).args(["push", "--dest", &s.url_via("never", p.port)]).arg(&f.top));
     let err = stderr(&out);
     assert!(err.contains("503") && err.contains("SlowDown"), "{err}");
-    assert_eq!(p.failed.load(Ordering::SeqCst), nixcache::storage::s3::ATTEMPTS as usize);
+    assert_eq!(p.failed.load(Ordering::SeqCst), nixcache::retry::ATTEMPTS as usize);
     assert!(started.elapsed() < Duration::from_secs(60));
 }
 
@@ -755,7 +755,7 @@ fn a_failed_push_aborts_its_multipart_uploads() {
     );
     let err = stderr(&out);
     assert!(err.contains("500"), "{err}");
-    assert!(p.failed.load(std::sync::atomic::Ordering::SeqCst) >= nixcache::storage::s3::ATTEMPTS as usize);
+    assert!(p.failed.load(std::sync::atomic::Ordering::SeqCst) >= nixcache::retry::ATTEMPTS as usize);
     // No upload left behind, no narinfo, and verify finds nothing wrong.
     assert!(s.uploads().is_empty(), "left uploads: {:?}", s.uploads());
     assert_eq!(get(&format!("{}/{}.narinfo", s.http("abort"), hash_part(&random))).0, 404);
