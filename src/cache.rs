@@ -21,12 +21,16 @@ use crate::storage::dir::DirBackend;
 use crate::storage::s3::S3Backend;
 pub use crate::storage::{Dest, FileProblem, Leftover, Meta, NewFile, Reader, Record, Staged, StorageError};
 use crate::store_path::{StoreDir, StorePath};
+use crate::upstream::Upstreams;
 
 pub use crate::layout::{CACHE_INFO, LOCK_FILE, SUBDIRS, TEMP_PREFIX};
 
 /// The largest text file (narinfo, `nix-cache-info`, debug-info link) nixcache reads. Nix
 /// writes a few hundred bytes; a narinfo with thousands of references stays far below.
 pub const TEXT_LIMIT: u64 = 4 << 20;
+
+/// The largest upstreams record read: a push that left out a million paths writes about 100 MB.
+pub const UPSTREAMS_LIMIT: u64 = 256 << 20;
 
 /// Why a narinfo file in the cache cannot be used.
 #[derive(Debug, Error)]
@@ -56,6 +60,11 @@ pub enum CacheError {
         path.display()
     )]
     StoreDirMismatch { path: PathBuf, found: String, wanted: String },
+    #[error(
+        "{} is not an upstreams record nixcache can read ({source}); nothing was done: move it away if it is not nixcache's, and push again with the --skip flags it recorded",
+        path.display()
+    )]
+    BadUpstreams { path: PathBuf, source: crate::upstream::UpstreamsError },
 }
 
 impl From<crate::storage::s3::S3Error> for CacheError {
@@ -233,6 +242,7 @@ impl Cache {
         match parts[..] {
             [name] if plain(name) => Some(rel),
             [sub, name] if SUBDIRS.contains(&sub) && plain(name) && self.bad_dir(sub).is_none() => Some(rel),
+            [crate::layout::STATE_DIR, name] if plain(name) => Some(rel),
             _ => None,
         }
     }
@@ -546,6 +556,38 @@ impl Cache {
     /// Prepares to look up `paths` store paths (a bucket may list itself once).
     pub fn prepare_lookups(&self, paths: usize) -> Result<Option<String>, CacheError> {
         Ok(self.backend.prepare_lookups(paths)?)
+    }
+
+    /// What this cache leaves to other caches: every upstreams record, merged. A record that
+    /// cannot be read or parsed is the error (verify and gc must not guess).
+    pub fn upstreams(&self) -> Result<Upstreams, CacheError> {
+        let mut merged = Upstreams::default();
+        let names = self.list(crate::layout::STATE_DIR, |n| {
+            let base = n.rsplit('/').next().unwrap_or_default();
+            base.starts_with(crate::layout::UPSTREAMS_PREFIX)
+        })?;
+        for rel in names {
+            let bad = |source| CacheError::BadFile { path: self.locate(&rel), source };
+            let Some(bytes) = self.backend.read(&rel, UPSTREAMS_LIMIT).map_err(bad)? else { continue };
+            let text = String::from_utf8(bytes).map_err(|_| bad(FileProblem::NotText))?;
+            let r: Upstreams = text
+                .parse()
+                .map_err(|source| CacheError::BadUpstreams { path: self.locate(&rel), source })?;
+            merged.merge(&r);
+        }
+        Ok(merged)
+    }
+
+    /// Writes `record` as a new upstreams record, durably. Returns its name.
+    pub fn add_upstreams(&mut self, record: &Upstreams) -> Result<String, CacheError> {
+        self.create_subdir(crate::layout::STATE_DIR)?;
+        let ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis();
+        // Unique without coordination: the time, and random bits (the pid, failing those).
+        let mut b = [0u8; 4];
+        let id = getrandom::fill(&mut b).map_or(std::process::id(), |()| u32::from_le_bytes(b));
+        let rel = format!("{}/{}{ms}-{id:08x}", crate::layout::STATE_DIR, crate::layout::UPSTREAMS_PREFIX);
+        self.write_atomic(&rel, record.to_string().as_bytes())?;
+        Ok(rel)
     }
 
     /// Requests made to a bucket so far, by kind.

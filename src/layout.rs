@@ -9,12 +9,19 @@
 //!                           file:// cache, which fails on read-only media if they are missing
 //! .nixcache.lock            a directory's writers' lock (push, sign, gc); clients never read it
 //! .nixcache/pushes/         a bucket's push records (see `storage::s3`)
+//! .nixcache/upstreams.*     what a partial cache leaves to other caches (see `upstream`)
 //! ```
 
 /// Prefix of every temporary file a writer leaves while it works.
 pub const TEMP_PREFIX: &str = ".nixcache-tmp-";
 /// A directory cache's writers' lock.
 pub const LOCK_FILE: &str = ".nixcache.lock";
+/// nixcache's own files, never served and never read by clients.
+pub const STATE_DIR: &str = ".nixcache";
+/// Upstream records are `.nixcache/upstreams.<ms>-<id>`: one per push that left something
+/// new out, never rewritten, so writers that do not exclude each other (on a bucket) lose none.
+pub const UPSTREAMS_PREFIX: &str = "upstreams.";
+
 /// What Nix reads first.
 pub const CACHE_INFO: &str = "nix-cache-info";
 

@@ -1,8 +1,8 @@
 //! nixcache: turn Nix store paths into a static binary cache.
 //!
 //! Pure format modules ([`nixbase32`], [`hash`], [`store_path`], [`narinfo`], [`signing`],
-//! [`nar`], [`layout`]) never touch the filesystem; [`store`], [`storage`] and [`cache`] are the I/O
-//! edges. Layers import only downwards: [`cache`] is built on [`storage`], which knows nothing of
+//! [`nar`], [`layout`], [`upstream`]'s record) never touch the filesystem; [`store`],
+//! [`storage`], [`cache`] and [`upstream::lookup`] are the I/O edges. Layers import only downwards: [`cache`] is built on [`storage`], which knows nothing of
 //! it.
 #![forbid(unsafe_code)]
 
@@ -24,6 +24,7 @@ pub mod signing;
 pub mod storage;
 pub mod store;
 pub mod store_path;
+pub mod upstream;
 pub mod verify;
 pub mod xz;
 

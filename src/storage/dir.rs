@@ -220,10 +220,15 @@ impl Backend for DirBackend {
     }
 
     fn create_subdir(&self, sub: &'static str) -> Result<(), StorageError> {
-        make_dir(&self.dir.join(sub))?;
-        match bad_subdirs(&self.dir).into_iter().find(|(b, _)| *b == sub) {
-            Some((_, kind)) => Err(StorageError::NotARealDirectory { path: self.dir.join(sub), kind }),
-            None => Ok(()),
+        let path = self.dir.join(sub);
+        make_dir(&path)?;
+        // Never a link to a directory elsewhere: what is written under it would land there.
+        match fs::symlink_metadata(&path) {
+            Ok(m) if !m.is_dir() => {
+                Err(StorageError::NotARealDirectory { path, kind: kind_of(m.file_type()) })
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(io_err("inspect", &path)(e)),
         }
     }
 
@@ -371,7 +376,7 @@ impl Backend for DirBackend {
 
     fn leftovers(&self) -> Result<Vec<Leftover>, StorageError> {
         let mut found = Vec::new();
-        for sub in ["", "nar", "debuginfo"] {
+        for sub in ["", "nar", "debuginfo", crate::layout::STATE_DIR] {
             for m in self.list(sub)? {
                 let base = m.name.rsplit('/').next().unwrap_or_default();
                 if crate::layout::is_temp(base) {
