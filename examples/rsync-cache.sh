@@ -2,7 +2,8 @@
 # Mirror a nixcache directory to another place (a Pi over ssh, a USB disk) so that a client
 # reading the copy never sees a narinfo before its NAR, nor a narinfo whose NAR or
 # references are gone:
-#   1. everything but narinfos (NARs, listings, debug info, nix-cache-info), adding only;
+#   1. everything but narinfos (NARs, listings, debug info, nix-cache-info, the records of
+#      what a partial cache leaves to upstreams), adding only;
 #   2. the narinfos;
 #   3. deletions: narinfos gone from the source, referrers before their references (in
 #      layers, as `nixcache gc` removes them), then the NARs and the rest nothing uses.
@@ -21,7 +22,9 @@ dest=${2%/}/
 RSYNC_OPTS=${RSYNC_OPTS:-}
 
 # shellcheck disable=SC2086 # RSYNC_OPTS is a list of options
-r() { rsync -a $RSYNC_OPTS --exclude='/.nixcache*' --exclude='.nixcache-tmp-*' "$@"; }
+# The lock and temporary files stay behind; .nixcache/ (a partial cache's upstreams records)
+# goes with step 1, before the narinfos that rely on it.
+r() { rsync -a $RSYNC_OPTS --exclude='/.nixcache.lock' --exclude='.nixcache-tmp-*' "$@"; }
 
 # nixcache takes flock(2) locks on SRC/.nixcache.lock: hold it shared.
 if [ -f "${src}.nixcache.lock" ]; then

@@ -106,6 +106,14 @@ fn man_extra(sub: Option<&str>) -> String {
                 "nixcache push --repair --dest /var/lib/static-nix-cache ./result",
                 "Rewrite the NARs verify found wrong.",
             ),
+            (
+                "nixcache push --dest /var/lib/static-nix-cache --skip-signed-by cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY= ./result",
+                "Push only what cache.nixos.org does not serve (clients list both caches as substituters).",
+            ),
+            (
+                "nixcache push --dest /var/lib/static-nix-cache --exclude '-secrets$' --allow-incomplete ./result",
+                "Never push paths named *-secrets, and push what references them anyway.",
+            ),
         ],
         Some("verify") => &[
             (
@@ -326,11 +334,39 @@ pub struct PushArgs {
     /// Set WantMassQuery: 0.
     #[arg(long, overrides_with = "want_mass_query")]
     pub no_want_mass_query: bool,
+    /// Leave out paths whose signatures in the Nix database include a valid one by this
+    /// public key (as trusted-public-keys spells it): an upstream that signs with it serves
+    /// them. Repeatable; no network needed. Recorded in the cache, like the others below.
+    #[arg(long, value_name = "KEY", value_parser = parse_public_key, help_heading = "Partial caches")]
+    pub skip_signed_by: Vec<crate::signing::PublicKey>,
+    /// Leave out paths this binary cache (http://, https:// or file://) has a narinfo for.
+    /// Repeatable; up to 16 lookups at once; a lookup that fails means the path is pushed.
+    #[arg(long, value_name = "URL", help_heading = "Partial caches")]
+    pub skip_upstream: Vec<String>,
+    /// Never push a path whose name (after the hash) matches this regular expression.
+    /// Repeatable. A path that references one is pushed only with --allow-incomplete.
+    #[arg(long, value_name = "REGEX", help_heading = "Partial caches")]
+    pub exclude: Vec<String>,
+    /// Push paths that reference an --exclude'd path (clients cannot restore their closure
+    /// from the caches alone).
+    #[arg(long, help_heading = "Partial caches")]
+    pub allow_incomplete: bool,
+    /// Push the whole closure, ignoring the upstreams and exclusions this cache recorded.
+    #[arg(long, conflicts_with_all = ["skip_signed_by", "skip_upstream", "exclude"], help_heading = "Partial caches")]
+    pub no_skip: bool,
     #[command(flatten)]
     pub store: StoreArgs,
     /// Print nothing but errors.
     #[arg(long, short = 'q')]
     pub quiet: bool,
+}
+
+fn parse_public_key(s: &str) -> Result<crate::signing::PublicKey, String> {
+    s.trim().parse().map_err(|e| {
+        format!(
+            "{e}; give a public key as trusted-public-keys spells it, NAME:BASE64 (cache.nixos.org-1:6NCH...)"
+        )
+    })
 }
 
 impl PushArgs {

@@ -8,7 +8,9 @@
 //! directory synced between them), then NAR files no remaining narinfo uses, listings and
 //! debug-info links of what went, and stale temporary files.
 //!
-//! Invariant afterwards: every remaining narinfo has its NAR and all its references.
+//! Invariant afterwards: every remaining narinfo has its NAR and all its references, here or,
+//! in a partial cache, left to an upstream on purpose as its upstreams records say (gc never
+//! deletes a path because an upstream has it, and keeps the records).
 //!
 //! What counts as evidence: a narinfo goes only for a reason gc has established. It was read
 //! in full and is bad; or no push named it within the window, by times the storage stated;
@@ -158,13 +160,16 @@ pub fn gc(
             return Err(GcError::Contradicted { path: cache.locate(&rel) });
         }
     }
+    // A reference absent here that the cache left to an upstream on purpose is no hole.
+    let upstreams = cache.upstreams()?;
+    let elsewhere = |r: &str| !index.entries.contains_key(r) && upstreams.covers(r).is_some();
     loop {
         let broken: Vec<&str> = complete
             .iter()
             .copied()
             .filter(|h| {
                 let ni = index.entries[*h].narinfo.as_ref().expect("complete entries parse");
-                ni.references.iter().any(|r| !complete.contains(r.hash_part()))
+                ni.references.iter().map(|r| r.hash_part()).any(|r| !complete.contains(r) && !elsewhere(r))
             })
             .collect();
         if broken.is_empty() {

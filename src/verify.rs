@@ -2,7 +2,8 @@
 //!
 //! For every narinfo, in parallel and streaming: it parses; its file name matches its
 //! StorePath; its NAR exists with the FileSize and FileHash it claims; decompressed, the NAR
-//! has NarSize and NarHash; every reference has a narinfo; with trusted keys, a signature by
+//! has NarSize and NarHash; every reference has a narinfo, or was left to an upstream on
+//! purpose (the cache's upstreams records say so); with trusted keys, a signature by
 //! one of them verifies (or the CA makes the path self-certifying). Also: nix-cache-info is
 //! present and sane, and no NAR file is unused and no temporary file is left behind.
 
@@ -17,9 +18,11 @@ use crate::cache::{CACHE_INFO, Cache, CacheError, FileProblem, TEMP_PREFIX};
 use crate::compression::Compression;
 use crate::content_address::ca_store_path;
 use crate::hash::{HashingReader, HashingWriter};
+use crate::layout::STATE_DIR;
 use crate::narinfo::NarInfo;
 use crate::progress::Progress;
 use crate::signing::PublicKey;
+use crate::upstream::Upstreams;
 
 /// One thing wrong with the cache.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq, PartialOrd, Ord)]
@@ -37,6 +40,9 @@ pub struct VerifyReport {
     pub narinfos: usize,
     pub nar_bytes: u64,
     pub problems: Vec<Problem>,
+    /// References absent here that the cache's upstreams records say were left out on
+    /// purpose: per reason (`signed by upstream-1`), how many distinct paths.
+    pub left_to_upstreams: std::collections::BTreeMap<String, usize>,
 }
 
 /// Checks the whole cache with `jobs` threads.
@@ -75,6 +81,18 @@ pub fn verify(
             None
         }
     };
+    // What a partial cache left out on purpose; an unreadable record covers nothing.
+    let upstreams = match cache.upstreams() {
+        Ok(u) => u,
+        Err(e) => {
+            problems.push(Problem {
+                path: STATE_DIR.into(),
+                kind: "upstreams",
+                message: crate::error_chain(&e),
+            });
+            Upstreams::default()
+        }
+    };
     let files = cache.narinfo_files()?;
     let present: HashSet<String> =
         files.iter().filter_map(|f| f.strip_suffix(".narinfo")).map(str::to_owned).collect();
@@ -84,8 +102,8 @@ pub fn verify(
         files
             .par_iter()
             .map(|f| {
-                let r =
-                    check_one(cache, f, &present, trusted, cache_info.as_ref().map(|c| c.store_dir.as_str()));
+                let store_dir = cache_info.as_ref().map(|c| c.store_dir.as_str());
+                let r = check_one(cache, f, (&present, &upstreams), trusted, store_dir);
                 progress.advance(r.3);
                 progress.path_done(done.fetch_add(1, Ordering::Relaxed) + 1, files.len());
                 r
@@ -98,8 +116,10 @@ pub fn verify(
     };
     let mut used = HashSet::new();
     let mut nar_bytes = 0;
-    for (ps, url, n, _) in results {
+    let mut left = HashSet::new();
+    for (ps, url, n, _, l) in results {
         problems.extend(ps);
+        left.extend(l);
         if let Some(u) = url {
             used.insert(u);
         }
@@ -126,18 +146,25 @@ pub fn verify(
         });
     }
     problems.sort();
-    Ok(VerifyReport { narinfos: files.len(), nar_bytes, problems })
+    let mut left_to_upstreams = std::collections::BTreeMap::new();
+    for h in left {
+        if let Some(r) = upstreams.covers(&h) {
+            *left_to_upstreams.entry(r.describe()).or_default() += 1;
+        }
+    }
+    Ok(VerifyReport { narinfos: files.len(), nar_bytes, problems, left_to_upstreams })
 }
 
-/// Checks one narinfo file. Returns its problems, the NAR URL it uses, and the NAR and file
-/// bytes read.
+/// Checks one narinfo file against the narinfos `present` and what the cache left to
+/// `upstreams`. Returns its problems, the NAR URL it uses, the NAR and file bytes read, and
+/// the hash parts of its references left to upstreams.
 fn check_one(
     cache: &Cache,
     file: &str,
-    present: &HashSet<String>,
+    (present, upstreams): (&HashSet<String>, &Upstreams),
     trusted: &[PublicKey],
     store_dir: Option<&str>,
-) -> (Vec<Problem>, Option<String>, u64, u64) {
+) -> (Vec<Problem>, Option<String>, u64, u64, Vec<String>) {
     let mut problems = Vec::new();
     let text = match cache.read_text(file) {
         Ok(Some(t)) => t,
@@ -145,15 +172,27 @@ fn check_one(
             // Listed, yet not there when asked: a client cannot fetch it either (or a gc
             // removed it meanwhile).
             let message = "is listed but cannot be fetched (`nixcache gc` removes what it can reach; a key no request can name must be removed by other means)".into();
-            return (vec![Problem { path: file.into(), kind: "unfetchable", message }], None, 0, 0);
+            return (
+                vec![Problem { path: file.into(), kind: "unfetchable", message }],
+                None,
+                0,
+                0,
+                Vec::new(),
+            );
         }
-        Err(e) => return (vec![file_problem(file, &e)], None, 0, 0),
+        Err(e) => return (vec![file_problem(file, &e)], None, 0, 0, Vec::new()),
     };
     let ni: NarInfo = match text.parse() {
         Ok(ni) => ni,
         Err(e) => {
             let message = format!("does not parse (Nix would refuse it; `nixcache push` rewrites it): {e}");
-            return (vec![Problem { path: file.into(), kind: "unparsable", message }], None, 0, 0);
+            return (
+                vec![Problem { path: file.into(), kind: "unparsable", message }],
+                None,
+                0,
+                0,
+                Vec::new(),
+            );
         }
     };
     let path = ni.store_dir.display(&ni.store_path);
@@ -169,8 +208,14 @@ fn check_one(
     {
         problem("store-dir", format!("is in store {} but nix-cache-info says {sd}", ni.store_dir));
     }
+    let mut left = Vec::new();
     for r in &ni.references {
-        if !present.contains(r.hash_part()) {
+        if present.contains(r.hash_part()) {
+            continue;
+        }
+        if upstreams.covers(r.hash_part()).is_some() {
+            left.push(r.hash_part().to_owned());
+        } else {
             problem("missing-reference", format!("references {r}, which has no narinfo in the cache"));
         }
     }
@@ -191,7 +236,7 @@ fn check_one(
     let nar_bytes = check_nar(cache, &ni, true, &mut problem);
     let nar_file = ni.nar_file();
     let file_bytes = nar_file.as_deref().and_then(|f| cache.file_size(f)).unwrap_or(0);
-    (problems, nar_file, nar_bytes, file_bytes)
+    (problems, nar_file, nar_bytes, file_bytes, left)
 }
 
 /// What repairs a problem of `kind` found in a narinfo or its NAR.

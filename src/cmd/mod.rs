@@ -2,6 +2,7 @@
 
 pub mod gc;
 pub mod keygen;
+pub mod partial;
 pub mod push;
 pub mod serve;
 pub mod sign;

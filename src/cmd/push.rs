@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 
+use super::partial::Partial;
 use crate::cache::Cache;
 use crate::cli::PushArgs;
 use crate::progress::{self, Mode, Progress};
@@ -16,7 +17,12 @@ use crate::store::Store;
 
 /// `push --dry-run`: what a push would do, path by path on stdout and in a summary, without
 /// creating, locking or changing anything.
-fn dry_run(args: &PushArgs, store: &Store, infos: &[crate::store::PathInfo]) -> anyhow::Result<bool> {
+fn dry_run(
+    args: &PushArgs,
+    store: &Store,
+    infos: &[crate::store::PathInfo],
+    partial: &Partial,
+) -> anyhow::Result<bool> {
     let cache = match &args.dest {
         crate::storage::Dest::Dir(d) if !d.exists() => None,
         dest => Some(Cache::inspect(dest)?),
@@ -25,8 +31,13 @@ fn dry_run(args: &PushArgs, store: &Store, infos: &[crate::store::PathInfo]) -> 
         args.secret_keys.iter().map(|p| super::read_secret_key(p)).collect::<anyhow::Result<Vec<_>>>()?;
     let public: Vec<_> = keys.iter().map(|k| k.public_key()).collect();
     let (mut there, mut sign, mut write, mut bytes) = (0, 0, 0, 0);
-    for info in infos {
+    for (info, left) in infos.iter().zip(&partial.left) {
         let abs = store.store_dir().display(&info.path);
+        if let Some(r) = left {
+            let verb = if r.elsewhere() { "would skip" } else { "would leave out" };
+            crate::outln!("{verb} {abs} ({}): {}", progress::bytes(info.nar_size), r.describe());
+            continue;
+        }
         let (found, existed) = match &cache {
             Some(c) => crate::push::existing(c, store.store_dir(), info, |_| {}),
             None => (None, false),
@@ -55,6 +66,9 @@ fn dry_run(args: &PushArgs, store: &Store, infos: &[crate::store::PathInfo]) -> 
         progress::bytes(bytes),
         args.compression()
     );
+    for line in partial.summary(infos).iter().chain(&partial.lookups) {
+        crate::elog!("dry run: {line}");
+    }
     Ok(true)
 }
 
@@ -89,12 +103,20 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     let infos = store
         .closure(&roots, args.include_outputs)
         .with_context(|| format!("cannot read the closure from the {}", store.source_name()))?;
-    if args.dry_run {
-        return dry_run(args, &store, &infos);
+    let mode = Mode::detect(args.quiet);
+    let partial = Partial::decide(args, store.store_dir(), &infos)?;
+    if mode != Mode::Quiet {
+        for line in partial.recorded_line(&args.dest.to_string()).iter().chain(&partial.warnings) {
+            crate::elog!("{line}");
+        }
     }
+    if args.dry_run {
+        return dry_run(args, &store, &infos, &partial);
+    }
+    let closure = infos;
+    let infos = partial.kept(&closure);
 
     let mut cache = Cache::create(args.dest_with_uploads())?;
-    let mode = Mode::detect(args.quiet);
     cache.lock(|| {
         if mode != Mode::Quiet {
             crate::elog!("waiting for another nixcache writing to {} ...", args.dest);
@@ -106,6 +128,7 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
         }
     }
     cache.ensure_cache_info(store.store_dir(), args.want_mass_query(), args.priority, DEFAULT_PRIORITY)?;
+    partial.record(&mut cache)?;
     // Before looking: a gc that starts from now on keeps what this push names.
     let hashes: Vec<&str> = infos.iter().map(|i| i.path.hash_part()).collect();
     cache.record_push(&hashes)?;
@@ -173,6 +196,9 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
                 progress::plural(again, "path"),
                 args.dest
             );
+        }
+        for line in partial.summary(&closure).iter().chain(&partial.lookups) {
+            crate::elog!("{line}");
         }
         super::say_requests(&cache);
     }

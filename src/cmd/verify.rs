@@ -62,6 +62,7 @@ pub fn run(args: &VerifyArgs) -> ExitCode {
             "narBytes": report.nar_bytes,
             "signaturesChecked": !args.trusted_public_keys.is_empty(),
             "problems": report.problems,
+            "leftToUpstreams": report.left_to_upstreams,
         });
         crate::outln!("{value:#}");
     } else {
@@ -69,6 +70,16 @@ pub fn run(args: &VerifyArgs) -> ExitCode {
             crate::outln!("{}: {}: {}", p.path, p.kind, p.message);
         }
         if !args.quiet {
+            let left: usize = report.left_to_upstreams.values().sum();
+            if left > 0 {
+                let why: Vec<String> =
+                    report.left_to_upstreams.iter().map(|(r, n)| format!("{n} {r}")).collect();
+                crate::elog!(
+                    "{} left to upstreams or excluded, as this cache's records say ({}): clients need those caches as substituters too",
+                    crate::progress::plural(left, "referenced path"),
+                    why.join(", ")
+                );
+            }
             crate::elog!(
                 "{}, {} of NAR checked: {}{}",
                 crate::progress::plural(report.narinfos, "narinfo"),

@@ -7,7 +7,12 @@ use std::path::PathBuf;
 use crate::helpers::*;
 
 /// A minimal static file server for one directory, on 127.0.0.1, for the test's lifetime.
-fn serve(dir: PathBuf) -> u16 {
+pub fn serve(dir: PathBuf) -> u16 {
+    serve_failing(dir, |_| false)
+}
+
+/// The same, answering 500 to every request for a path `fail` picks.
+pub fn serve_failing(dir: PathBuf, fail: fn(&str) -> bool) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
@@ -29,6 +34,12 @@ fn serve(dir: PathBuf) -> u16 {
                 let mut parts = request.split_whitespace();
                 let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
                 let rel = path.trim_start_matches('/');
+                if fail(rel) {
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                    return;
+                }
                 let body = (!rel.contains("..")).then(|| std::fs::read(dir.join(rel)).ok()).flatten();
                 let _ = match body {
                     Some(b) => {

@@ -1584,3 +1584,38 @@ fn temporary_credentials_are_fetched_again_before_they_expire() {
     assert!(n >= 2, "fetched {n} times in a push of {}", stderr(&out));
     assert!(stderr(&out).contains("credentials"), "{}", stderr(&out));
 }
+
+/// A partial cache at `prefix` of the bucket, for the tests in `partial`.
+fn partial_dest<'a>(s: &'a Server, home: &'a Path, prefix: &str) -> crate::partial::Dest<'a> {
+    let http = s.http(prefix);
+    let probe = http.clone();
+    crate::partial::Dest {
+        dest: s.url(prefix),
+        http,
+        nc: Box::new(move || nc(s, home)),
+        has: Box::new(move |p: &str| get(&format!("{probe}/{}.narinfo", hash_part(p))).0 == 200),
+    }
+}
+
+#[test]
+fn partial_bucket_skip_signed_by() {
+    let s = Server::start();
+    let t = tmp();
+    crate::partial::skip_signed_by(&partial_dest(&s, t.path(), "signed"), t.path());
+}
+
+#[test]
+fn partial_bucket_skip_upstream() {
+    let s = Server::start();
+    let t = tmp();
+    let home = t.path().to_owned();
+    let fresh = |n: &str| partial_dest(&s, &home, n);
+    crate::partial::skip_upstream(&partial_dest(&s, t.path(), "upstream"), &fresh, t.path());
+}
+
+#[test]
+fn partial_bucket_exclude() {
+    let s = Server::start();
+    let t = tmp();
+    crate::partial::exclude(&partial_dest(&s, t.path(), "exclude"), t.path());
+}
