@@ -374,6 +374,53 @@ def bench_serve(path, closure, nar, a, work):
         print(f"| {label} | {closure_nar / 2**20:.1f} | " + " | ".join(row) + " |")
 
 
+def bench_partial(path, closure, nar, a, work):
+    """A partial cache: the closure's dependencies as if an upstream (cache.nixos.org) had
+    them, the top path built here; what --skip-signed-by and --skip-upstream save."""
+    key = os.path.join(work, "upstream.secret")
+    sh([NIXCACHE, "keygen", "upstream-1", key, key + ".pub"])
+    public = open(key + ".pub").read().strip()
+    deps = [p for p in closure if p != path]
+    upstream = os.path.join(work, "upstream")
+    sh([NIXCACHE, "push", "-q", "-c", "zstd", "--dest", upstream] + deps)
+    # What substituting them from the upstream leaves in the database: its signature.
+    subprocess.run(["nix", "store", "sign", "--key-file", key] + deps, env=ENV, check=True, stderr=subprocess.DEVNULL)
+    out = sh(["nix", "path-info", "--size"] + closure).split()
+    sizes = {os.path.basename(p)[:32]: int(n) for p, n in zip(out[0::2], out[1::2])}
+    port = 24101
+    nginx = start_nginx(upstream, port, work)
+    cases = {
+        "whole closure": [],
+        "--skip-signed-by upstream-1": ["--skip-signed-by", public],
+        "--skip-upstream http://127.0.0.1 (nginx)": ["--skip-upstream", f"http://127.0.0.1:{port}"],
+    }
+    res = {name: [] for name in cases}
+    try:
+        for i in range(a.runs):
+            for name, flags in (list(cases.items()) if i % 2 == 0 else list(reversed(cases.items()))):
+                d = os.path.join(work, f"partial-{i}-{len(flags)}-{flags[-1][-4:] if flags else 'all'}")
+                wall, _, _, err = measure_err([NIXCACHE, "push", "-c", "zstd", "--dest", d] + flags + [path], {})
+                here = {f[:32] for f in os.listdir(d) if f.endswith(".narinfo")}
+                skipped_nar = sum(n for h, n in sizes.items() if h not in here)
+                asked = [line for line in err.splitlines() if line.startswith("asked ")]
+                res[name].append((wall, len(here), size(d), asked[0] if asked else "", skipped_nar))
+                shutil.rmtree(d)
+    finally:
+        nginx.terminate()
+        nginx.wait()
+    print()
+    print(f"a partial cache: the {a.scale} closure ({len(closure)} paths, {nar / 2**20:.1f} MiB of NAR) with its "
+          f"{len(deps)} dependencies signed by upstream-1 in the database and in an upstream cache served by nginx, "
+          f"the top path built here; pushed with zstd to an empty directory, median of {a.runs}:")
+    print()
+    print("| push | paths pushed | paths skipped | NAR MiB skipped | cache MiB | wall s | upstream lookups |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for name, rs in res.items():
+        pushed = statistics.median(r[1] for r in rs)
+        print(f"| {name} | {pushed:.0f} | {len(closure) - pushed:.0f} | {statistics.median(r[4] for r in rs) / 2**20:.1f} "
+              f"| {statistics.median(r[2] for r in rs) / 2**20:.2f} | {statistics.median(r[0] for r in rs):.2f} | {rs[0][3]} |")
+
+
 def med(xs, k):
     return statistics.median(x[k] for x in xs)
 
@@ -388,6 +435,9 @@ def main():
     ap.add_argument("--s3", default="xz,zstd", help="compressions pushed to a SeaweedFS bucket ('': skip)")
     ap.add_argument("--serve", action="store_true", help="only nixcache serve against nginx, and the lazy fill")
     ap.add_argument("--serve-secs", type=int, default=5, help="seconds of each wrk load")
+    ap.add_argument("--partial", action="store_true",
+                    help="only partial caches: what --skip-signed-by and --skip-upstream leave out "
+                         "(signs the closure's dependencies in the Nix database with a throwaway key)")
     a = ap.parse_args()
 
     subprocess.run(["cargo", "build", "--release", "--locked", "-q"], cwd=REPO, check=True)
@@ -399,6 +449,10 @@ def main():
     if a.serve:
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as work:
             bench_serve(path, closure, nar, a, work)
+        return
+    if a.partial:
+        with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as work:
+            bench_partial(path, closure, nar, a, work)
         return
     print()
     print("| compression | tool | wall s | CPU s | peak RSS MiB | output MiB | re-push s |")
