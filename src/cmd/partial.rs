@@ -30,13 +30,24 @@ pub struct Partial {
 }
 
 impl Partial {
-    /// Decides what of `infos` to leave out, from the flags and what the cache recorded.
-    pub fn decide(args: &PushArgs, store_dir: &StoreDir, infos: &[PathInfo]) -> anyhow::Result<Partial> {
-        let recorded = match &args.dest {
+    /// What the cache recorded, read from `opened` (a bucket, opened with the push's
+    /// credentials) or else looked at without changing it; nothing with `--no-skip`.
+    pub fn recorded(args: &PushArgs, opened: Option<&Cache>) -> anyhow::Result<Upstreams> {
+        Ok(match (&args.dest, opened) {
             _ if args.no_skip => Upstreams::default(),
-            Dest::Dir(d) if !d.exists() => Upstreams::default(),
-            dest => Cache::inspect(dest)?.upstreams()?,
-        };
+            (_, Some(cache)) => cache.upstreams()?,
+            (Dest::Dir(d), None) if !d.exists() => Upstreams::default(),
+            (dest, None) => Cache::inspect(dest)?.upstreams()?,
+        })
+    }
+
+    /// Decides what of `infos` to leave out, from the flags and what the cache `recorded`.
+    pub fn decide(
+        args: &PushArgs,
+        store_dir: &StoreDir,
+        infos: &[PathInfo],
+        recorded: Upstreams,
+    ) -> anyhow::Result<Partial> {
         let mut wanted = Upstreams {
             signed_by: args.skip_signed_by.clone(),
             upstreams: args.skip_upstream.iter().map(|u| u.trim_end_matches('/').to_owned()).collect(),

@@ -104,7 +104,14 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
         .closure(&roots, args.include_outputs)
         .with_context(|| format!("cannot read the closure from the {}", store.source_name()))?;
     let mode = Mode::detect(args.quiet);
-    let partial = Partial::decide(args, store.store_dir(), &infos)?;
+    // A bucket is opened first, with the push's credentials: what is wrong with them is the
+    // first thing said, and its records are read as the push will write.
+    let opened = match (&args.dest, args.dry_run) {
+        (crate::storage::Dest::Bucket(_), false) => Some(Cache::create(args.dest_with_uploads())?),
+        _ => None,
+    };
+    let recorded = Partial::recorded(args, opened.as_ref())?;
+    let partial = Partial::decide(args, store.store_dir(), &infos, recorded)?;
     if mode != Mode::Quiet {
         for line in partial.recorded_line(&args.dest.to_string()).iter().chain(&partial.warnings) {
             crate::elog!("{line}");
@@ -116,7 +123,10 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     let closure = infos;
     let infos = partial.kept(&closure);
 
-    let mut cache = Cache::create(args.dest_with_uploads())?;
+    let mut cache = match opened {
+        Some(c) => c,
+        None => Cache::create(args.dest_with_uploads())?,
+    };
     cache.lock(|| {
         if mode != Mode::Quiet {
             crate::elog!("waiting for another nixcache writing to {} ...", args.dest);
