@@ -36,10 +36,11 @@ impl Server {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                // Kept before it is announced: a test that reads the lines once told has it.
+                kept.lock().unwrap().push(line.clone());
                 if line.starts_with("serving ") {
-                    let _ = tx.send(line.clone());
+                    let _ = tx.send(line);
                 }
-                kept.lock().unwrap().push(line);
             }
         });
         let Ok(first) = rx.recv_timeout(Duration::from_secs(60)) else {
