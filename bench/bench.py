@@ -34,6 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLOSURE_NIX = os.path.join(REPO, "..", "shared", "bench", "closure.nix")
 MANY_NIX = os.path.join(REPO, "bench", "many.nix")
 FILES_NIX = os.path.join(REPO, "bench", "files.nix")
+HUGE_NIX = os.path.join(REPO, "bench", "huge.nix")
 NIXCACHE = os.path.join(REPO, "target", "release", "nixcache")
 ENV = dict(os.environ, NIX_CONFIG="substituters =\nexperimental-features = nix-command\n")
 
@@ -76,7 +77,7 @@ def tools(comp):
     }
 
 
-def run_case(path, comp, runs, work):
+def run_case(path, comp, runs, work, repush=True):
     rows = {name: [] for name in tools(comp)}
     repush = {name: [] for name in tools(comp)}
     for i in range(runs):
@@ -87,7 +88,8 @@ def run_case(path, comp, runs, work):
             d = os.path.join(work, f"{comp}-{name.replace(' ', '-')}-{i}")
             wall, cpu, rss = measure(cmd(d, path))
             rows[name].append((wall, cpu, rss, size(d)))
-            repush[name].append(measure(cmd(d, path))[0])
+            if repush:
+                repush[name].append(measure(cmd(d, path))[0])
             shutil.rmtree(d)
     return rows, repush
 
@@ -421,6 +423,54 @@ def bench_partial(path, closure, nar, a, work):
               f"| {statistics.median(r[2] for r in rs) / 2**20:.2f} | {statistics.median(r[0] for r in rs):.2f} | {rs[0][3]} |")
 
 
+def sha256_of_files(path):
+    """Seconds to read and SHA-256 every regular file under path, in 4 MiB pieces."""
+    import hashlib
+    start = time.perf_counter()
+    h = hashlib.sha256()
+    for root, _, files in os.walk(path):
+        for f in sorted(files):
+            p = os.path.join(root, f)
+            if os.path.isfile(p) and not os.path.islink(p):
+                with open(p, "rb") as fh:
+                    while chunk := fh.read(4 << 20):
+                        h.update(chunk)
+    return time.perf_counter() - start
+
+
+def bench_huge(a, work):
+    """One path where a single NAR dominates, against nix copy, with the floor: the NAR's
+    SHA-256 alone, which no pipeline can beat (NarHash is one serial hash)."""
+    path = sh(["nix-build", HUGE_NIX, "--no-out-link", "--arg", "gib", str(a.huge_gib)])
+    nar = int(sh(["nix", "path-info", "--size", path]).split()[1])
+    print()
+    print(f"one path of {nar / 2**30:.2f} GiB of NAR ({a.huge_gib} GiB sparse file + 50 MB random), "
+          f"{os.cpu_count()} cores, median of {a.runs}:")
+    print()
+    print("| compression | tool | wall s | CPU s | peak RSS MiB | output MiB |")
+    print("|---|---|---:|---:|---:|---:|")
+    ratios = []
+    for comp in a.huge.split(","):
+        rows, _ = run_case(path, comp, a.runs, work, repush=False)
+        for name, xs in rows.items():
+            print(f"| {comp} | {name} | {med(xs, 0):.2f} | {med(xs, 1):.2f} | {med(xs, 2):.0f} | {med(xs, 3) / 2**20:.2f} |")
+        ratios.append((comp, med(rows["nixcache"], 0) / med(rows["nix copy"], 0)))
+    floor = statistics.median(sha256_of_files(path) for _ in range(a.runs))
+    import hashlib
+    buf = bytes(1 << 28)
+    start = time.perf_counter()
+    h = hashlib.sha256()
+    for _ in range(4):
+        h.update(buf)
+    in_memory = (time.perf_counter() - start) * nar / (1 << 30)
+    print()
+    for comp, r in ratios:
+        print(f"{comp}: nixcache / nix copy wall {r:.2f}x")
+    print(f"the floor: SHA-256 of the path's file bytes alone, read and hashed on one core (Python's hashlib, "
+          f"OpenSSL, SHA-NI where the CPU has it): {floor:.2f} s; hashing {nar / 2**30:.2f} GiB already in memory: "
+          f"{in_memory:.2f} s. Every tool must hash the whole NAR once, serially (NarHash)")
+
+
 def med(xs, k):
     return statistics.median(x[k] for x in xs)
 
@@ -435,6 +485,8 @@ def main():
     ap.add_argument("--s3", default="xz,zstd", help="compressions pushed to a SeaweedFS bucket ('': skip)")
     ap.add_argument("--serve", action="store_true", help="only nixcache serve against nginx, and the lazy fill")
     ap.add_argument("--serve-secs", type=int, default=5, help="seconds of each wrk load")
+    ap.add_argument("--huge", default="", help="only one huge path, with these compressions (zstd,xz)")
+    ap.add_argument("--huge-gib", type=int, default=5, help="GiB of sparse file in the huge path")
     ap.add_argument("--partial", action="store_true",
                     help="only partial caches: what --skip-signed-by and --skip-upstream leave out "
                          "(signs the closure's dependencies in the Nix database with a throwaway key)")
@@ -449,6 +501,10 @@ def main():
     if a.serve:
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as work:
             bench_serve(path, closure, nar, a, work)
+        return
+    if a.huge:
+        with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as work:
+            bench_huge(a, work)
         return
     if a.partial:
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as work:

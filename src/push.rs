@@ -642,7 +642,8 @@ impl Run<'_> {
         let bar = self.progress.path(info.path.as_str(), info.nar_size);
         let tmp = cache.create_file("nar", ext)?;
         let file = HashingWriter::new(BufWriter::with_capacity(FILE_BUFFER, ToCache(tmp)));
-        let encoder = opts.compression.encoder(file, opts.level).map_err(write_err)?;
+        let encoder =
+            opts.compression.encoder_for(file, opts.level, info.nar_size, opts.jobs).map_err(write_err)?;
         let nar = HashingWriter::new(ProgressWriter::new(encoder, &bar));
         // The NAR writer emits many 8-16 byte tokens; batch them for the hasher and compressor.
         let nar = BufWriter::with_capacity(NAR_BUFFER, nar);

@@ -136,6 +136,30 @@ fn xz_blocks_equal_nix_parallel_compression() {
 }
 
 #[test]
+fn a_large_zstd_path_is_the_same_bytes_for_any_jobs_and_nix_restores_it() {
+    // Above 256 MiB of NAR, zstd runs its multithreaded mode with --jobs - 1 workers (at
+    // least one): -j 1, 2 and 8 must write the same file.
+    let sparse = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sparse.nix");
+    let big = ok(nix_cmd("nix-build").args([sparse, "--no-out-link", "--argstr", "salt", "zstd-mt"]))
+        .trim()
+        .to_owned();
+    let t = tmp();
+    let caches: Vec<_> = ["1", "2", "8"].iter().map(|j| (j, t.path().join(format!("j{j}")))).collect();
+    for (j, d) in &caches {
+        ok(nixcache().args(["push", "-q", "-c", "zstd", "-j", j, "-k", SECRET, "--dest"]).arg(d).arg(&big));
+    }
+    let ni = narinfo(&caches[0].1, &big);
+    assert!(ni.nar_size > 256 << 20, "the fixture must be above the threshold: {}", ni.nar_size);
+    for (j, d) in &caches[1..] {
+        assert_eq!(tree(d), tree(&caches[0].1), "-j {j}: zstd bytes depend on --jobs");
+    }
+    assert_eq!(cached_nar(&caches[0].1, &big), dump(&big));
+    let root = t.path().join("root");
+    restore(&file_url(&caches[2].1), &root, &[&big]);
+    assert_restored_identical(&root, std::slice::from_ref(&big));
+}
+
+#[test]
 fn incompressible_xz_blocks_equal_nix_parallel_compression() {
     // Random bytes: liblzma's multithreaded encoder stores the full block uncompressed.
     let random = ok(nix_cmd("nix-build").args([RANDOM, "--no-out-link", "--argstr", "salt", "stored"]))
