@@ -239,7 +239,9 @@ pub trait Backend: Send + Sync {
         if size > limit {
             return Err(FileProblem::TooLarge { size, limit });
         }
-        let mut buf = Vec::new();
+        // Room for what the size says and one byte more: two reads, where growing from
+        // nothing takes six for a narinfo.
+        let mut buf = Vec::with_capacity(size as usize + 1);
         r.take(limit + 1).read_to_end(&mut buf).map_err(FileProblem::Io)?;
         if buf.len() as u64 > limit {
             return Err(FileProblem::TooLarge { size: buf.len() as u64, limit });
