@@ -127,6 +127,30 @@ impl Compression {
         })
     }
 
+    /// Decompresses all of `r` into `w`; returns the bytes written. zstd reuses one
+    /// decompression context per thread: creating and zeroing one cost more than decoding a
+    /// small NAR (18% of `sign` over 50,001 of them).
+    pub fn decode_to<R: BufRead, W: Write + ?Sized>(self, r: R, w: &mut W) -> io::Result<u64> {
+        use std::cell::RefCell;
+        use zstd::zstd_safe::{DCtx, ResetDirective};
+        thread_local! {
+            static DCTX: RefCell<Option<DCtx<'static>>> = const { RefCell::new(None) };
+        }
+        if self != Compression::Zstd {
+            return io::copy(&mut self.decoder(r)?, w);
+        }
+        DCTX.with(|cell| {
+            let Ok(mut slot) = cell.try_borrow_mut() else {
+                return io::copy(&mut self.decoder(r)?, w);
+            };
+            let ctx = slot.get_or_insert_with(DCtx::create);
+            // Whatever the last use left (an error mid-frame), start clean.
+            ctx.reset(ResetDirective::SessionOnly)
+                .map_err(|c| io::Error::other(zstd::zstd_safe::get_error_name(c)))?;
+            io::copy(&mut zstd::stream::read::Decoder::with_context(r, ctx), w)
+        })
+    }
+
     /// Decompresses `r`.
     pub fn decoder<'a, R: BufRead + 'a>(self, r: R) -> io::Result<Box<dyn Read + 'a>> {
         Ok(match self {
@@ -238,6 +262,21 @@ mod tests {
             e.finish().unwrap()
         };
         assert!(st(1) == st(8) && st(1) == compress(Compression::Zstd, small));
+    }
+
+    #[test]
+    fn decode_to_reuses_a_context_and_survives_a_bad_stream() {
+        let data: Vec<u8> = (0..200_000u32).flat_map(|i| (i % 97).to_le_bytes()).collect();
+        for c in Compression::ALL {
+            let z = compress(c, &data);
+            // A stream cut short fails, and the next decode on this thread is still right.
+            assert!(c == Compression::None || c.decode_to(&z[..z.len() / 2], &mut Vec::new()).is_err());
+            for _ in 0..2 {
+                let mut back = Vec::new();
+                assert_eq!(c.decode_to(&z[..], &mut back).unwrap(), data.len() as u64);
+                assert!(back == data, "{c}");
+            }
+        }
     }
 
     #[test]
