@@ -206,6 +206,40 @@ impl DirBackend {
     }
 }
 
+impl DirBackend {
+    /// The entries of `sub` whose base names `keep` accepts, sorted by name, with their
+    /// metadata (read only for those): never directories, and nothing when `sub` is missing
+    /// or not a real directory.
+    fn entries(&self, sub: &str, keep: impl Fn(&str) -> bool) -> Result<Vec<Meta>, StorageError> {
+        let d = self.dir.join(sub);
+        if !sub.is_empty() && fs::symlink_metadata(&d).is_ok_and(|m| !m.is_dir()) {
+            return Ok(Vec::new());
+        }
+        let entries = match fs::read_dir(&d) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err("list", &d)(e)),
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            let e = e.map_err(io_err("list", &d))?;
+            let Ok(name) = e.file_name().into_string() else { continue };
+            if !keep(&name) {
+                continue;
+            }
+            // Gone since the listing: nothing to say about it.
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                continue;
+            }
+            let name = if sub.is_empty() { name } else { format!("{sub}/{name}") };
+            out.push(meta(name, &m));
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+}
+
 impl Backend for DirBackend {
     fn describe(&self) -> String {
         self.dir.display().to_string()
@@ -261,29 +295,7 @@ impl Backend for DirBackend {
 
     /// Never through a subdirectory that is a link or a file: such a one lists as empty.
     fn list(&self, sub: &str) -> Result<Vec<Meta>, StorageError> {
-        let d = self.dir.join(sub);
-        if !sub.is_empty() && fs::symlink_metadata(&d).is_ok_and(|m| !m.is_dir()) {
-            return Ok(Vec::new());
-        }
-        let entries = match fs::read_dir(&d) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(io_err("list", &d)(e)),
-        };
-        let mut out = Vec::new();
-        for e in entries {
-            let e = e.map_err(io_err("list", &d))?;
-            let Ok(name) = e.file_name().into_string() else { continue };
-            // Gone since the listing: nothing to say about it.
-            let Ok(m) = e.metadata() else { continue };
-            if m.is_dir() {
-                continue;
-            }
-            let name = if sub.is_empty() { name } else { format!("{sub}/{name}") };
-            out.push(meta(name, &m));
-        }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        self.entries(sub, |_| true)
     }
 
     fn stat(&self, rel: &str) -> Result<Option<Meta>, FileProblem> {
@@ -386,38 +398,13 @@ impl Backend for DirBackend {
         tempfile::tempfile_in(&dir).map_err(io_err("create a scratch file in", &dir))
     }
 
-    /// Names first, and only a temporary file's metadata: every push looks, and a cache of
-    /// 50,000 paths would otherwise cost 100,000 stats.
+    /// Only a temporary file's metadata is read: every push looks, and a cache of 50,000 paths
+    /// would otherwise cost 100,000 stats.
     fn leftovers(&self) -> Result<Vec<Leftover>, StorageError> {
         let mut found = Vec::new();
         for sub in ["", "nar", "debuginfo", crate::layout::STATE_DIR] {
-            let d = self.dir.join(sub);
-            if !sub.is_empty() && fs::symlink_metadata(&d).is_ok_and(|m| !m.is_dir()) {
-                continue;
-            }
-            let entries = match fs::read_dir(&d) {
-                Ok(e) => e,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err("list", &d)(e)),
-            };
-            for e in entries {
-                let e = e.map_err(io_err("list", &d))?;
-                let Ok(name) = e.file_name().into_string() else { continue };
-                if !crate::layout::is_temp(&name) {
-                    continue;
-                }
-                // Gone since the listing, or a directory: nothing to remove.
-                let Ok(m) = e.metadata() else { continue };
-                if m.is_dir() {
-                    continue;
-                }
-                let name = if sub.is_empty() { name } else { format!("{sub}/{name}") };
-                found.push(Leftover {
-                    name,
-                    size: m.len(),
-                    modified: m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                    upload_id: None,
-                });
+            for m in self.entries(sub, crate::layout::is_temp)? {
+                found.push(Leftover { name: m.name, size: m.size, modified: m.modified, upload_id: None });
             }
         }
         found.sort_by(|a, b| a.name.cmp(&b.name));
