@@ -205,13 +205,12 @@ impl Upstream {
                 Answer::Failed(r)
             }
         };
-        if !matches!(answer, Answer::Failed(_)) {
-            self.in_a_row.store(0, Ordering::Relaxed);
-        } else {
-            self.failed.fetch_add(1, Ordering::Relaxed);
-        }
-        if let Answer::Failed(r) = &answer {
-            self.first_error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(|| r.clone());
+        match &answer {
+            Answer::Failed(r) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                self.first_error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(|| r.clone());
+            }
+            _ => self.in_a_row.store(0, Ordering::Relaxed),
         }
         answer
     }
