@@ -8,7 +8,6 @@ use anyhow::bail;
 use crate::cache::Cache;
 use crate::cli::PushArgs;
 use crate::progress;
-use crate::storage::Dest;
 use crate::store::PathInfo;
 use crate::store_path::StoreDir;
 use crate::upstream::lookup::{self, Upstream};
@@ -30,14 +29,11 @@ pub struct Partial {
 }
 
 impl Partial {
-    /// What the cache recorded, read from `opened` (a bucket, opened with the push's
-    /// credentials) or else looked at without changing it; nothing with `--no-skip`.
+    /// What the cache `opened` recorded (none when there is no cache yet, or with `--no-skip`).
     pub fn recorded(args: &PushArgs, opened: Option<&Cache>) -> anyhow::Result<Upstreams> {
-        Ok(match (&args.dest, opened) {
-            _ if args.no_skip => Upstreams::default(),
-            (_, Some(cache)) => cache.upstreams()?,
-            (Dest::Dir(d), None) if !d.exists() => Upstreams::default(),
-            (dest, None) => Cache::inspect(dest)?.upstreams()?,
+        Ok(match opened {
+            Some(cache) if !args.no_skip => cache.upstreams()?,
+            _ => Upstreams::default(),
         })
     }
 

@@ -22,11 +22,8 @@ fn dry_run(
     store: &Store,
     infos: &[crate::store::PathInfo],
     partial: &Partial,
+    cache: Option<&Cache>,
 ) -> anyhow::Result<bool> {
-    let cache = match &args.dest {
-        crate::storage::Dest::Dir(d) if !d.exists() => None,
-        dest => Some(Cache::inspect(dest)?),
-    };
     let keys =
         args.secret_keys.iter().map(|p| super::read_secret_key(p)).collect::<anyhow::Result<Vec<_>>>()?;
     let public: Vec<_> = keys.iter().map(|k| k.public_key()).collect();
@@ -104,11 +101,13 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
         .closure(&roots, args.include_outputs)
         .with_context(|| format!("cannot read the closure from the {}", store.source_name()))?;
     let mode = Mode::detect(args.quiet);
-    // A bucket is opened first, with the push's credentials: what is wrong with them is the
-    // first thing said, and its records are read as the push will write.
-    let opened = match (&args.dest, args.dry_run) {
-        (crate::storage::Dest::Bucket(_), false) => Some(Cache::create(args.dest_with_uploads())?),
-        _ => None,
+    // The cache as it is, for its records (and the dry run), before anything is written. A
+    // bucket a push will write is opened with the push's credentials: what is wrong with them
+    // is the first thing said.
+    let opened = match &args.dest {
+        crate::storage::Dest::Dir(d) if !d.exists() => None,
+        crate::storage::Dest::Bucket(_) if !args.dry_run => Some(Cache::create(args.dest_with_uploads())?),
+        dest => Some(Cache::inspect(dest)?),
     };
     let recorded = Partial::recorded(args, opened.as_ref())?;
     let partial = Partial::decide(args, store.store_dir(), &infos, recorded)?;
@@ -118,14 +117,14 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
         }
     }
     if args.dry_run {
-        return dry_run(args, &store, &infos, &partial);
+        return dry_run(args, &store, &infos, &partial, opened.as_ref());
     }
     let closure = infos;
     let infos = partial.kept(&closure);
 
-    let mut cache = match opened {
-        Some(c) => c,
-        None => Cache::create(args.dest_with_uploads())?,
+    let mut cache = match (&args.dest, opened) {
+        (crate::storage::Dest::Bucket(_), Some(c)) => c,
+        _ => Cache::create(args.dest_with_uploads())?,
     };
     cache.lock(|| {
         if mode != Mode::Quiet {
