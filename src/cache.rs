@@ -395,18 +395,14 @@ impl Cache {
         Ok(self.backend.sync_dir(sub)?)
     }
 
-    /// Stages a rewritten narinfo that keeps the old one's modification time where the
-    /// storage can: a change that is not a push (adding a signature) must not make gc think a
-    /// push included the path. It replaces `file`, which must be the narinfo's own name: a
-    /// misnamed narinfo never overwrites the right one.
-    pub fn stage_narinfo(
-        &self,
-        file: &str,
-        ni: &NarInfo,
-        modified: SystemTime,
-    ) -> Result<Staged, CacheError> {
+    /// Replaces a narinfo with a rewritten one, durable before it appears, that keeps the old
+    /// one's modification time where the storage can: a change that is not a push (adding a
+    /// signature) must not make gc think a push included the path. It replaces `file`, which
+    /// must be the narinfo's own name: a misnamed narinfo never overwrites the right one. The
+    /// caller syncs the top directory ([`Cache::sync_dir`]) once all are replaced.
+    pub fn replace_narinfo(&self, file: &str, ni: &NarInfo, modified: SystemTime) -> Result<(), CacheError> {
         assert_eq!(file, ni.file_name(), "a narinfo is rewritten only under its own name");
-        Ok(self.backend.stage(file, ni.to_string().as_bytes(), Some(modified))?)
+        Ok(self.backend.replace(file, ni.to_string().as_bytes(), Some(modified))?)
     }
 
     /// Reads `nix-cache-info`, if present.

@@ -7,15 +7,21 @@
 //! `--no-check-contents`) decompresses to its NarSize and NarHash. Anything else is reported
 //! and left unsigned; a narinfo is only ever rewritten under its own name.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::SystemTime;
 
 use anyhow::Context;
 use rayon::prelude::*;
 
-use crate::cache::{Cache, Staged};
+use crate::cache::Cache;
 use crate::cli::SignArgs;
 use crate::index::Index;
+use crate::narinfo::NarInfo;
 use crate::verify::check_nar;
+
+/// Rewrites in flight at once: as many fsyncs (or PUTs) as push keeps in flight.
+const WRITERS: usize = 16;
 
 pub fn run(args: &SignArgs) -> anyhow::Result<bool> {
     let key = super::read_secret_key(&args.secret_key)?;
@@ -52,47 +58,55 @@ pub fn run(args: &SignArgs) -> anyhow::Result<bool> {
             }
         })
         .collect();
-    // Every rewritten narinfo is staged, all are made durable at once, then renamed into place.
-    let staged: Vec<Staged> = todo
-        .par_iter()
-        .filter_map(|(entry, ni)| {
+    // The checks and signatures take the CPU, on rayon's threads; the rewrites wait for the
+    // disk (or the bucket), so WRITERS of them are in flight on threads of their own, fed
+    // through a short queue. Each rewrite is flushed before its name replaces the old one;
+    // the directory is flushed once, at the end.
+    let signed = AtomicUsize::new(0);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(&str, NarInfo, SystemTime)>(4 * WRITERS);
+    let rx = Mutex::new(rx);
+    std::thread::scope(|s| {
+        for _ in 0..WRITERS {
+            s.spawn(|| {
+                loop {
+                    let Ok((file, ni, modified)) = rx.lock().unwrap_or_else(|e| e.into_inner()).recv() else {
+                        break;
+                    };
+                    match cache.replace_narinfo(file, &ni, modified) {
+                        Ok(()) => {
+                            signed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            let path = ni.store_dir.display(&ni.store_path);
+                            crate::elog!("error: cannot sign {path}: {e}");
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            });
+        }
+        todo.par_iter().for_each_with(tx, |tx, (entry, ni)| {
             if ni.verified_by(&public) {
                 already.fetch_add(1, Ordering::Relaxed);
-                return None;
+                return;
             }
-            let path = ni.store_dir.display(&ni.store_path);
             let mut problems = Vec::new();
             check_nar(&cache, ni, !args.no_check_contents, &mut |_, message| problems.push(message));
             if !problems.is_empty() {
+                let path = ni.store_dir.display(&ni.store_path);
                 crate::elog!("error: {path}: not signed: {}", problems.join("; "));
                 refused.fetch_add(1, Ordering::Relaxed);
-                return None;
+                return;
             }
             let mut ni = (*ni).clone();
             ni.add_signature(&key);
-            match cache.stage_narinfo(&entry.file, &ni, entry.modified) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    crate::elog!("error: cannot sign {path}: {e}");
-                    failed.fetch_add(1, Ordering::Relaxed);
-                    None
-                }
-            }
-        })
-        .collect();
-    let mut signed = 0;
-    if !staged.is_empty() {
-        cache.sync_data(&staged).context("nothing was signed")?;
-        for s in staged {
-            match s.commit() {
-                Ok(()) => signed += 1,
-                Err(e) => {
-                    crate::elog!("error: cannot sign: {e}");
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-        cache.sync_dir("")?;
+            // The writers end only when every sender is gone.
+            tx.send((entry.file.as_str(), ni, entry.modified)).expect("writers run until the queue closes");
+        });
+    });
+    let signed = signed.into_inner();
+    if signed > 0 {
+        cache.sync_dir("").context("what was signed may not survive a power cut")?;
     }
     let (already, failed, refused) = (already.into_inner(), failed.into_inner(), refused.into_inner());
     if !args.quiet {

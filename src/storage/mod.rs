@@ -269,6 +269,15 @@ pub trait Backend: Send + Sync {
     /// Makes the contents of staged files durable.
     fn sync(&self, staged: &[&Staged]) -> Result<(), StorageError>;
 
+    /// Puts `data` in place as `rel` now, its contents durable before the name appears (the
+    /// caller syncs the directory afterwards, once for many): [`Backend::stage`], then
+    /// [`Backend::sync`] and [`Staged::commit`] of that one file.
+    fn replace(&self, rel: &str, data: &[u8], modified: Option<SystemTime>) -> Result<(), StorageError> {
+        let staged = self.stage(rel, data, modified)?;
+        self.sync(&[&staged])?;
+        staged.commit()
+    }
+
     /// Makes the names committed into the subdirectory `sub` durable.
     fn sync_dir(&self, sub: &str) -> Result<(), StorageError>;
 
