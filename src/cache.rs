@@ -587,7 +587,7 @@ impl Cache {
     }
 
     /// Requests made to a bucket so far, by kind.
-    pub fn requests(&self) -> std::collections::HashMap<&'static str, u64> {
+    pub fn requests(&self) -> std::collections::HashMap<&'static str, crate::storage::Requests> {
         self.backend.requests()
     }
 }

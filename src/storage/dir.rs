@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
-use super::{Backend, Leftover, Meta, NewFile, Reader, Record, Staged};
+use super::{Backend, Leftover, Meta, NewFile, Reader, Record, Requests, Staged};
 use super::{FileProblem, StorageError};
 use crate::layout::{LOCK_FILE, SUBDIRS, TEMP_PREFIX};
 
@@ -451,7 +451,7 @@ impl Backend for DirBackend {
         Ok(None)
     }
 
-    fn requests(&self) -> HashMap<&'static str, u64> {
+    fn requests(&self) -> HashMap<&'static str, Requests> {
         HashMap::new()
     }
 }

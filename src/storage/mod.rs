@@ -24,7 +24,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use std::io;
 
@@ -174,6 +174,14 @@ impl Staged {
 }
 
 /// An incomplete upload or temporary file some run left behind.
+/// Requests of one kind made to a bucket: how many (each try counts) and how long they took
+/// from sending to the end of their answers, added up over the threads that sent them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Requests {
+    pub count: u64,
+    pub time: Duration,
+}
+
 #[derive(Clone, Debug)]
 pub struct Leftover {
     /// What to call it: a cache-relative name, with the upload id for an upload.
@@ -316,5 +324,5 @@ pub trait Backend: Send + Sync {
     fn prepare_lookups(&self, paths: usize) -> Result<Option<String>, StorageError>;
 
     /// Requests made so far, by kind, for the summary and the benchmark.
-    fn requests(&self) -> HashMap<&'static str, u64>;
+    fn requests(&self) -> HashMap<&'static str, Requests>;
 }

@@ -7,9 +7,11 @@
 //! of their own while the next part is compressed).
 //!
 //! - A NAR's name is its own hash, known only once it is compressed. One that fits in a part
-//!   goes up in one PUT under its name; a larger one streams up as a multipart upload to a
-//!   temporary key while it is compressed, is copied to its name by the server (CopyObject,
-//!   or UploadPartCopy above 5 GiB) and the temporary key deleted.
+//!   goes up in one PUT under its name from memory; one up to [`SPOOL_LIMIT`] is held in a
+//!   temporary file while it is compressed and goes up in one PUT under its name; a larger
+//!   one streams up as a multipart upload to a temporary key while it is compressed, is
+//!   copied to its name by the server (CopyObject, or UploadPartCopy above 5 GiB) and the
+//!   temporary key deleted.
 //! - Writers take no lock: there is nothing to lock a bucket with that every server honours
 //!   (Garage ignores conditional writes). Content-addressed NAR keys make racing uploads of
 //!   the same NAR harmless, and a narinfo is only written after its NAR and its references.
@@ -23,12 +25,12 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use rusty_s3::{Bucket, Method, UrlStyle};
 use thiserror::Error;
@@ -36,7 +38,7 @@ use url::Url;
 
 use super::answers::{self, error_code, parse_time, printable, redact_url, xml_values};
 use super::credentials::{self, Creds};
-use super::{Backend, Leftover, Meta, NewFile, Reader, Record, Staged};
+use super::{Backend, Leftover, Meta, NewFile, Reader, Record, Requests, Staged};
 use super::{FileProblem, StorageError};
 use crate::layout::TEMP_PREFIX;
 
@@ -49,6 +51,20 @@ pub const PART_SIZE: usize = 8 << 20;
 
 /// The largest object CopyObject copies; a larger one is copied a part at a time.
 const COPY_LIMIT: u64 = 5 << 30;
+
+/// How much of a NAR larger than a part is held in a temporary file (in `TMPDIR`) while it
+/// is compressed, so that it goes up in one PUT under its name once its hash is known:
+/// [`SPOOL_LIMIT`], or `NIXCACHE_S3_SPOOL_LIMIT` bytes (at most 4 GiB; 0 turns it off). A
+/// larger NAR goes up as a multipart upload to a temporary key and is copied to its name.
+pub const SPOOL_LIMIT: u64 = 64 << 20;
+
+fn spool_limit() -> u64 {
+    std::env::var("NIXCACHE_S3_SPOOL_LIMIT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(SPOOL_LIMIT)
+        .min(4 << 30)
+}
 
 /// Where push records live, under the prefix.
 const RECORDS: &str = ".nixcache/pushes";
@@ -199,6 +215,8 @@ pub enum S3Error {
     BadAnswer { what: String, reason: String },
     #[error("{endpoint} is not a usable endpoint: {reason}")]
     BadEndpoint { endpoint: String, reason: String },
+    #[error("reading back the temporary file (in TMPDIR) a NAR was held in: {0}")]
+    Spool(#[source] io::Error),
 }
 
 impl S3Error {
@@ -262,13 +280,44 @@ struct Client {
     prefix: String,
     endpoint: String,
     url: BucketUrl,
-    counts: Mutex<HashMap<&'static str, u64>>,
+    /// Requests made and the time spent on them (their answers read), by kind.
+    counts: Mutex<HashMap<&'static str, Requests>>,
     slots: Slots,
     /// Objects known to exist (name -> meta), from one listing, when lookups use it.
     snapshot: Mutex<Option<HashMap<String, Meta>>>,
 }
 
 type Response = ureq::http::Response<ureq::Body>;
+
+/// What a request sends.
+#[derive(Clone, Copy)]
+enum Body<'a> {
+    None,
+    Bytes(&'a [u8]),
+    /// The whole of a file, read from its start on every try.
+    File(&'a File),
+}
+
+/// `f`, at its start.
+fn rewound(mut f: &File) -> Result<&File, ureq::Error> {
+    f.seek(io::SeekFrom::Start(0))?;
+    Ok(f)
+}
+
+/// A request being timed: its time is added to its kind's when it ends.
+struct Timed<'c> {
+    client: &'c Client,
+    kind: &'static str,
+    started: Instant,
+}
+
+impl Drop for Timed<'_> {
+    fn drop(&mut self) {
+        let took = self.started.elapsed();
+        self.client.counts.lock().unwrap_or_else(|e| e.into_inner()).entry(self.kind).or_default().time +=
+            took;
+    }
+}
 
 /// Why reading an answer's body failed: worth another try, or final.
 enum BodyError {
@@ -287,8 +336,10 @@ impl Client {
         key.strip_prefix(self.prefix.as_str()).unwrap_or(key)
     }
 
-    fn count(&self, kind: &'static str) {
-        *self.counts.lock().unwrap_or_else(|e| e.into_inner()).entry(kind).or_default() += 1;
+    /// Counts a request of `kind` now and, when the guard is dropped, the time it took.
+    fn count(&self, kind: &'static str) -> Timed<'_> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner()).entry(kind).or_default().count += 1;
+        Timed { client: self, kind, started: Instant::now() }
     }
 
     /// The credentials to sign with now: temporary ones are fetched again from where they
@@ -306,7 +357,7 @@ impl Client {
         if !current.as_ref().is_some_and(|c| c.due(now)) {
             return current;
         }
-        self.count("credentials");
+        let _timed = self.count("credentials");
         match credentials::find(self.url.profile.as_deref()) {
             Ok(fresh) => {
                 let fresh = Some(Arc::new(fresh));
@@ -383,7 +434,7 @@ impl Client {
         key: Option<&str>,
         query: &[(&str, &str)],
         headers: &[(&str, &str)],
-        body: Option<&[u8]>,
+        body: Body<'_>,
         ok: &[u16],
     ) -> Result<Response, S3Error> {
         self.send_with(kind, what, method, key, query, headers, body, ok, Ok)
@@ -402,14 +453,14 @@ impl Client {
         key: Option<&str>,
         query: &[(&str, &str)],
         headers: &[(&str, &str)],
-        body: Option<&[u8]>,
+        body: Body<'_>,
         ok: &[u16],
         read: impl Fn(Response) -> Result<T, BodyError>,
     ) -> Result<T, S3Error> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            self.count(kind);
+            let _timed = self.count(kind);
             let url = self.presign(method, key, query, headers);
             let uri = url.as_str();
             let result = match method {
@@ -422,8 +473,9 @@ impl Client {
                         r = r.header(*k, *v);
                     }
                     match body {
-                        Some(b) => r.send(b),
-                        None => r.send_empty(),
+                        Body::Bytes(b) => r.send(b),
+                        Body::File(f) => rewound(f).and_then(|f| r.send(f)),
+                        Body::None => r.send_empty(),
                     }
                 }
                 Method::Post => {
@@ -432,8 +484,9 @@ impl Client {
                         r = r.header(*k, *v);
                     }
                     match body {
-                        Some(b) => r.send(b),
-                        None => r.send_empty(),
+                        Body::Bytes(b) => r.send(b),
+                        Body::File(f) => rewound(f).and_then(|f| r.send(f)),
+                        Body::None => r.send_empty(),
                     }
                 }
             };
@@ -549,10 +602,11 @@ impl Client {
             if let Some(t) = &token {
                 query.push(("continuation-token", t.as_str()));
             }
-            let page = self.send_with("list", &what, Method::Get, None, &query, &[], None, &[200], |r| {
-                let body = Self::body_text(r, 64 << 20)?;
-                answers::list_page(&body, prefix).map_err(BodyError::Retry)
-            })?;
+            let page =
+                self.send_with("list", &what, Method::Get, None, &query, &[], Body::None, &[200], |r| {
+                    let body = Self::body_text(r, 64 << 20)?;
+                    answers::list_page(&body, prefix).map_err(BodyError::Retry)
+                })?;
             for o in page.objects {
                 let rel = self.rel(&o.key).to_owned();
                 if rel.ends_with('/') {
@@ -573,7 +627,7 @@ impl Client {
     fn head(&self, rel: &str) -> Result<Option<Meta>, S3Error> {
         let key = self.key(rel);
         let what = || format!("looking up {}", self.url_of(rel));
-        let r = self.send("head", &what, Method::Head, Some(&key), &[], &[], None, &[200, 404])?;
+        let r = self.send("head", &what, Method::Head, Some(&key), &[], &[], Body::None, &[200, 404])?;
         if r.status().as_u16() == 404 {
             return Ok(None);
         }
@@ -599,10 +653,20 @@ impl Client {
             Some(&key),
             &[],
             &[("content-type", content_type(rel))],
-            Some(data),
+            Body::Bytes(data),
             &[200],
         )?;
         self.noted(rel, data.len() as u64);
+        Ok(())
+    }
+
+    /// Uploads the whole of `f` (`size` bytes) to `rel` in one PUT.
+    fn put_file(&self, rel: &str, f: &File, size: u64) -> Result<(), S3Error> {
+        let key = self.key(rel);
+        let what = || format!("uploading {}", self.url_of(rel));
+        let headers = [("content-type", content_type(rel))];
+        self.send("put", &what, Method::Put, Some(&key), &[], &headers, Body::File(f), &[200])?;
+        self.noted(rel, size);
         Ok(())
     }
 
@@ -627,7 +691,7 @@ impl Client {
     fn delete(&self, rel: &str) -> Result<(), S3Error> {
         let key = self.key(rel);
         let what = || format!("deleting {}", self.url_of(rel));
-        self.send("delete", &what, Method::Delete, Some(&key), &[], &[], None, &[200, 204, 404])?;
+        self.send("delete", &what, Method::Delete, Some(&key), &[], &[], Body::None, &[200, 204, 404])?;
         if let Some(s) = self.snapshot.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             s.remove(rel);
         }
@@ -658,7 +722,7 @@ impl Client {
             ];
             // A copy can fail after its 200 has been sent: the error is in the body, and an
             // answer without its CopyObjectResult is no copy. Copying again is harmless.
-            self.send_with("copy", &what, Method::Put, Some(&key), &[], &headers, None, &[200], |r| {
+            self.send_with("copy", &what, Method::Put, Some(&key), &[], &headers, Body::None, &[200], |r| {
                 let body = Self::body_text(r, 1 << 20)?;
                 if body.contains("<Error>") {
                     let (code, message) = error_code(&body);
@@ -688,7 +752,7 @@ impl Client {
                         Some(&key),
                         &query,
                         &headers,
-                        None,
+                        Body::None,
                         &[200],
                         |r| {
                             let body = Self::body_text(r, 1 << 20)?;
@@ -736,7 +800,7 @@ impl Client {
             Some(key),
             &[("uploads", "")],
             &[("content-type", content_type(rel))],
-            None,
+            Body::None,
             &[200],
             |r| {
                 let body = Self::body_text(r, 1 << 20)?;
@@ -752,7 +816,8 @@ impl Client {
         let number = n.to_string();
         let what = || format!("uploading part {n} of s3://{}/{key}", self.url.bucket);
         let query = [("partNumber", number.as_str()), ("uploadId", id)];
-        let r = self.send("upload-part", &what, Method::Put, Some(key), &query, &[], Some(data), &[200])?;
+        let r =
+            self.send("upload-part", &what, Method::Put, Some(key), &query, &[], Body::Bytes(data), &[200])?;
         r.headers()
             .get("etag")
             .and_then(|v| v.to_str().ok())
@@ -775,7 +840,7 @@ impl Client {
             Some(key),
             &[("uploadId", id)],
             &[],
-            Some(body.as_bytes()),
+            Body::Bytes(body.as_bytes()),
             &[200],
             |r| {
                 let answer = Self::body_text(r, 1 << 20)?;
@@ -806,7 +871,7 @@ impl Client {
             Some(key),
             &[("uploadId", id)],
             &[],
-            None,
+            Body::None,
             &[200, 204, 404],
         )
         .map(drop)
@@ -949,7 +1014,7 @@ impl S3Backend {
             None,
             &[("list-type", "2"), ("max-keys", "1"), ("prefix", &client.prefix)],
             &[],
-            None,
+            Body::None,
             &[200],
         )?;
         Ok(S3Backend { client: Arc::new(client) })
@@ -1011,7 +1076,7 @@ impl Backend for S3Backend {
         let what = || format!("downloading {}", self.client.url_of(rel));
         // The whole body in the try, retried like the request: a read cut short is no file.
         self.client
-            .send_with("get", &what, Method::Get, Some(&key), &[], &[], None, &[200, 404], |r| {
+            .send_with("get", &what, Method::Get, Some(&key), &[], &[], Body::None, &[200, 404], |r| {
                 if r.status().as_u16() == 404 {
                     return Ok(None);
                 }
@@ -1037,7 +1102,7 @@ impl Backend for S3Backend {
         let what = || format!("downloading {}", self.client.url_of(rel));
         let r = self
             .client
-            .send("get", &what, Method::Get, Some(&key), &[], &[], None, &[200, 404])
+            .send("get", &what, Method::Get, Some(&key), &[], &[], Body::None, &[200, 404])
             .map_err(|e| FileProblem::Io(e.into_io()))?;
         if r.status().as_u16() == 404 {
             return Ok(None);
@@ -1054,6 +1119,9 @@ impl Backend for S3Backend {
             client: self.client.clone(),
             tmp_rel: tmp.trim_start_matches('/').to_owned(),
             buf: Vec::new(),
+            spool: None,
+            spooled: 0,
+            spool_limit: spool_limit(),
             id: None,
             etags: Vec::new(),
             inflight: None,
@@ -1122,7 +1190,7 @@ impl Backend for S3Backend {
                 query.push(("upload-id-marker", u.as_str()));
             }
             let page = c
-                .send_with("list-uploads", &what, Method::Get, None, &query, &[], None, &[200], |r| {
+                .send_with("list-uploads", &what, Method::Get, None, &query, &[], Body::None, &[200], |r| {
                     let body = Client::body_text(r, 64 << 20)?;
                     answers::upload_page(&body, &c.prefix).map_err(BodyError::Retry)
                 })
@@ -1233,7 +1301,7 @@ impl Backend for S3Backend {
         Ok(Some(format!("listed the bucket once ({n} objects)")))
     }
 
-    fn requests(&self) -> HashMap<&'static str, u64> {
+    fn requests(&self) -> HashMap<&'static str, Requests> {
         self.client.counts.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
@@ -1251,13 +1319,21 @@ fn parse_record(bytes: &[u8], mut each: impl FnMut(&str)) -> Result<(), String> 
     Ok(())
 }
 
-/// A NAR going up: parts of [`PART_SIZE`] (growing) as they fill, each on a thread of its
-/// own while the next fills; one PUT if it never fills a part.
+/// A NAR going up. Up to [`PART_SIZE`] it is held in memory and goes up in one PUT; up to
+/// the spool limit it is held in a temporary file as well and goes up in one PUT, the file's
+/// whole contents; beyond that it goes up as a multipart upload to a temporary key, parts of
+/// [`PART_SIZE`] (growing), each on a thread of its own while the next fills, and is copied
+/// to its name.
 struct Upload {
     client: Arc<Client>,
     /// The temporary name a multipart upload goes to.
     tmp_rel: String,
     buf: Vec<u8>,
+    /// The full parts written so far, while no multipart upload has started.
+    spool: Option<File>,
+    /// How many bytes of `spool` were written whole (a failed write leaves more).
+    spooled: u64,
+    spool_limit: u64,
     id: Option<String>,
     etags: Vec<String>,
     inflight: Option<JoinHandle<Result<String, S3Error>>>,
@@ -1279,12 +1355,65 @@ impl Upload {
         Ok(())
     }
 
-    /// Sends the buffer as the next part, on its own thread.
+    /// The buffer is a full part: into the spool while the NAR is within its limit (and the
+    /// spool can be written), else up as the next part.
+    fn full_part(&mut self) -> Result<(), S3Error> {
+        if self.id.is_none() && self.spool_part() {
+            return Ok(());
+        }
+        self.send_part()
+    }
+
+    /// Appends the buffer to the spool, made on first use; false when the NAR is beyond the
+    /// limit or the spool cannot be written (then it is given up for this NAR: what it holds
+    /// past `spooled` is not to be trusted).
+    fn spool_part(&mut self) -> bool {
+        if self.size > self.spool_limit {
+            return false;
+        }
+        if self.spool.is_none() {
+            // No temporary file is no failure: the NAR goes up in parts instead.
+            self.spool = tempfile::tempfile_in(std::env::temp_dir()).ok();
+        }
+        let Some(f) = self.spool.as_mut() else { return false };
+        if f.write_all(&self.buf).is_err() {
+            self.spool_limit = 0;
+            return false;
+        }
+        self.spooled += self.buf.len() as u64;
+        self.buf.clear();
+        true
+    }
+
+    /// Sends the buffer as the next part, on its own thread; the spool's parts go first.
     fn send_part(&mut self) -> Result<(), S3Error> {
         let key = self.client.key(&self.tmp_rel);
         if self.id.is_none() {
             self.id = Some(self.client.create_multipart(&self.tmp_rel, &key)?);
         }
+        if let Some(mut f) = self.spool.take() {
+            let pending = std::mem::take(&mut self.buf);
+            f.seek(io::SeekFrom::Start(0)).map_err(S3Error::Spool)?;
+            let mut spooled = (&f).take(std::mem::take(&mut self.spooled));
+            loop {
+                let mut part = Vec::with_capacity(self.part_size());
+                (&mut spooled)
+                    .take(self.part_size() as u64)
+                    .read_to_end(&mut part)
+                    .map_err(S3Error::Spool)?;
+                if part.is_empty() {
+                    break;
+                }
+                self.buf = part;
+                self.send_one()?;
+            }
+            self.buf = pending;
+        }
+        self.send_one()
+    }
+
+    fn send_one(&mut self) -> Result<(), S3Error> {
+        let key = self.client.key(&self.tmp_rel);
         self.wait_inflight()?;
         let data = std::mem::take(&mut self.buf);
         let (client, id) = (self.client.clone(), self.id.clone().expect("started"));
@@ -1309,7 +1438,7 @@ impl Write for Upload {
         self.buf.extend_from_slice(&data[..n]);
         self.size += n as u64;
         if self.buf.len() == self.part_size()
-            && let Err(e) = self.send_part()
+            && let Err(e) = self.full_part()
         {
             self.failed = Some(e.to_string());
             return Err(e.into_io());
@@ -1326,11 +1455,14 @@ impl NewFile for Upload {
     fn stage(mut self: Box<Self>, dest: &str) -> Result<Staged, StorageError> {
         let client = self.client.clone();
         let io = client.cache_err("upload", dest);
-        if self.id.is_none() {
+        if self.id.is_none() && self.spool.is_none() {
             let buf = std::mem::take(&mut self.buf);
             self.client.put(dest, &buf).map_err(&io)?;
+        } else if self.id.is_none() && self.spool_part() {
+            let f = self.spool.take().expect("spooled");
+            self.client.put_file(dest, &f, self.size).map_err(&io)?;
         } else {
-            if !self.buf.is_empty() {
+            if !self.buf.is_empty() || self.spool.is_some() {
                 self.send_part().map_err(&io)?;
             }
             self.wait_inflight().map_err(&io)?;

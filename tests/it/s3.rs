@@ -284,6 +284,14 @@ fn nc(s: &Server, home: &Path) -> Command {
     c
 }
 
+/// [`nc`] with the spool off: every NAR larger than a part goes up as a multipart upload to a
+/// temporary key and is copied to its name, as one beyond the spool limit does.
+fn nc_parts(s: &Server, home: &Path) -> Command {
+    let mut c = nc(s, home);
+    c.env("NIXCACHE_S3_SPOOL_LIMIT", "0");
+    c
+}
+
 fn get(url: &str) -> (u16, Vec<u8>, String) {
     let out = Command::new("curl").args(["-s", "-D", "-", url]).output().unwrap();
     let text = out.stdout;
@@ -303,16 +311,32 @@ fn bucket_push_is_the_directory_push_and_nix_restores_it() {
     for compression in ["xz", "zstd", "bzip2", "none"] {
         let dir = t.path().join(compression);
         let prefix = format!("{compression}/cache");
+        // The random NAR (26 MiB uncompressed) is larger than a part. Within the spool limit
+        // it goes up in one PUT under its name; with the spool off, as for a NAR beyond it, it
+        // goes up in parts to a temporary key and is copied, here a part at a time (copies
+        // above 6 MiB are made so, as above 5 GiB).
+        let spooled = compression != "none";
         let push = |dest: &str| {
             let mut c = nc(&s, t.path());
-            c.args(["push", "-q", "-c", compression, "-k", SECRET, "--nar-listing", "--dest", dest])
+            c.args(["push", "-c", compression, "-k", SECRET, "--nar-listing", "--dest", dest])
                 .args([&f.top, &random]);
-            // Copies above 6 MiB go a part at a time, as above 5 GiB.
             c.env("NIXCACHE_S3_COPY_LIMIT", (6 << 20).to_string());
-            ok(&mut c);
+            if !spooled {
+                c.env("NIXCACHE_S3_SPOOL_LIMIT", "0");
+            }
+            let out = c.output().unwrap();
+            let err = stderr(&out);
+            assert!(out.status.success(), "{err}");
+            err
         };
         push(dir.to_str().unwrap());
-        push(&s.url(&prefix));
+        let err = push(&s.url(&prefix));
+        let requests = err.lines().find(|l| l.contains(" requests (")).unwrap_or_else(|| panic!("{err}"));
+        if spooled {
+            assert!(!requests.contains("upload") && !requests.contains("copy"), "{requests}");
+        } else {
+            assert!(requests.contains("upload-part") && requests.contains("copy-part"), "{requests}");
+        }
         // Every file of the directory push is an object with the same bytes and Nix's type.
         for (rel, bytes) in tree(&dir) {
             let rel = rel.to_str().unwrap().to_owned();
@@ -496,7 +520,7 @@ fn bucket_survives_a_server_killed_mid_push() {
             Fault::Forward
         }
     });
-    let push = nc(&s, t.path())
+    let push = nc_parts(&s, t.path())
         .args(["push", "-q", "-k", SECRET, "-j", "1", "--dest", &s.url_via("kill", p.port)])
         .args([&random, &f.top])
         .stderr(Stdio::piped())
@@ -751,7 +775,9 @@ fn a_failed_push_aborts_its_multipart_uploads() {
         line.starts_with("PUT") && line.contains("partNumber=")
     });
     let out = fails(
-        nc(&s, t.path()).args(["push", "-k", SECRET, "--dest", &s.url_via("abort", p.port)]).arg(&random),
+        nc_parts(&s, t.path())
+            .args(["push", "-k", SECRET, "--dest", &s.url_via("abort", p.port)])
+            .arg(&random),
     );
     let err = stderr(&out);
     assert!(err.contains("500"), "{err}");
@@ -947,10 +973,11 @@ fn a_push_killed_mid_upload_leaves_a_consistent_bucket() {
         .trim()
         .to_owned();
     let url = s.url("sigkill");
-    // One thread, the large path first: killed while its parts go up, after some small
-    // paths may be in.
-    for delay in [300, 1500, 4000] {
-        let mut push = nc(&s, t.path())
+    // One thread, the large path first: killed while it is compressed into the spool or goes
+    // up in one PUT, or (the spool off) while its parts go up, after some small paths may be in.
+    for (delay, spool) in [300, 1500, 4000].into_iter().flat_map(|d| [(d, true), (d, false)]) {
+        let mut push = if spool { nc(&s, t.path()) } else { nc_parts(&s, t.path()) };
+        let mut push = push
             .args(["push", "-q", "-k", SECRET, "-j", "1", "--dest", &url])
             .args([&random, &f.top])
             .stderr(Stdio::null())
@@ -960,7 +987,7 @@ fn a_push_killed_mid_upload_leaves_a_consistent_bucket() {
         let _ = push.kill();
         let _ = push.wait();
         let broken = inconsistencies(&s, t.path(), &url, None);
-        assert!(broken.is_empty(), "killed after {delay} ms: {broken:#?}");
+        assert!(broken.is_empty(), "killed after {delay} ms (spool {spool}): {broken:#?}");
     }
     ok(nc(&s, t.path()).args(["push", "-q", "-k", SECRET, "--dest", &url]).args([&random, &f.top]));
     ok(nc(&s, t.path())
@@ -1112,7 +1139,7 @@ fn gc_aborts_the_uploads_of_killed_runs_once_stale() {
     let url = s.url("stale");
     // Killed while its parts go up: the upload stays behind.
     let mut push =
-        nc(&s, t.path()).args(["push", "-q", "-j", "1", "--dest", &url]).arg(&random).spawn().unwrap();
+        nc_parts(&s, t.path()).args(["push", "-q", "-j", "1", "--dest", &url]).arg(&random).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while s.uploads().is_empty() {
         assert!(Instant::now() < deadline, "no multipart upload started");
@@ -1300,7 +1327,7 @@ fn temporary_keys_are_unique_across_machines_and_copies_are_checked() {
     let pushes: Vec<_> = randoms
         .iter()
         .map(|r| {
-            let mut c = nc(&s, t.path());
+            let mut c = nc_parts(&s, t.path());
             let program = c.get_program().to_owned();
             let args: Vec<_> = ["push", "-q", "-j", "1", "-k", SECRET, "--dest", &url, r]
                 .iter()
@@ -1347,7 +1374,7 @@ fn temporary_keys_are_unique_across_machines_and_copies_are_checked() {
             && !line.contains("nixcache-tmp");
         if n == 0 && (copy || nar_put) { Fault::Lose } else { Fault::Forward }
     });
-    let out = nc(&s, t.path())
+    let out = nc_parts(&s, t.path())
         .args(["push", "-k", SECRET, "--dest", &s.url_via("lost", p.port)])
         .args([&f.top, &fresh])
         .output()
