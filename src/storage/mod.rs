@@ -173,15 +173,16 @@ impl Staged {
     }
 }
 
-/// An incomplete upload or temporary file some run left behind.
 /// Requests of one kind made to a bucket: how many (each try counts) and how long they took
-/// from sending to the end of their answers, added up over the threads that sent them.
+/// from sending to the end of their answers (for a streamed download, to its head), added up
+/// over the threads that sent them; the pauses between tries are not counted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Requests {
     pub count: u64,
     pub time: Duration,
 }
 
+/// An incomplete upload or temporary file some run left behind.
 #[derive(Clone, Debug)]
 pub struct Leftover {
     /// What to call it: a cache-relative name, with the upload id for an upload.

@@ -298,10 +298,23 @@ enum Body<'a> {
     File(&'a File),
 }
 
-/// `f`, at its start.
-fn rewound(mut f: &File) -> Result<&File, ureq::Error> {
-    f.seek(io::SeekFrom::Start(0))?;
-    Ok(f)
+/// Sends a PUT or POST with its headers and body; a file is sent from its start on every try.
+fn with_body(
+    mut r: ureq::RequestBuilder<ureq::typestate::WithBody>,
+    headers: &[(&str, &str)],
+    body: Body<'_>,
+) -> Result<Response, ureq::Error> {
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    match body {
+        Body::Bytes(b) => r.send(b),
+        Body::File(mut f) => {
+            f.seek(io::SeekFrom::Start(0))?;
+            r.send(f)
+        }
+        Body::None => r.send_empty(),
+    }
 }
 
 /// A request being timed: its time is added to its kind's when it ends.
@@ -460,35 +473,15 @@ impl Client {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let _timed = self.count(kind);
+            let timed = self.count(kind);
             let url = self.presign(method, key, query, headers);
             let uri = url.as_str();
             let result = match method {
                 Method::Get => self.agent.get(uri).call(),
                 Method::Head => self.agent.head(uri).call(),
                 Method::Delete => self.agent.delete(uri).call(),
-                Method::Put => {
-                    let mut r = self.agent.put(uri);
-                    for (k, v) in headers {
-                        r = r.header(*k, *v);
-                    }
-                    match body {
-                        Body::Bytes(b) => r.send(b),
-                        Body::File(f) => rewound(f).and_then(|f| r.send(f)),
-                        Body::None => r.send_empty(),
-                    }
-                }
-                Method::Post => {
-                    let mut r = self.agent.post(uri);
-                    for (k, v) in headers {
-                        r = r.header(*k, *v);
-                    }
-                    match body {
-                        Body::Bytes(b) => r.send(b),
-                        Body::File(f) => rewound(f).and_then(|f| r.send(f)),
-                        Body::None => r.send_empty(),
-                    }
-                }
+                Method::Put => with_body(self.agent.put(uri), headers, body),
+                Method::Post => with_body(self.agent.post(uri), headers, body),
             };
             let last = attempt >= ATTEMPTS;
             match result {
@@ -514,6 +507,8 @@ impl Client {
                 }
                 Err(_) => {}
             }
+            // The pause before the next try is no time spent on the request.
+            drop(timed);
             std::thread::sleep(crate::retry::pause(attempt));
         }
     }
