@@ -90,52 +90,6 @@ impl FromStr for NixHash {
     }
 }
 
-/// A `Write` sink that hashes each consecutive `chunk`-byte range of what is written to it
-/// on its own (the last range may be shorter): a fingerprint of every xz block's input,
-/// taken in the pass that hashes the whole NAR.
-pub struct ChunkHasher {
-    chunk: u64,
-    filled: u64,
-    hasher: Sha256,
-    digests: Vec<NixHash>,
-}
-
-impl ChunkHasher {
-    pub fn new(chunk: u64) -> Self {
-        assert!(chunk > 0, "chunks are not empty");
-        ChunkHasher { chunk, filled: 0, hasher: Sha256::new(), digests: Vec::new() }
-    }
-
-    /// The hash of each range, in order.
-    pub fn finish(mut self) -> Vec<NixHash> {
-        if self.filled > 0 {
-            self.digests.push(NixHash(self.hasher.finalize().into()));
-        }
-        self.digests
-    }
-}
-
-impl Write for ChunkHasher {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut rest = buf;
-        while !rest.is_empty() {
-            let take = (self.chunk - self.filled).min(rest.len() as u64) as usize;
-            self.hasher.update(&rest[..take]);
-            self.filled += take as u64;
-            rest = &rest[take..];
-            if self.filled == self.chunk {
-                self.digests.push(NixHash(std::mem::take(&mut self.hasher).finalize().into()));
-                self.filled = 0;
-            }
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// A `Write` that passes bytes through while counting and hashing them.
 ///
 /// Stacked twice (NAR side and file side) it gives NarSize, NarHash, FileSize and FileHash in
@@ -214,20 +168,6 @@ impl<R: io::Read> io::Read for HashingReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn chunk_hashes_are_the_hashes_of_the_slices() {
-        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
-        for chunk in [1, 7, 4096, 5000, 10_000, 20_000] {
-            let mut h = ChunkHasher::new(chunk);
-            // In uneven writes.
-            for piece in data.chunks(333) {
-                h.write_all(piece).unwrap();
-            }
-            let want: Vec<NixHash> = data.chunks(chunk as usize).map(NixHash::digest).collect();
-            assert_eq!(h.finish(), want, "chunk {chunk}");
-        }
-    }
 
     #[test]
     fn forms_agree() {

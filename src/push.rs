@@ -2,12 +2,14 @@
 //!
 //! A path streams once through
 //! `dump -> (NarSize, NarHash) -> compressor -> (FileSize, FileHash) -> temp file`, so nothing
-//! is held whole in memory. An xz NAR of several blocks is instead hashed once, then each
-//! block is made from its own range of the NAR ([`dump_range`]) and compressed as a unit of
-//! its own, on whichever thread is free; finished blocks are appended in order. Work runs on
-//! `--jobs` threads, largest path first. A narinfo is published only after its NAR is in
-//! place and after the narinfos of all its references, so a run killed at any moment leaves a
-//! cache in which every narinfo a client can fetch is complete.
+//! is held whole in memory. An xz NAR of several blocks is read once too, and cut as it is
+//! read into blocks of the block size (24 MiB at level 6), each compressed as a unit of its
+//! own on whichever thread is free, while at most twice `--jobs` blocks of input are held;
+//! finished blocks are appended in order, and nothing of the path is published unless what
+//! was read hashes to the NarHash the store records. Work runs on `--jobs` threads, largest
+//! path first. A narinfo is published only after its NAR is in place and after the narinfos
+//! of all its references, so a run killed at any moment leaves a cache in which every
+//! narinfo a client can fetch is complete.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -20,8 +22,8 @@ use thiserror::Error;
 
 use crate::cache::{Cache, CacheError, Lookup, NewFile, Staged};
 use crate::compression::Compression;
-use crate::hash::{ChunkHasher, HashingWriter, NixHash};
-use crate::nar::dump::{DumpError, Marks, ResumePoint, dump_listing, dump_marked, dump_range_at};
+use crate::hash::{HashingWriter, NixHash};
+use crate::nar::dump::{DumpError, dump_listing};
 use crate::nar::listing::{Entry, debuginfo_json};
 use crate::narinfo::NarInfo;
 use crate::progress::{PathProgress, Progress, ProgressWriter};
@@ -52,7 +54,7 @@ struct Unit {
 /// Hands out units, largest path first, to `--jobs` threads.
 ///
 /// A path of several xz blocks (24 MiB of NAR each at level 6) becomes a unit per block
-/// once its NAR is hashed, and those units go ahead of smaller paths: every thread compresses
+/// as its read cuts them, and those units go ahead of smaller paths: every thread compresses
 /// one block at a time with one match finder, the large path is spread over all cores, and
 /// the cores its last block leaves free go to the next paths.
 struct Queue {
@@ -132,11 +134,7 @@ pub enum PushError {
     #[error("cannot write to the cache")]
     CacheWrite(#[source] io::Error),
     #[error(
-        "{path} changed while it was being pushed (block {block} of its NAR differs from the first read); nothing was published for it, push again"
-    )]
-    Changed { path: String, block: usize },
-    #[error(
-        "{path} is corrupt in the store: its contents hash to {actual} ({actual_size} bytes) but the Nix database records {expected} ({expected_size} bytes); repair it with `nix-store --verify --check-contents --repair`"
+        "{path} is corrupt in the store (or changed while it was read): its contents hash to {actual} ({actual_size} bytes) but the Nix database records {expected} ({expected_size} bytes); repair it with `nix-store --verify --check-contents --repair`"
     )]
     Corrupt { path: String, expected: NixHash, actual: NixHash, expected_size: u64, actual_size: u64 },
     #[error(transparent)]
@@ -523,7 +521,7 @@ impl Run<'_> {
                     Ok(b) => {
                         let b = Arc::new(b);
                         self.blocked.lock().unwrap_or_else(|e| e.into_inner()).insert(i, b.clone());
-                        if let Some(result) = self.pass_blocks(i, &b, u) {
+                        if let Some(result) = self.read_blocks(i, &b, u) {
                             self.blocked.lock().unwrap_or_else(|e| e.into_inner()).remove(&i);
                             drop(b);
                             self.path_finished(i, result);
@@ -582,8 +580,8 @@ impl Run<'_> {
                 }
                 if opts.nar_listing && cache.file_size(&listing_rel(&info.path)).is_none() {
                     // Listing missing for a path that is otherwise there: list it from the store.
-                    let pass = self.hash_pass(info, true, u64::MAX, &mut |_, _| {})?;
-                    staged = side_files(cache, info, &narinfo.url, pass.listing.as_ref(), opts)?;
+                    let listing = self.list_pass(info)?;
+                    staged = side_files(cache, info, &narinfo.url, listing.as_ref(), opts)?;
                 }
                 let outcome = if added { Outcome::Signed } else { Outcome::Skipped };
                 Plan::Done(Box::new(Done { narinfo, outcome, staged, nar_bytes: 0, file_bytes: 0 }))
@@ -605,32 +603,19 @@ impl Run<'_> {
     }
 
     /// The xz parameters of a path whose NAR is compressed a block per unit: one of several
-    /// blocks, or one that may have to be stored (which needs its input again).
+    /// blocks, or one that may have to be stored (which needs its input again, held).
     fn xz_blocks(&self, i: usize) -> Option<xz::Params> {
         self.xz.filter(|p| p.may_store(self.infos[i].nar_size))
     }
 
-    /// Reads the path's NAR once for its hash (checked against the database) and listing,
-    /// and the hash of each `chunk`-byte range (each xz block's input). `on_point(k, p)` is
-    /// called as soon as the pass knows where range `k + 1` can be written from.
-    fn hash_pass(
-        &self,
-        info: &PathInfo,
-        listing: bool,
-        chunk: u64,
-        on_point: &mut dyn FnMut(usize, &ResumePoint),
-    ) -> Result<HashPass, PushError> {
+    /// Reads the path's NAR for its hash (checked against the database) and its listing.
+    fn list_pass(&self, info: &PathInfo) -> Result<Option<Entry>, PushError> {
         let abs = self.store.store_dir.display(&info.path);
-        let sink = BufWriter::with_capacity(NAR_BUFFER, HashingWriter::new(ChunkHasher::new(chunk)));
-        let starts = (1..).map_while(|k: u64| k.checked_mul(chunk)).take_while(|&o| o < info.nar_size);
-        let mut marks = Marks::new(starts.collect()).on_point(on_point);
-        let (sink, listing) =
-            dump_marked(&self.store.real_path(&info.path), sink, listing, Some(&mut marks))?;
-        marks.finish();
-        let sink = sink.into_inner().map_err(|e| write_err(e.into_error()))?;
-        let (chunks, nar_size, nar_hash) = sink.finish();
+        let sink = BufWriter::with_capacity(NAR_BUFFER, HashingWriter::new(io::sink()));
+        let (sink, listing) = dump_listing(&self.store.real_path(&info.path), sink, true)?;
+        let (_, nar_size, nar_hash) = sink.into_inner().map_err(|e| write_err(e.into_error()))?.finish();
         check_hash(&abs, info, nar_hash, nar_size)?;
-        Ok(HashPass { listing, nar_size, nar_hash, chunks: chunks.finish() })
+        Ok(listing)
     }
 
     /// Compresses a path in one stream on this thread:
@@ -659,102 +644,124 @@ impl Run<'_> {
         self.publish_nar(info, tmp, outcome, (nar_size, nar_hash), (file_size, file_hash), listing.as_ref())
     }
 
-    /// Opens the output of a path compressed a block per unit, with blocks cut from the
-    /// NarSize the store records (a different size fails the hash pass).
+    /// Opens the output of a path compressed a block per unit.
     fn open_blocks(&self, i: usize, params: xz::Params, outcome: Outcome) -> Result<Blocked, PushError> {
         let info = &self.infos[i];
         let tmp = self.cache.create_file("nar", self.opts.compression.extension())?;
         let mut out = HashingWriter::new(BufWriter::with_capacity(FILE_BUFFER, ToCache(tmp)));
         out.write_all(&xz::stream_header()).map_err(write_err)?;
-        let ranges: Vec<_> = params.blocks(info.nar_size).collect();
-        let n = ranges.len();
-        let mut resume = vec![None; n];
-        resume[0] = Some(ResumePoint::default());
         Ok(Blocked {
             params,
-            ranges,
             outcome,
             bar: self.progress.path(info.path.as_str(), info.nar_size),
+            limit: 2 * self.opts.jobs.max(1),
             state: Mutex::new(BlockedState {
                 out: Some(out),
-                waiting: (0..n).map(|_| None).collect(),
+                input: Vec::new(),
+                untaken: 0,
+                held: 0,
+                spare: Vec::new(),
+                waiting: Vec::new(),
                 next: 0,
-                blocks: Vec::with_capacity(n),
-                resume,
-                read: vec![None; n],
-                pass: None,
-                left: n + 1,
+                blocks: Vec::new(),
+                read: None,
+                left: 1,
                 error: None,
             }),
+            freed: Condvar::new(),
         })
     }
 
-    /// Runs the hash pass of a path compressed a block per unit (unit `u`), queueing each
-    /// block as soon as the pass knows where it starts: the first at once, so other threads
-    /// compress while this one hashes. Returns the path's result if this was its last unit.
-    fn pass_blocks(&self, i: usize, b: &Blocked, u: Unit) -> Option<Result<Done, PushError>> {
+    /// Reads the NAR of a path compressed a block per unit (unit `u`), once: hashes it and
+    /// cuts it into blocks, each queued as a unit as soon as it is cut, so other threads
+    /// compress while this one reads. With `limit` blocks held, this thread compresses the
+    /// oldest one no thread has taken, or waits for one to finish. Nothing is published
+    /// unless the NarHash of what was read is the one the database records. Returns the
+    /// path's result if this was its last unit.
+    fn read_blocks(&self, i: usize, b: &Blocked, u: Unit) -> Option<Result<Done, PushError>> {
         let info = &self.infos[i];
         let want_listing = self.opts.nar_listing || self.opts.index_debug_info;
-        self.queue.add([Unit { block: 1, ..u }]);
-        let mut queued = 1;
-        let mut queue_next = |k: usize, point: &ResumePoint| {
-            if let Some(slot) = b.state.lock().unwrap_or_else(|e| e.into_inner()).resume.get_mut(k + 1) {
-                *slot = Some(point.clone());
-                self.queue.add([Unit { block: k + 2, ..u }]);
-                queued += 1;
-            }
-        };
-        let pass = self.hash_pass(info, want_listing, b.params.block_size(), &mut queue_next);
-        let mut st = b.state.lock().unwrap_or_else(|e| e.into_inner());
-        match pass {
-            Ok(p) => st.pass = Some(p),
-            Err(e) => {
-                // What the pass found (a corrupt path) says more than a block's error.
-                st.error = Some(e);
-                st.left -= b.ranges.len() - queued;
+        let cutter = Cutter { run: self, b, unit: u, buf: Vec::new() };
+        let nar = HashingWriter::new(ProgressWriter::new(cutter, &b.bar));
+        let nar = BufWriter::with_capacity(NAR_BUFFER, nar);
+        let read = dump_listing(&self.store.real_path(&info.path), nar, want_listing)
+            .map_err(PushError::from)
+            .and_then(|(nar, listing)| {
+                let (shown, nar_size, nar_hash) =
+                    nar.into_inner().map_err(|e| write_err(e.into_error()))?.finish();
+                shown.into_inner().cut().map_err(write_err)?;
+                check_hash(&self.store.store_dir.display(&info.path), info, nar_hash, nar_size)?;
+                Ok(ReadPass { listing, nar_size, nar_hash })
+            });
+        {
+            let mut st = b.lock();
+            match read {
+                Ok(p) => st.read = Some(p),
+                // A corrupt path says more than a block's error; a block's error is why
+                // the read stopped.
+                Err(e @ PushError::Corrupt { .. }) => st.error = Some(e),
+                Err(e) => {
+                    st.error.get_or_insert(e);
+                }
             }
         }
+        // Help with the blocks no thread has taken yet.
+        loop {
+            let Some((k, data)) = b.take_next(&mut b.lock()) else { break };
+            self.compress_block(b, k, data);
+        }
+        let mut st = b.lock();
         st.left -= 1;
         (st.left == 0).then(|| self.finish_blocks(info, b, &mut st))
     }
 
-    /// Compresses block `k` of path `i`, then appends every block that is next in order to
-    /// the output. Returns the path's result when this was its last unit to finish.
+    /// Compresses block `k` of path `i` unless the reading thread already took it. Returns
+    /// the path's result when this was its last unit to finish.
     fn block(&self, i: usize, b: &Blocked, k: usize) -> Option<Result<Done, PushError>> {
-        let info = &self.infos[i];
-        let (failed, resume) = {
-            let st = b.state.lock().unwrap_or_else(|e| e.into_inner());
-            (st.error.is_some(), st.resume[k].clone().expect("a block is queued once its start is known"))
-        };
-        let compressed = if failed {
+        let data = b.lock().input[k].take();
+        if let Some(data) = data {
+            self.compress_block(b, k, data);
+        }
+        let mut st = b.lock();
+        st.left -= 1;
+        (st.left == 0).then(|| self.finish_blocks(&self.infos[i], b, &mut st))
+    }
+
+    /// Compresses block `k` (its input `data`), or stores it as liblzma's multithreaded
+    /// encoder would, then appends every block that is next in order to the output. Skipped
+    /// once the path has failed.
+    fn compress_block(&self, b: &Blocked, k: usize, data: Vec<u8>) {
+        let compressed = if b.lock().error.is_some() {
             None
         } else {
-            let (offset, len) = b.ranges[k];
-            let range = offset..offset + len;
-            let changed = || PushError::Changed { path: self.store.store_dir.display(&info.path), block: k };
-            Some(self.compress_block(info, b, range.clone(), &resume, false).and_then(
-                |(spill, block, read)| {
-                    if block.uncompressed != len {
-                        return Err(changed());
-                    }
-                    if !b.params.would_store(&block) {
-                        return Ok((spill, block, read));
-                    }
-                    // As liblzma's multithreaded encoder: read the input again, stored.
-                    drop(spill);
-                    let (spill, block, again) = self.compress_block(info, b, range, &resume, true)?;
-                    if again == read { Ok((spill, block, read)) } else { Err(changed()) }
-                },
-            ))
+            let encode = |stored: bool| {
+                let spill = Spill { cache: self.cache, data: SpillData::Memory(Vec::new()) };
+                let mut enc = if stored {
+                    xz::BlockEncoder::stored(spill, data.len() as u64)
+                } else {
+                    xz::BlockEncoder::new(&b.params, spill)?
+                };
+                enc.write_all(&data)?;
+                enc.finish().map(|(spill, block)| (spill.data, block))
+            };
+            Some(encode(false).and_then(|(spill, block)| {
+                if !b.params.would_store(&block) {
+                    return Ok((spill, block));
+                }
+                drop(spill);
+                encode(true)
+            }))
         };
-        let mut st = b.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = b.lock();
+        st.held -= 1;
+        if st.spare.len() < b.limit {
+            st.spare.push(data);
+        }
+        b.freed.notify_all();
         match compressed {
-            Some(Ok((spill, block, read))) => {
-                st.waiting[k] = Some((spill, block));
-                st.read[k] = Some(read);
-            }
+            Some(Ok(done)) => st.waiting[k] = Some(done),
             Some(Err(e)) => {
-                st.error.get_or_insert(e);
+                st.error.get_or_insert(write_err(e));
             }
             None => {}
         }
@@ -763,47 +770,16 @@ impl Run<'_> {
         {
             st.error = Some(write_err(e));
         }
-        st.left -= 1;
-        (st.left == 0).then(|| self.finish_blocks(info, b, &mut st))
     }
 
-    /// Compresses (or, if `stored`, stores) one block's range of the NAR; returns it with
-    /// the hash of the input read.
-    fn compress_block(
-        &self,
-        info: &PathInfo,
-        b: &Blocked,
-        range: std::ops::Range<u64>,
-        resume: &ResumePoint,
-        stored: bool,
-    ) -> Result<(SpillData, xz::Block, NixHash), PushError> {
-        let spill = Spill { cache: self.cache, data: SpillData::Memory(Vec::new()) };
-        let encoder = if stored {
-            xz::BlockEncoder::stored(spill, range.end - range.start)
-        } else {
-            xz::BlockEncoder::new(&b.params, spill).map_err(write_err)?
-        };
-        // A stored block's bytes were counted when it was first compressed.
-        let uncounted = PathProgress::none();
-        let bar = if stored { &uncounted } else { &b.bar };
-        let nar = BufWriter::with_capacity(NAR_BUFFER, HashingWriter::new(ProgressWriter::new(encoder, bar)));
-        let nar = dump_range_at(&self.store.real_path(&info.path), range, resume, nar)?;
-        let (shown, _, read) = nar.into_inner().map_err(|e| write_err(e.into_error()))?.finish();
-        let (spill, block) = shown.into_inner().finish().map_err(write_err)?;
-        Ok((spill.data, block, read))
-    }
-
-    /// Once every unit of a path compressed a block per unit is done: checks that each
-    /// block read the bytes the hash pass hashed, ends the stream and puts its NAR in place.
+    /// Once every unit of a path compressed a block per unit is done: ends the stream and
+    /// puts its NAR in place.
     fn finish_blocks(&self, info: &PathInfo, b: &Blocked, st: &mut BlockedState) -> Result<Done, PushError> {
         if let Some(e) = st.error.take() {
             return Err(e);
         }
-        let pass = st.pass.take().expect("the pass succeeded when nothing failed");
-        // Never publish bytes other than the ones hashed.
-        if let Some(k) = (0..b.ranges.len()).find(|&k| st.read[k].as_ref() != pass.chunks.get(k)) {
-            return Err(PushError::Changed { path: self.store.store_dir.display(&info.path), block: k });
-        }
+        let pass = st.read.take().expect("the read succeeded when nothing failed");
+        debug_assert_eq!(st.next, st.input.len(), "every block is appended");
         let mut out = st.out.take().expect("finished once");
         out.write_all(&xz::index_and_footer(&b.params, &st.blocks)).map_err(write_err)?;
         let (buffered, file_size, file_hash) = out.finish();
@@ -900,13 +876,11 @@ impl From<DumpError> for PushError {
     }
 }
 
-/// What the hash pass learns of a path's NAR.
-struct HashPass {
+/// What the read of a path compressed a block per unit learns of its NAR.
+struct ReadPass {
     listing: Option<Entry>,
     nar_size: u64,
     nar_hash: NixHash,
-    /// The hash of each chunk (xz block input) of the NAR.
-    chunks: Vec<NixHash>,
 }
 
 /// A NAR file being written, hashed on its way to the cache.
@@ -915,28 +889,56 @@ type CacheOut = HashingWriter<BufWriter<ToCache<Box<dyn NewFile>>>>;
 /// A path whose xz blocks are compressed as separate units.
 struct Blocked {
     params: xz::Params,
-    /// (offset, length) in the NAR of each block.
-    ranges: Vec<(u64, u64)>,
     outcome: Outcome,
     bar: PathProgress,
+    /// Blocks of input held at most (cut and not yet compressed): twice `--jobs`.
+    limit: usize,
     state: Mutex<BlockedState>,
+    /// A block's input was let go.
+    freed: Condvar,
+}
+
+impl Blocked {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BlockedState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the input of the oldest block no thread has taken (none once the path failed).
+    fn take_next(&self, st: &mut BlockedState) -> Option<(usize, Vec<u8>)> {
+        while st.untaken < st.input.len() {
+            let k = st.untaken;
+            st.untaken += 1;
+            if let Some(data) = st.input[k].take() {
+                if st.error.is_some() {
+                    st.held -= 1;
+                    continue;
+                }
+                return Some((k, data));
+            }
+        }
+        None
+    }
 }
 
 struct BlockedState {
     out: Option<CacheOut>,
+    /// The input of each block cut, until a thread takes it.
+    input: Vec<Option<Vec<u8>>>,
+    /// Blocks before this one have been taken.
+    untaken: usize,
+    /// Blocks of input cut and not yet compressed.
+    held: usize,
+    /// Buffers of compressed blocks' input, to be cut into again.
+    spare: Vec<Vec<u8>>,
     /// Blocks compressed but not yet appended (a later block finished first).
     waiting: Vec<Option<(SpillData, xz::Block)>>,
     /// The next block to append.
     next: usize,
     /// Blocks appended, for the index.
     blocks: Vec<xz::Block>,
-    /// Where each block's input is written from, once the hash pass has passed its start.
-    resume: Vec<Option<ResumePoint>>,
-    /// The hash of the input each block read.
-    read: Vec<Option<NixHash>>,
-    /// What the hash pass found, once it is done.
-    pass: Option<HashPass>,
-    /// Units not yet done: the blocks and the hash pass.
+    /// What the read found, once it is done.
+    read: Option<ReadPass>,
+    /// Units not yet done: the read and the blocks queued.
     left: usize,
     error: Option<PushError>,
 }
@@ -952,6 +954,75 @@ impl BlockedState {
             self.blocks.push(block);
             self.next += 1;
         }
+        Ok(())
+    }
+}
+
+/// The end of the read of a path compressed a block per unit: cuts the NAR into blocks of
+/// the block size and queues each.
+struct Cutter<'r, 'a> {
+    run: &'r Run<'a>,
+    b: &'r Blocked,
+    unit: Unit,
+    buf: Vec<u8>,
+}
+
+/// The read stopped because a block of the path failed (that error is the path's).
+#[derive(Debug, Error)]
+#[error("stopped: a block of this path failed")]
+struct Stopped;
+
+impl Cutter<'_, '_> {
+    /// Queues the bytes read since the last cut as a block, then holds the read while
+    /// `limit` blocks are held: compresses the oldest one no thread has taken, or waits.
+    fn cut(&mut self) -> io::Result<()> {
+        let b = self.b;
+        let mut st = b.lock();
+        if st.error.is_some() {
+            return Err(io::Error::other(Stopped));
+        }
+        if !self.buf.is_empty() {
+            let k = st.input.len();
+            st.input.push(Some(std::mem::take(&mut self.buf)));
+            st.waiting.push(None);
+            st.held += 1;
+            st.left += 1;
+            self.run.queue.add([Unit { block: k + 1, ..self.unit }]);
+        }
+        while st.held >= b.limit && st.error.is_none() {
+            match b.take_next(&mut st) {
+                Some((k, data)) => {
+                    drop(st);
+                    self.run.compress_block(b, k, data);
+                    st = b.lock();
+                }
+                None => st = b.freed.wait(st).unwrap_or_else(|e| e.into_inner()),
+            }
+        }
+        if st.error.is_some() {
+            return Err(io::Error::other(Stopped));
+        }
+        self.buf = st.spare.pop().unwrap_or_default();
+        self.buf.clear();
+        Ok(())
+    }
+}
+
+impl Write for Cutter<'_, '_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let size = self.b.params.block_size() as usize;
+        if self.buf.capacity() == 0 {
+            self.buf.reserve_exact(size);
+        }
+        let n = buf.len().min(size - self.buf.len());
+        self.buf.extend_from_slice(&buf[..n]);
+        if self.buf.len() == size {
+            self.cut()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
 }

@@ -4,14 +4,8 @@
 //! [`Directory`], each call consuming it. A directory hands out one entry node at a time and
 //! checks that names are valid and strictly increasing by bytes. Memory depends on depth only:
 //! file contents are copied through a fixed buffer.
-//!
-//! A writer made with [`NarWriter::window`] passes on only the bytes of one range of the NAR
-//! (the input of one compressed block), skips the file contents before it with
-//! [`Contents::skip`], and stops with [`is_window_end`] once the range is written.
 
-use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::ops::Range;
+use std::io::{self, Read, Write};
 
 use super::wire;
 
@@ -19,82 +13,16 @@ fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
 }
 
-/// The contents of a regular file: read in order, or skipped.
-pub trait Contents: Read {
-    /// Moves `n` bytes forward without passing them on.
-    fn skip(&mut self, n: u64) -> io::Result<()> {
-        let mut buf = [0u8; 8192];
-        let mut left = n;
-        while left > 0 {
-            let got = self.read(&mut buf[..left.min(8192) as usize])?;
-            if got == 0 {
-                break;
-            }
-            left -= got as u64;
-        }
-        Ok(())
-    }
-}
-
-impl Contents for &[u8] {}
-
-impl Contents for File {
-    fn skip(&mut self, n: u64) -> io::Result<()> {
-        let n = i64::try_from(n).map_err(io::Error::other)?;
-        self.seek(SeekFrom::Current(n)).map(drop)
-    }
-}
-
-/// Why a windowed writer stopped: the window is written.
-#[derive(Debug)]
-struct WindowEnd;
-
-impl std::fmt::Display for WindowEnd {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("end of the NAR window")
-    }
-}
-
-impl std::error::Error for WindowEnd {}
-
-/// Whether `e` is a windowed writer's signal that its range is complete (not a failure).
-pub fn is_window_end(e: &io::Error) -> bool {
-    e.get_ref().is_some_and(|inner| inner.is::<WindowEnd>())
-}
-
 /// Owns the output and the byte position in the NAR.
 pub struct NarWriter<W> {
     w: W,
     pos: u64,
     started: bool,
-    window: Option<Range<u64>>,
 }
 
 impl<W: Write> NarWriter<W> {
     pub fn new(w: W) -> Self {
-        NarWriter { w, pos: 0, started: false, window: None }
-    }
-
-    /// A writer that passes on only the NAR bytes in `range`, and fails with an error for
-    /// which [`is_window_end`] holds when asked to write past it.
-    pub fn window(w: W, range: Range<u64>) -> Self {
-        NarWriter { w, pos: 0, started: false, window: Some(range) }
-    }
-
-    /// A window writer that starts at NAR offset `pos` (at most `range.start`), inside a
-    /// root directory whose tokens so far lie before `pos`: see
-    /// [`NarWriter::resumed_directory`]. For a block's input resumed from a point recorded in
-    /// an earlier pass, without walking what comes before it.
-    pub fn resume(w: W, range: Range<u64>, pos: u64) -> Self {
-        debug_assert!(pos <= range.start);
-        NarWriter { w, pos, started: true, window: Some(range) }
-    }
-
-    /// The root directory of a [resumed](NarWriter::resume) writer: open, with the entries
-    /// before the position already written. Set the entry before the next one with
-    /// [`Directory::continue_after`].
-    pub fn resumed_directory(&mut self) -> Directory<'_, W> {
-        Directory { out: self, prev: None }
+        NarWriter { w, pos: 0, started: false }
     }
 
     /// Writes the magic and returns the root node. Call once.
@@ -116,25 +44,9 @@ impl<W: Write> NarWriter<W> {
     }
 
     fn raw(&mut self, b: &[u8]) -> io::Result<()> {
-        let (start, end) = (self.pos, self.pos + b.len() as u64);
-        match &self.window {
-            None => self.w.write_all(b)?,
-            Some(w) if start >= w.end && !b.is_empty() => return Err(io::Error::other(WindowEnd)),
-            Some(w) => {
-                let from = w.start.clamp(start, end) - start;
-                let to = w.end.clamp(start, end) - start;
-                if from < to {
-                    self.w.write_all(&b[from as usize..to as usize])?;
-                }
-            }
-        }
-        self.pos = end;
+        self.w.write_all(b)?;
+        self.pos += b.len() as u64;
         Ok(())
-    }
-
-    /// How many of the next `n` bytes lie before the window and need not be produced.
-    fn skippable(&self, n: u64) -> u64 {
-        self.window.as_ref().map_or(0, |w| w.start.saturating_sub(self.pos).min(n))
     }
 
     fn padding(&mut self, len: u64) -> io::Result<()> {
@@ -161,7 +73,7 @@ impl<'a, W: Write> Node<'a, W> {
     /// Fails if `contents` ends early or has more than `size` bytes (a file that changed
     /// while it was read). Returns the offset of the contents in the NAR (the listing's
     /// `narOffset`).
-    pub fn file(self, executable: bool, size: u64, contents: &mut dyn Contents) -> io::Result<u64> {
+    pub fn file(self, executable: bool, size: u64, contents: &mut dyn Read) -> io::Result<u64> {
         let o = self.out;
         o.raw(&wire::OPEN)?;
         o.raw(&wire::TYPE)?;
@@ -174,12 +86,6 @@ impl<'a, W: Write> Node<'a, W> {
         o.raw(&size.to_le_bytes())?;
         let offset = o.pos;
         let mut left = size;
-        let skip = o.skippable(size);
-        if skip > 0 {
-            contents.skip(skip)?;
-            o.pos += skip;
-            left -= skip;
-        }
         let mut buf = vec![0u8; left.clamp(1, 256 * 1024) as usize];
         while left > 0 {
             let want = left.min(buf.len() as u64) as usize;
@@ -237,24 +143,6 @@ pub struct Directory<'a, W> {
 }
 
 impl<W: Write> Directory<'_, W> {
-    /// The NAR offset the next entry starts at (before the previous entry's closing token).
-    pub fn position(&self) -> u64 {
-        self.out.pos
-    }
-
-    /// For a resumed directory: the entry written last before the position, whose closing
-    /// token the next entry (or the directory's end) writes. `None` if there is none.
-    pub fn continue_after(&mut self, prev: Option<&[u8]>) {
-        self.prev = prev.map(<[u8]>::to_vec);
-    }
-
-    /// For a resumed directory: the directory that is the node of the entry written last
-    /// (set by [`Directory::continue_after`]), open, with its tokens so far before the
-    /// position. Close it before going on with this one.
-    pub fn resumed_child(&mut self) -> Directory<'_, W> {
-        Directory { out: &mut *self.out, prev: None }
-    }
-
     /// Starts the entry `name`; the returned node must be written before the next entry.
     pub fn entry(&mut self, name: &[u8]) -> io::Result<Node<'_, W>> {
         let bad =
@@ -397,64 +285,6 @@ mod tests {
         assert!(d.entry(b"x/y").is_err());
         d.close().unwrap();
         assert!(w.root().is_err(), "second root");
-    }
-
-    /// A file whose reads are counted, so that a test sees what a window skipped.
-    struct Counted<'a> {
-        data: &'a [u8],
-        read: &'a std::cell::Cell<usize>,
-    }
-
-    impl Read for Counted<'_> {
-        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            let n = self.data.read(buf)?;
-            self.read.set(self.read.get() + n);
-            Ok(n)
-        }
-    }
-
-    impl Contents for Counted<'_> {
-        fn skip(&mut self, n: u64) -> io::Result<()> {
-            self.data = &self.data[(n as usize).min(self.data.len())..];
-            Ok(())
-        }
-    }
-
-    fn sample(w: &mut NarWriter<Vec<u8>>, read: &std::cell::Cell<usize>) -> io::Result<()> {
-        let big: Vec<u8> = (0..5000u32).map(|i| (i % 253) as u8).collect();
-        let mut d = w.root()?.directory()?;
-        d.entry(b"a")?.file(false, big.len() as u64, &mut Counted { data: &big, read })?;
-        d.entry(b"b")?.symlink(b"target")?;
-        let mut sub = d.entry(b"c")?.directory()?;
-        sub.entry(b"x")?.file(true, 13, &mut &b"hello, world!"[..])?;
-        sub.close()?;
-        d.close()
-    }
-
-    #[test]
-    fn window_is_a_slice_of_the_nar() {
-        let read = std::cell::Cell::new(0);
-        let mut w = NarWriter::new(Vec::new());
-        sample(&mut w, &read).unwrap();
-        let full = w.into_inner();
-        let len = full.len() as u64;
-        for start in (0..len).step_by(37) {
-            for end in [start, start + 1, start + 100, start + 4000, len] {
-                let end = end.min(len);
-                read.set(0);
-                let mut w = NarWriter::window(Vec::new(), start..end);
-                match sample(&mut w, &read) {
-                    Ok(()) => assert_eq!(end, len),
-                    Err(e) => assert!(is_window_end(&e), "{e}"),
-                }
-                assert_eq!(w.into_inner(), &full[start as usize..end as usize], "{start}..{end}");
-                if start > 5300 {
-                    // Past file "a": its 5000 bytes were skipped, not read (only the
-                    // one-byte growth check reads).
-                    assert!(read.get() <= 1, "read {} bytes for {start}..{end}", read.get());
-                }
-            }
-        }
     }
 
     #[test]

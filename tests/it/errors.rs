@@ -191,6 +191,32 @@ fn full_disk_fails_cleanly() {
 }
 
 #[test]
+fn a_failed_xz_block_leaves_nothing_published() {
+    // One path of three xz blocks into 512 KiB: block 1 (random bytes and numbers, more than
+    // 1 MiB compressed) outgrows memory into the cache's filesystem and fails there while
+    // the read and the other blocks go on. The path fails whole, with nothing of it left,
+    // and the threads waiting on it do not hang.
+    let big = build_big("blocks");
+    for j in ["1", "2"] {
+        let t = tmp();
+        let cache = t.path().join("small");
+        std::fs::create_dir(&cache).unwrap();
+        let _u = small_disk(&cache, "512k");
+        let out = run_within(nixcache().args(["push", "-j", j, "--dest"]).arg(&cache).arg(&big), 120);
+        let e = failed_cleanly(&out);
+        assert!(e.contains("the cache's filesystem is full"), "-j {j}: {e}");
+        assert!(!e.contains("cannot archive"), "-j {j}: a full cache blamed on the store: {e}");
+        assert_consistent(&cache);
+        let left: Vec<_> = tree(&cache)
+            .into_iter()
+            .map(|(p, _)| p.to_string_lossy().into_owned())
+            .filter(|p| p.ends_with(".narinfo") || p.starts_with("nar/"))
+            .collect();
+        assert!(left.is_empty(), "-j {j}: left of the failed path: {left:?}");
+    }
+}
+
+#[test]
 fn failed_output_never_panics() {
     use std::process::Stdio;
     let f = fixtures();

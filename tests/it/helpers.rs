@@ -2,8 +2,9 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use nixcache::compression::Compression;
 use nixcache::narinfo::NarInfo;
@@ -18,9 +19,23 @@ pub const RANDOM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/random.nix"
 /// Settings for every Nix command here: no network substituters, the nix command enabled.
 const NIX_CONFIG: &str = "substituters =\nexperimental-features = nix-command\n";
 
-fn with_env(mut c: Command) -> Command {
+pub fn with_env(mut c: Command) -> Command {
     c.env("NIX_CONFIG", NIX_CONFIG);
     c
+}
+
+/// Runs `cmd`, failing the test if it does not end within `secs` (a hang on a FIFO).
+pub fn run_within(cmd: &mut Command, secs: u64) -> Output {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{cmd:?} still running after {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
 }
 
 /// The built binary.

@@ -111,8 +111,8 @@ fn output_does_not_depend_on_jobs() {
 
 #[test]
 fn xz_blocks_equal_nix_parallel_compression() {
-    // One path of three xz blocks: each block is made from its own range of the NAR, on any
-    // thread, and the stream must be what Nix's multithreaded xz writes.
+    // One path of three xz blocks, cut as the NAR is read and compressed on any thread: the
+    // stream must be what Nix's multithreaded xz writes.
     let big = build_big("blocks");
     let t = tmp();
     let (a, b, n) = (t.path().join("j2"), t.path().join("j1"), t.path().join("nix"));
