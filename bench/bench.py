@@ -105,8 +105,9 @@ def measure_err(args, env):
     return wall, float(user) + float(sys_), int(rss) / 1024, p.stderr
 
 
-def bench_s3(path, nar, a, work):
-    """nixcache to a SeaweedFS bucket on loopback against the same push to a directory."""
+def bench_s3(path, nar, a, work, many=None):
+    """nixcache to a SeaweedFS bucket on loopback against the same push to a directory; with
+    `many` (the closure of tiny paths), also its no-op re-push to each."""
     weed = "/opt/nixcache-weed/bin/weed"
     base = 23000
     data = os.path.join(work, "weed")
@@ -154,6 +155,24 @@ def bench_s3(path, nar, a, work):
             print(f"| {comp} | bucket / directory | {med(b, 0) / med(d, 0):.2f}x | {med(b, 1) / med(d, 1):.2f}x | "
                   f"{med(b, 2) / med(d, 2):.2f}x | | extra wall time waiting on the server: "
                   f"{med(b, 0) - med(d, 0):.2f} s |")
+        if many:
+            comp = a.s3.split(",")[-1]
+            n = len(sh(["nix-store", "--query", "--requisites", many]).split())
+            print()
+            print(f"the closure of {n} tiny paths ({comp}) pushed to the bucket and to a directory, then pushed "
+                  f"again with everything present (re-push: median of {a.runs}):")
+            print()
+            print("| to | first push s | re-push s | re-push CPU s | re-push peak RSS MiB | re-push requests |")
+            print("|---|---:|---:|---:|---:|---|")
+            d = os.path.join(work, "s3-many-dir")
+            url = f"s3://bench/many?endpoint=http://127.0.0.1:{base + 4}"
+            for name, dest in [("directory", d), ("bucket", url)]:
+                first = measure_err([NIXCACHE, "push", "-c", comp, "--dest", dest, many], env)
+                again = [measure_err([NIXCACHE, "push", "-c", comp, "--dest", dest, many], env) for _ in range(a.runs)]
+                reqs = next((l for l in again[-1][3].splitlines() if "request" in l), "") if name == "bucket" else ""
+                print(f"| {name} | {first[0]:.2f} | {med(again, 0):.3f} | {med(again, 1):.2f} | {med(again, 2):.0f} | "
+                      f"{reqs} |")
+            shutil.rmtree(d)
     finally:
         server.kill()
         server.wait()
@@ -602,9 +621,9 @@ def main():
             print(f"| ratio | {med(c, 0) / med(n, 0):.2f}x | {med(c, 1) / med(n, 1):.2f}x | {med(c, 2) / med(n, 2):.2f}x |")
         if a.files:
             files = sh(["nix-build", FILES_NIX, "--no-out-link", "--arg", "n", str(a.files)])
-            nar = int(sh(["nix", "path-info", "--size", files]).split()[1])
+            files_nar = int(sh(["nix", "path-info", "--size", files]).split()[1])
             print()
-            print(f"one path of {a.files} small files, {nar / 2**20:.1f} MiB of NAR, xz (nix copy with "
+            print(f"one path of {a.files} small files, {files_nar / 2**20:.1f} MiB of NAR, xz (nix copy with "
                   f"parallel-compression), median of {a.runs}:")
             print()
             rows, _ = run_case(files, "xz", a.runs, work)
@@ -616,7 +635,7 @@ def main():
             print(f"| ratio | {med(c, 0) / med(n, 0):.2f}x | {med(c, 1) / med(n, 1):.2f}x | "
                   f"{med(c, 2) / med(n, 2):.2f}x | {med(c, 3) / med(n, 3):.2f}x |")
         if a.s3:
-            bench_s3(path, nar, a, work)
+            bench_s3(path, nar, a, work, many if a.many else None)
     print()
     print("Ratios are nixcache / nix copy: below 1.00x is better for nixcache.")
 
