@@ -229,6 +229,32 @@ impl Cache {
         self.backend.exclusive()
     }
 
+    /// Commits staged files, as many at once as the storage is best given; one result each,
+    /// in order.
+    pub fn commit_all(&self, staged: Vec<Staged>) -> Vec<Result<(), CacheError>> {
+        let at_once = self.backend.commits_at_once();
+        if at_once <= 1 || staged.len() <= 1 {
+            return staged.into_iter().map(|s| Ok(s.commit()?)).collect();
+        }
+        let n = staged.len();
+        let next = std::sync::Mutex::new(staged.into_iter().enumerate());
+        let mut results: Vec<Option<Result<(), CacheError>>> = (0..n).map(|_| None).collect();
+        let done = std::sync::Mutex::new(&mut results);
+        std::thread::scope(|s| {
+            for _ in 0..at_once.min(n) {
+                s.spawn(|| {
+                    loop {
+                        let item = next.lock().unwrap_or_else(|e| e.into_inner()).next();
+                        let Some((k, staged)) = item else { break };
+                        let r = staged.commit().map_err(CacheError::from);
+                        done.lock().unwrap_or_else(|e| e.into_inner())[k] = Some(r);
+                    }
+                });
+            }
+        });
+        results.into_iter().map(|r| r.expect("every staged file was committed")).collect()
+    }
+
     pub fn narinfo_rel(p: &StorePath) -> String {
         format!("{}.narinfo", p.hash_part())
     }

@@ -377,8 +377,20 @@ impl<'a> Publisher<'a> {
         if let Err(e) = dirs {
             return narinfos.into_iter().map(|r| r.map(drop)).map(sync_failed(e)).collect();
         }
-        let results: Vec<Result<(), PushError>> =
-            narinfos.into_iter().map(|r| Ok(r?.map_or(Ok(()), Staged::commit)?)).collect();
+        // The narinfos at once where the storage is a server.
+        let (mut results, mut staged) = (Vec::with_capacity(narinfos.len()), Vec::new());
+        for r in narinfos {
+            results.push(r.map(|n| n.map(|n| staged.push(n)).is_some()));
+        }
+        let mut committed = self.cache.commit_all(staged).into_iter();
+        let results: Vec<Result<(), PushError>> = results
+            .into_iter()
+            .map(|r| match r {
+                Ok(true) => Ok(committed.next().expect("one result per narinfo")?),
+                Ok(false) => Ok(()),
+                Err(e) => Err(e),
+            })
+            .collect();
         match sync("") {
             // Written but perhaps not durable: nothing may refer to them.
             Err(e) => results.into_iter().map(sync_failed(e)).collect(),

@@ -229,6 +229,12 @@ pub trait Backend: Send + Sync {
     /// finds, since no other writer is running.
     fn exclusive(&self) -> bool;
 
+    /// How many staged files are best committed at once: one where a commit is a rename, more
+    /// where it is a request to a server.
+    fn commits_at_once(&self) -> usize {
+        1
+    }
+
     /// The entries of the subdirectory `sub` ("" for the top), sorted by name: never
     /// directories, and nothing when `sub` is missing or not a real directory.
     fn list(&self, sub: &str) -> Result<Vec<Meta>, StorageError>;

@@ -1045,6 +1045,10 @@ impl Backend for S3Backend {
         false
     }
 
+    fn commits_at_once(&self) -> usize {
+        self.client.url.uploads.max(1)
+    }
+
     fn list(&self, sub: &str) -> Result<Vec<Meta>, StorageError> {
         let prefix =
             if sub.is_empty() { self.client.prefix.clone() } else { self.client.key(&format!("{sub}/")) };
@@ -1449,29 +1453,56 @@ impl Write for Upload {
 impl NewFile for Upload {
     fn stage(mut self: Box<Self>, dest: &str) -> Result<Staged, StorageError> {
         let client = self.client.clone();
-        let io = client.cache_err("upload", dest);
-        if self.id.is_none() && self.spool.is_none() {
-            let buf = std::mem::take(&mut self.buf);
-            self.client.put(dest, &buf).map_err(&io)?;
-        } else if self.id.is_none() && self.spool_part() {
-            let f = self.spool.take().expect("spooled");
-            self.client.put_file(dest, &f, self.size).map_err(&io)?;
+        // One PUT: on a thread of its own (one of the upload slots), so that the pusher
+        // goes on with the next path; committing waits for it, before any narinfo names it.
+        let whole = if self.id.is_some() {
+            None
+        } else if self.spool.is_none() {
+            Some(Whole::Memory(std::mem::take(&mut self.buf)))
+        } else if self.spool_part() {
+            Some(Whole::Spooled(self.spool.take().expect("spooled")))
         } else {
-            if !self.buf.is_empty() || self.spool.is_some() {
-                self.send_part().map_err(&io)?;
-            }
-            self.wait_inflight().map_err(&io)?;
-            let key = self.client.key(&self.tmp_rel);
-            let id = self.id.clone().expect("started");
-            self.client.complete_multipart(&self.tmp_rel, &key, &id, &self.etags).map_err(&io)?;
-            // Complete: nothing to abort any more; the temporary object goes after the copy.
-            self.id = None;
-            let copied = self.client.copy(&key, dest, self.size);
-            let _ = self.client.delete(&self.tmp_rel);
-            copied.map_err(&io)?;
+            None
+        };
+        if let Some(whole) = whole {
+            let (c, rel, size) = (client.clone(), dest.to_owned(), self.size);
+            client.slots.take();
+            let put = std::thread::spawn(move || {
+                let r = match &whole {
+                    Whole::Memory(buf) => c.put(&rel, buf),
+                    Whole::Spooled(f) => c.put_file(&rel, f, size),
+                };
+                c.slots.give();
+                r
+            });
+            let rel = dest.to_owned();
+            return Ok(Staged::new(dest, None, move || {
+                let r = put.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+                r.map_err(client.cache_err("upload", &rel))
+            }));
         }
+        let io = client.cache_err("upload", dest);
+        if !self.buf.is_empty() || self.spool.is_some() {
+            self.send_part().map_err(&io)?;
+        }
+        self.wait_inflight().map_err(&io)?;
+        let key = self.client.key(&self.tmp_rel);
+        let id = self.id.clone().expect("started");
+        self.client.complete_multipart(&self.tmp_rel, &key, &id, &self.etags).map_err(&io)?;
+        // Complete: nothing to abort any more; the temporary object goes after the copy.
+        self.id = None;
+        let copied = self.client.copy(&key, dest, self.size);
+        let _ = self.client.delete(&self.tmp_rel);
+        copied.map_err(&io)?;
         Ok(Staged::new(dest, None, || Ok(())))
     }
+}
+
+/// A NAR that goes up in one PUT.
+enum Whole {
+    Memory(Vec<u8>),
+    /// The whole of the file.
+    Spooled(File),
 }
 
 impl Drop for Upload {
