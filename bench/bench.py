@@ -105,6 +105,13 @@ def measure_err(args, env):
     return wall, float(user) + float(sys_), int(rss) / 1024, p.stderr
 
 
+def cpu_of(pid):
+    """CPU seconds (user + system) a process has used so far, all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def bench_s3(path, nar, a, work, many=None):
     """nixcache to a SeaweedFS bucket on loopback against the same push to a directory; with
     `many` (the closure of tiny paths), also its no-op re-push to each."""
@@ -143,8 +150,9 @@ def bench_s3(path, nar, a, work, many=None):
                 d = os.path.join(work, f"s3dir-{comp}-{i}")
                 url = f"s3://bench/{comp}-{i}?endpoint=http://127.0.0.1:{base + 4}"
                 for name, dest in [("directory", d), ("bucket", url)][:: -1 if i % 2 else 1]:
+                    before = cpu_of(server.pid)
                     wall, cpu, rss, err = measure_err([NIXCACHE, "push", "-c", comp, "--dest", dest, path], env)
-                    res[name].append((wall, cpu, rss))
+                    res[name].append((wall, cpu, rss, cpu_of(server.pid) - before))
                     if name == "bucket":
                         reqs = next((l for l in err.splitlines() if "request" in l), "")
                 shutil.rmtree(d)
@@ -155,6 +163,10 @@ def bench_s3(path, nar, a, work, many=None):
             print(f"| {comp} | bucket / directory | {med(b, 0) / med(d, 0):.2f}x | {med(b, 1) / med(d, 1):.2f}x | "
                   f"{med(b, 2) / med(d, 2):.2f}x | | extra wall time waiting on the server: "
                   f"{med(b, 0) - med(d, 0):.2f} s |")
+            floor = (med(b, 1) + med(b, 3)) / os.cpu_count()
+            print(f"| {comp} | the server's CPU | {med(b, 3):.2f} s per push | | | | the bound with it on the same "
+                  f"{os.cpu_count()} cores: (push CPU + server CPU) / cores = {floor:.2f} s, "
+                  f"{floor / med(d, 0):.2f}x the directory |")
         if many:
             comp = a.s3.split(",")[-1]
             n = len(sh(["nix-store", "--query", "--requisites", many]).split())

@@ -4,7 +4,7 @@
 //! `dump -> (NarSize, NarHash) -> compressor -> (FileSize, FileHash) -> temp file`, so nothing
 //! is held whole in memory. An xz NAR of several blocks is read once too, and cut as it is
 //! read into blocks of the block size (24 MiB at level 6), each compressed as a unit of its
-//! own on whichever thread is free, while at most twice `--jobs` blocks of input are held;
+//! own on whichever thread is free, while at most `--jobs` + 1 blocks of input are held;
 //! finished blocks are appended in order, and nothing of the path is published unless what
 //! was read hashes to the NarHash the store records. Work runs on `--jobs` threads, largest
 //! path first. A narinfo is published only after its NAR is in place and after the narinfos
@@ -666,13 +666,12 @@ impl Run<'_> {
             params,
             outcome,
             bar: self.progress.path(info.path.as_str(), info.nar_size),
-            limit: 2 * self.opts.jobs.max(1),
+            limit: self.opts.jobs.max(1) + 1,
             state: Mutex::new(BlockedState {
                 out: Some(out),
                 input: Vec::new(),
                 untaken: 0,
                 held: 0,
-                spare: Vec::new(),
                 waiting: Vec::new(),
                 next: 0,
                 blocks: Vec::new(),
@@ -764,11 +763,9 @@ impl Run<'_> {
                 encode(true)
             }))
         };
+        drop(data);
         let mut st = b.lock();
         st.held -= 1;
-        if st.spare.len() < b.limit {
-            st.spare.push(data);
-        }
         b.freed.notify_all();
         match compressed {
             Some(Ok(done)) => st.waiting[k] = Some(done),
@@ -903,7 +900,9 @@ struct Blocked {
     params: xz::Params,
     outcome: Outcome,
     bar: PathProgress,
-    /// Blocks of input held at most (cut and not yet compressed): twice `--jobs`.
+    /// Blocks of input held at most (cut and not yet compressed): one more than `--jobs`,
+    /// so that a block is ready for each thread that finishes one while the reading thread
+    /// compresses another.
     limit: usize,
     state: Mutex<BlockedState>,
     /// A block's input was let go.
@@ -940,8 +939,6 @@ struct BlockedState {
     untaken: usize,
     /// Blocks of input cut and not yet compressed.
     held: usize,
-    /// Buffers of compressed blocks' input, to be cut into again.
-    spare: Vec<Vec<u8>>,
     /// Blocks compressed but not yet appended (a later block finished first).
     waiting: Vec<Option<(SpillData, xz::Block)>>,
     /// The next block to append.
@@ -1014,8 +1011,6 @@ impl Cutter<'_, '_> {
         if st.error.is_some() {
             return Err(io::Error::other(Stopped));
         }
-        self.buf = st.spare.pop().unwrap_or_default();
-        self.buf.clear();
         Ok(())
     }
 }
