@@ -693,14 +693,14 @@ impl Run<'_> {
         let info = &self.infos[i];
         let want_listing = self.opts.nar_listing || self.opts.index_debug_info;
         let cutter = Cutter { run: self, b, unit: u, buf: Vec::new() };
-        let nar = HashingWriter::new(ProgressWriter::new(cutter, &b.bar));
+        let nar = HashingWriter::new(cutter);
         let nar = BufWriter::with_capacity(NAR_BUFFER, nar);
         let read = dump_listing(&self.store.real_path(&info.path), nar, want_listing)
             .map_err(PushError::from)
             .and_then(|(nar, listing)| {
-                let (shown, nar_size, nar_hash) =
+                let (mut cutter, nar_size, nar_hash) =
                     nar.into_inner().map_err(|e| write_err(e.into_error()))?.finish();
-                shown.into_inner().cut().map_err(write_err)?;
+                cutter.cut().map_err(write_err)?;
                 check_hash(&self.store.store_dir.display(&info.path), info, nar_hash, nar_size)?;
                 Ok(ReadPass { listing, nar_size, nar_hash })
             });
@@ -752,7 +752,14 @@ impl Run<'_> {
                 } else {
                     xz::BlockEncoder::new(&b.params, spill)?
                 };
-                enc.write_all(&data)?;
+                // Progress is what is compressed (counted once: a stored block was first
+                // compressed), which is what the push waits for.
+                for piece in data.chunks(1 << 20) {
+                    enc.write_all(piece)?;
+                    if !stored {
+                        b.bar.inc(piece.len() as u64);
+                    }
+                }
                 enc.finish().map(|(spill, block)| (spill.data, block))
             };
             Some(encode(false).and_then(|(spill, block)| {
