@@ -341,6 +341,21 @@ enum BodyError {
 }
 
 impl Client {
+    /// Runs `upload` on a thread of its own once one of the `--uploads` slots is free
+    /// (waiting here for it), and frees the slot when it ends.
+    fn in_slot<T: Send + 'static>(
+        self: &Arc<Self>,
+        upload: impl FnOnce(&Client) -> T + Send + 'static,
+    ) -> JoinHandle<T> {
+        self.slots.take();
+        let c = self.clone();
+        std::thread::spawn(move || {
+            let r = upload(&c);
+            c.slots.give();
+            r
+        })
+    }
+
     fn key(&self, rel: &str) -> String {
         format!("{}{rel}", self.prefix)
     }
@@ -1415,14 +1430,9 @@ impl Upload {
         let key = self.client.key(&self.tmp_rel);
         self.wait_inflight()?;
         let data = std::mem::take(&mut self.buf);
-        let (client, id) = (self.client.clone(), self.id.clone().expect("started"));
+        let id = self.id.clone().expect("started");
         let n = self.etags.len() + 1;
-        client.slots.take();
-        self.inflight = Some(std::thread::spawn(move || {
-            let r = client.upload_part(&key, &id, n, &data);
-            client.slots.give();
-            r
-        }));
+        self.inflight = Some(self.client.in_slot(move |c| c.upload_part(&key, &id, n, &data)));
         Ok(())
     }
 }
@@ -1465,15 +1475,10 @@ impl NewFile for Upload {
             None
         };
         if let Some(whole) = whole {
-            let (c, rel, size) = (client.clone(), dest.to_owned(), self.size);
-            client.slots.take();
-            let put = std::thread::spawn(move || {
-                let r = match &whole {
-                    Whole::Memory(buf) => c.put(&rel, buf),
-                    Whole::Spooled(f) => c.put_file(&rel, f, size),
-                };
-                c.slots.give();
-                r
+            let (rel, size) = (dest.to_owned(), self.size);
+            let put = client.in_slot(move |c| match &whole {
+                Whole::Memory(buf) => c.put(&rel, buf),
+                Whole::Spooled(f) => c.put_file(&rel, f, size),
             });
             let rel = dest.to_owned();
             return Ok(Staged::new(dest, None, move || {
