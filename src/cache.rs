@@ -236,23 +236,29 @@ impl Cache {
         if at_once <= 1 || staged.len() <= 1 {
             return staged.into_iter().map(|s| Ok(s.commit()?)).collect();
         }
-        let n = staged.len();
+        let threads = at_once.min(staged.len());
         let next = std::sync::Mutex::new(staged.into_iter().enumerate());
-        let mut results: Vec<Option<Result<(), CacheError>>> = (0..n).map(|_| None).collect();
-        let done = std::sync::Mutex::new(&mut results);
-        std::thread::scope(|s| {
-            for _ in 0..at_once.min(n) {
-                s.spawn(|| {
-                    loop {
-                        let item = next.lock().unwrap_or_else(|e| e.into_inner()).next();
-                        let Some((k, staged)) = item else { break };
-                        let r = staged.commit().map_err(CacheError::from);
-                        done.lock().unwrap_or_else(|e| e.into_inner())[k] = Some(r);
-                    }
-                });
-            }
+        let mut done: Vec<(usize, Result<(), CacheError>)> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut done = Vec::new();
+                        loop {
+                            // The lock is let go before the commit.
+                            let item = next.lock().unwrap_or_else(|e| e.into_inner()).next();
+                            let Some((k, staged)) = item else { return done };
+                            done.push((k, staged.commit().map_err(CacheError::from)));
+                        }
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
         });
-        results.into_iter().map(|r| r.expect("every staged file was committed")).collect()
+        done.sort_by_key(|&(k, _)| k);
+        done.into_iter().map(|(_, r)| r).collect()
     }
 
     pub fn narinfo_rel(p: &StorePath) -> String {

@@ -377,11 +377,20 @@ impl<'a> Publisher<'a> {
         if let Err(e) = dirs {
             return narinfos.into_iter().map(|r| r.map(drop)).map(sync_failed(e)).collect();
         }
-        // The narinfos at once where the storage is a server.
-        let (mut results, mut staged) = (Vec::with_capacity(narinfos.len()), Vec::new());
-        for r in narinfos {
-            results.push(r.map(|n| n.map(|n| staged.push(n)).is_some()));
-        }
+        // The narinfos at once where the storage is a server; `Ok(true)`: one to commit.
+        let mut staged = Vec::new();
+        let results: Vec<Result<bool, PushError>> = narinfos
+            .into_iter()
+            .map(|r| {
+                r.map(|n| match n {
+                    Some(n) => {
+                        staged.push(n);
+                        true
+                    }
+                    None => false,
+                })
+            })
+            .collect();
         let mut committed = self.cache.commit_all(staged).into_iter();
         let results: Vec<Result<(), PushError>> = results
             .into_iter()
