@@ -187,19 +187,21 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        let log =
-            self.dir.as_ref().map(|d| std::fs::read_to_string(d.path().join("weed.log")).unwrap_or_default());
-        panic!("SeaweedFS did not start:\n{}", log.unwrap_or_default());
+        panic!("SeaweedFS did not start:\n{}", self.log());
     }
 
-    /// Whether our server process has exited, and the end of its log.
+    /// Our server's log (empty for one we did not start).
+    fn log(&self) -> String {
+        let log = self.dir.as_ref().map(|d| std::fs::read_to_string(d.path().join("weed.log")));
+        log.and_then(Result::ok).unwrap_or_default()
+    }
+
+    /// Whether our server process has exited, and then the end of its log.
     fn exited(&mut self) -> Option<String> {
-        let c = self.child.as_mut()?;
-        c.try_wait().ok().flatten()?;
-        let log =
-            self.dir.as_ref().map(|d| std::fs::read_to_string(d.path().join("weed.log")).unwrap_or_default());
-        let log = log.unwrap_or_default();
-        Some(log[log.len().saturating_sub(4000)..].to_owned())
+        self.child.as_mut()?.try_wait().ok().flatten()?;
+        let log = self.log();
+        let tail: Vec<char> = log.chars().rev().take(4000).collect();
+        Some(tail.into_iter().rev().collect())
     }
 
     /// Whether [`Server::kill`] stops the whole store (a cluster loses one node of three).
@@ -547,12 +549,11 @@ fn bucket_survives_a_server_killed_mid_push() {
     if s.kill_stops_everything() {
         assert!(!out.status.success(), "the push should fail with the server gone");
     }
-    let s = s.restart();
+    let mut s = s.restart();
     // What the bucket holds now is the server's business: `weed mini` killed with SIGKILL
     // has lost an acknowledged PUT (nix-cache-info) here once, so no client can promise
     // what it shows. (With the server up and nixcache killed, consistency is checked: see
     // a_push_killed_mid_upload_leaves_a_consistent_bucket.) A re-run makes it whole.
-    let mut s = s;
     let url = s.url("kill");
     let rerun = |s: &Server| {
         nc(s, t.path())
