@@ -622,6 +622,18 @@ impl Cache {
     pub fn requests(&self) -> std::collections::HashMap<&'static str, crate::storage::Requests> {
         self.backend.requests()
     }
+
+    /// Keeps copies of a bucket's narinfos in `dir` on this machine and reads a narinfo from
+    /// its copy while the bucket's listing shows it unchanged (see
+    /// [`crate::storage::copies`]); nothing for a directory.
+    pub fn keep_copies(&self, dir: &Path) -> Result<(), crate::storage::copies::CopiesError> {
+        self.backend.keep_copies(dir)
+    }
+
+    /// Where the copies are kept and how many reads they answered, when they are.
+    pub fn copies_used(&self) -> Option<(PathBuf, u64)> {
+        self.backend.copies_used()
+    }
 }
 
 #[cfg(test)]

@@ -306,6 +306,11 @@ pub struct PushArgs {
     /// MiB at first, held in memory while it goes up).
     #[arg(long, value_name = "N", default_value = "8", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub uploads: u16,
+    /// With an s3:// --dest: do not keep copies of the bucket's narinfos on this machine
+    /// ($XDG_CACHE_HOME/nixcache/buckets), so every narinfo is downloaded on each push. A
+    /// copy is used only while the bucket lists the object with the same ETag and size.
+    #[arg(long)]
+    pub no_local_copies: bool,
     /// Rewrite narinfos and NARs that already exist.
     #[arg(long)]
     pub force: bool,

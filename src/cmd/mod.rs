@@ -49,15 +49,58 @@ pub fn store_path_arg(cache: &crate::cache::Cache, arg: &str) -> String {
     }
 }
 
+/// Where a bucket's narinfos are kept on this machine between runs:
+/// `$XDG_CACHE_HOME/nixcache/buckets`, else `~/.cache/nixcache/buckets`.
+pub fn copies_dir() -> Option<std::path::PathBuf> {
+    let var = |k| std::env::var_os(k).filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
+    let base = var("XDG_CACHE_HOME")
+        .filter(|p| p.is_absolute())
+        .or_else(|| var("HOME").map(|h| h.join(".cache")))?;
+    Some(base.join("nixcache").join("buckets"))
+}
+
+/// Keeps a bucket's narinfos on this machine for the next run ([`copies_dir`]), unless
+/// `off`; what goes wrong is a warning, never the end of the run.
+pub fn keep_copies(cache: &crate::cache::Cache, dest: &crate::storage::Dest, off: bool, quiet: bool) {
+    if off || !matches!(dest, crate::storage::Dest::Bucket(_)) {
+        return;
+    }
+    let Some(dir) = copies_dir() else {
+        if !quiet {
+            crate::elog!(
+                "warning: neither XDG_CACHE_HOME nor HOME is set: the bucket's narinfos are not kept on this machine, and the next push downloads them again"
+            );
+        }
+        return;
+    };
+    if let Err(e) = cache.keep_copies(&dir)
+        && !quiet
+    {
+        crate::elog!(
+            "warning: the bucket's narinfos are not kept on this machine ({e}); the next push downloads them again (set XDG_CACHE_HOME to a writable directory, or pass --no-local-copies)"
+        );
+    }
+}
+
 /// The most threads `--jobs` may ask for: four per core, at most 1024.
 pub fn max_jobs() -> usize {
     (4 * std::thread::available_parallelism().map_or(1, usize::from)).min(1024)
 }
 
-/// Says what requests a command made to a bucket (nothing for a directory).
+/// Says what requests a command made to a bucket (nothing for a directory), and how many
+/// narinfos were read from the copies kept on this machine instead.
 pub fn say_requests(cache: &crate::cache::Cache) {
     let requests = cache.requests();
     if !requests.is_empty() {
         crate::elog!("{}", crate::progress::requests(&requests));
+    }
+    if let Some((file, n)) = cache.copies_used()
+        && n > 0
+    {
+        crate::elog!(
+            "{} read from the copies kept in {}",
+            crate::progress::plural(n as usize, "narinfo"),
+            file.display()
+        );
     }
 }

@@ -141,6 +141,7 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     // Before looking: a gc that starts from now on keeps what this push names.
     let hashes: Vec<&str> = infos.iter().map(|i| i.path.hash_part()).collect();
     cache.record_push(&hashes)?;
+    super::keep_copies(&cache, &args.dest, args.no_local_copies, mode == Mode::Quiet);
     let lookups = cache.prepare_lookups(infos.len())?;
 
     let total: u64 = infos.iter().map(|i| i.nar_size).sum();

@@ -15,6 +15,9 @@ pub struct Object {
     pub key: String,
     pub size: u64,
     pub modified: SystemTime,
+    /// The `ETag` as the server wrote it (quotes and all), when it gave one: what a copy kept
+    /// on this machine is matched against, so an odd one only means no match.
+    pub etag: Option<String>,
 }
 
 /// A page of `ListObjectsV2`.
@@ -193,7 +196,11 @@ pub fn list_page(body: &str, prefix: &str) -> Result<ListPage, String> {
         let modified = required(c, "LastModified")?;
         let modified = parse_time(modified.trim())
             .ok_or_else(|| format!("<LastModified> of {key:?} is {modified:?}"))?;
-        objects.push(Object { key, size, modified });
+        let etag = match only(c, "ETag")? {
+            Some(e) => Some(xml_unescape(e.trim()).map_err(|e| format!("<ETag> of {key:?}: {e}"))?),
+            None => None,
+        };
+        objects.push(Object { key, size, modified, etag });
     }
     // Directories (with a delimiter) are not objects, but they count.
     let prefixes = elements(page, "CommonPrefixes")?.len();
@@ -325,7 +332,7 @@ mod tests {
     }
 
     const PAGE: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
-<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>b</Name><Prefix>p/</Prefix><KeyCount>2</KeyCount><MaxKeys>1000</MaxKeys><EncodingType>url</EncodingType><IsTruncated>true</IsTruncated><NextContinuationToken>tok&amp;1</NextContinuationToken><Contents><Key>p/a%01b.narinfo</Key><LastModified>2026-12-01T10:00:00.000Z</LastModified><Size>12</Size></Contents><Contents><Key>p/x+y</Key><LastModified>2026-12-01T10:00:01Z</LastModified><Size>0</Size></Contents></ListBucketResult>
+<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>b</Name><Prefix>p/</Prefix><KeyCount>2</KeyCount><MaxKeys>1000</MaxKeys><EncodingType>url</EncodingType><IsTruncated>true</IsTruncated><NextContinuationToken>tok&amp;1</NextContinuationToken><Contents><Key>p/a%01b.narinfo</Key><LastModified>2026-12-01T10:00:00.000Z</LastModified><ETag>&quot;9b2c&quot;</ETag><Size>12</Size></Contents><Contents><Key>p/x+y</Key><LastModified>2026-12-01T10:00:01Z</LastModified><Size>0</Size></Contents></ListBucketResult>
 "#;
 
     #[test]
@@ -335,8 +342,13 @@ mod tests {
         assert_eq!(
             p.objects,
             [
-                Object { key: "p/a\u{1}b.narinfo".into(), size: 12, modified: t("2026-12-01T10:00:00Z") },
-                Object { key: "p/x y".into(), size: 0, modified: t("2026-12-01T10:00:01Z") },
+                Object {
+                    key: "p/a\u{1}b.narinfo".into(),
+                    size: 12,
+                    modified: t("2026-12-01T10:00:00Z"),
+                    etag: Some("\"9b2c\"".into())
+                },
+                Object { key: "p/x y".into(), size: 0, modified: t("2026-12-01T10:00:01Z"), etag: None },
             ]
         );
         // Not url-encoded unless the server says so.
@@ -358,6 +370,8 @@ mod tests {
             PAGE.replace("<KeyCount>2</KeyCount>", "<KeyCount>3</KeyCount>"),
             PAGE.replace("p/x+y", "q/x"),
             PAGE.replace("%01", "%G1"),
+            PAGE.replace("<ETag>&quot;9b2c&quot;</ETag>", "<ETag>a</ETag><ETag>b</ETag>"),
+            PAGE.replace("&quot;9b2c&quot;", "&bogus;"),
             // Cut short, at an entry's end and mid-entry.
             PAGE[..PAGE.find("<Contents><Key>p/x").unwrap()].to_owned(),
             PAGE[..PAGE.len() - 30].to_owned(),

@@ -462,6 +462,7 @@ fn meta(name: String, m: &fs::Metadata) -> Meta {
         size: m.len(),
         modified: m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
         not_regular: (!m.is_file()).then(|| kind_of(m.file_type())),
+        etag: None,
     }
 }
 

@@ -15,6 +15,7 @@
 //! [`Cache`]: crate::cache::Cache
 
 pub mod answers;
+pub mod copies;
 pub mod credentials;
 pub mod dir;
 pub mod s3;
@@ -129,6 +130,8 @@ pub struct Meta {
     /// What it is when it is not a regular file (a directory cache's links and special
     /// files); `None` for a regular file or an object.
     pub not_regular: Option<&'static str>,
+    /// The object's ETag, as a bucket gave it; `None` for a directory's file.
+    pub etag: Option<String>,
 }
 
 /// A file being written; [`NewFile::stage`] names it once its contents (and so its name)
@@ -332,4 +335,17 @@ pub trait Backend: Send + Sync {
 
     /// Requests made so far, by kind, for the summary and the benchmark.
     fn requests(&self) -> HashMap<&'static str, Requests>;
+
+    /// Keeps copies of the narinfos read and written in `dir` on this machine, and reads a
+    /// narinfo from its copy while the listing shows it unchanged ([`copies`]). Storage on
+    /// this machine has no use for them.
+    fn keep_copies(&self, dir: &Path) -> Result<(), copies::CopiesError> {
+        let _ = dir;
+        Ok(())
+    }
+
+    /// Where the copies are kept and how many reads they answered, when they are.
+    fn copies_used(&self) -> Option<(PathBuf, u64)> {
+        None
+    }
 }

@@ -26,9 +26,9 @@ use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -37,6 +37,7 @@ use thiserror::Error;
 use url::Url;
 
 use super::answers::{self, error_code, parse_time, printable, redact_url, xml_values};
+use super::copies::{Copies, CopiesError};
 use super::credentials::{self, Creds};
 use super::{Backend, Leftover, Meta, NewFile, Reader, Record, Requests, Staged};
 use super::{FileProblem, StorageError};
@@ -285,6 +286,8 @@ struct Client {
     slots: Slots,
     /// Objects known to exist (name -> meta), from one listing, when lookups use it.
     snapshot: Mutex<Option<HashMap<String, Meta>>>,
+    /// Copies of narinfos kept on this machine, when the command keeps them.
+    copies: OnceLock<Copies>,
 }
 
 type Response = ureq::http::Response<ureq::Body>;
@@ -622,7 +625,13 @@ impl Client {
                 if rel.ends_with('/') {
                     continue;
                 }
-                out.push(Meta { name: rel, size: o.size, modified: o.modified, not_regular: None });
+                out.push(Meta {
+                    name: rel,
+                    size: o.size,
+                    modified: o.modified,
+                    not_regular: None,
+                    etag: o.etag,
+                });
             }
             match page.next {
                 Some(t) => token = Some(t),
@@ -650,13 +659,14 @@ impl Client {
                 .ok_or_else(|| bad("no Content-Length"))?,
             modified: header("last-modified").and_then(parse_time).ok_or_else(|| bad("no Last-Modified"))?,
             not_regular: None,
+            etag: header("etag").map(str::to_owned),
         }))
     }
 
     fn put(&self, rel: &str, data: &[u8]) -> Result<(), S3Error> {
         let key = self.key(rel);
         let what = || format!("uploading {}", self.url_of(rel));
-        self.send(
+        let r = self.send(
             "put",
             &what,
             Method::Put,
@@ -666,7 +676,11 @@ impl Client {
             Body::Bytes(data),
             &[200],
         )?;
-        self.noted(rel, data.len() as u64);
+        let etag = etag_of(&r);
+        if let (Some(copies), Some(etag)) = (self.copies_of(rel), &etag) {
+            copies.put(&key, etag, data);
+        }
+        self.noted(rel, data.len() as u64, etag);
         Ok(())
     }
 
@@ -675,8 +689,8 @@ impl Client {
         let key = self.key(rel);
         let what = || format!("uploading {}", self.url_of(rel));
         let headers = [("content-type", content_type(rel))];
-        self.send("put", &what, Method::Put, Some(&key), &[], &headers, Body::File(f), &[200])?;
-        self.noted(rel, size);
+        let r = self.send("put", &what, Method::Put, Some(&key), &[], &headers, Body::File(f), &[200])?;
+        self.noted(rel, size, etag_of(&r));
         Ok(())
     }
 
@@ -689,19 +703,27 @@ impl Client {
     }
 
     /// Remembers that `rel` now exists, for lookups answered from the listing.
-    fn noted(&self, rel: &str, size: u64) {
+    fn noted(&self, rel: &str, size: u64, etag: Option<String>) {
         if let Some(s) = self.snapshot.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             s.insert(
                 rel.to_owned(),
-                Meta { name: rel.to_owned(), size, modified: SystemTime::now(), not_regular: None },
+                Meta { name: rel.to_owned(), size, modified: SystemTime::now(), not_regular: None, etag },
             );
         }
+    }
+
+    /// The copies kept on this machine, when `rel` is a narinfo and they are kept.
+    fn copies_of(&self, rel: &str) -> Option<&Copies> {
+        self.copies.get().filter(|_| !rel.contains('/') && rel.ends_with(".narinfo"))
     }
 
     fn delete(&self, rel: &str) -> Result<(), S3Error> {
         let key = self.key(rel);
         let what = || format!("deleting {}", self.url_of(rel));
         self.send("delete", &what, Method::Delete, Some(&key), &[], &[], Body::None, &[200, 204, 404])?;
+        if let Some(copies) = self.copies_of(rel) {
+            copies.forget(&key);
+        }
         if let Some(s) = self.snapshot.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             s.remove(rel);
         }
@@ -785,8 +807,8 @@ impl Client {
             copied?;
         }
         // Acknowledged is not done: the object must be there, whole.
-        match self.head(rel)? {
-            Some(m) if m.size == size => {}
+        let etag = match self.head(rel)? {
+            Some(m) if m.size == size => m.etag,
             found => {
                 return Err(S3Error::BadAnswer {
                     what: what(),
@@ -796,8 +818,8 @@ impl Client {
                     },
                 });
             }
-        }
-        self.noted(rel, size);
+        };
+        self.noted(rel, size, etag);
         Ok(())
     }
 
@@ -1014,6 +1036,7 @@ impl S3Backend {
             counts: Mutex::new(HashMap::new()),
             slots: Slots { free: Mutex::new(url.uploads.max(1)), changed: Condvar::new() },
             snapshot: Mutex::new(None),
+            copies: OnceLock::new(),
         };
         // One small listing: the endpoint answers, the bucket exists, the credentials work.
         let what = || format!("opening {}", client.url);
@@ -1083,13 +1106,23 @@ impl Backend for S3Backend {
     }
 
     fn read(&self, rel: &str, limit: u64) -> Result<Option<Vec<u8>>, FileProblem> {
-        if let Some(None) = self.client.listed(rel) {
+        let listed = self.client.listed(rel);
+        if let Some(None) = listed {
             return Ok(None);
         }
         let key = self.client.key(rel);
+        let copies = self.client.copies_of(rel);
+        // Unchanged since the copy was made, as this run's listing says.
+        if let (Some(copies), Some(Some(Meta { size, etag: Some(etag), .. }))) = (copies, &listed)
+            && *size <= limit
+            && let Some(body) = copies.get(&key, etag, *size)
+        {
+            return Ok(Some(body));
+        }
         let what = || format!("downloading {}", self.client.url_of(rel));
         // The whole body in the try, retried like the request: a read cut short is no file.
-        self.client
+        let got = self
+            .client
             .send_with("get", &what, Method::Get, Some(&key), &[], &[], Body::None, &[200, 404], |r| {
                 if r.status().as_u16() == 404 {
                     return Ok(None);
@@ -1097,15 +1130,22 @@ impl Backend for S3Backend {
                 if let Some(size) = r.body().content_length().filter(|&n| n > limit) {
                     return Ok(Some(Err(FileProblem::TooLarge { size, limit })));
                 }
+                let etag = etag_of(&r);
                 match Client::body_bytes(r, limit + 1)? {
                     b if b.len() as u64 > limit => {
                         Ok(Some(Err(FileProblem::TooLarge { size: b.len() as u64, limit })))
                     }
-                    b => Ok(Some(Ok(b))),
+                    b => Ok(Some(Ok((b, etag)))),
                 }
             })
             .map_err(|e| FileProblem::Io(e.into_io()))?
-            .transpose()
+            .transpose()?;
+        Ok(got.map(|(body, etag)| {
+            if let (Some(copies), Some(etag)) = (copies, etag) {
+                copies.put(&key, &etag, &body);
+            }
+            body
+        }))
     }
 
     fn open(&self, rel: &str) -> Result<Option<(Reader, u64)>, FileProblem> {
@@ -1318,6 +1358,23 @@ impl Backend for S3Backend {
     fn requests(&self) -> HashMap<&'static str, Requests> {
         self.client.counts.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    fn keep_copies(&self, dir: &Path) -> Result<(), CopiesError> {
+        let c = &self.client;
+        if c.copies.get().is_none() {
+            let _ = c.copies.set(Copies::open(dir, &c.endpoint, &c.url.bucket)?);
+        }
+        Ok(())
+    }
+
+    fn copies_used(&self) -> Option<(PathBuf, u64)> {
+        self.client.copies.get().map(|c| (c.file().to_owned(), c.used()))
+    }
+}
+
+/// The ETag an answer gives, if any.
+fn etag_of(r: &Response) -> Option<String> {
+    r.headers().get("etag").and_then(|v| v.to_str().ok()).map(str::to_owned)
 }
 
 /// Hands each hash part of a push record to `each`; the first line that is not one is the

@@ -292,6 +292,7 @@ fn nc(s: &Server, home: &Path) -> Command {
         .env("AWS_SECRET_ACCESS_KEY", &s.secret)
         .env_remove("AWS_SESSION_TOKEN")
         .env_remove("AWS_PROFILE")
+        .env_remove("XDG_CACHE_HOME")
         .env("HOME", home);
     c
 }
@@ -460,6 +461,90 @@ fn bucket_verify_sign_gc_and_repair() {
     let gc = ok(nc(&s, t.path()).args(["gc", "--older-than", "1h", "--dest", &url]));
     assert!(!gc.contains(&third), "{gc}");
     assert_eq!(get(&format!("{}/{}.narinfo", s.http("life"), hash_part(&third))).0, 200);
+}
+
+/// How many requests of `kind` the summary in `said` counts (0 when it names none).
+fn requests_of(said: &str, kind: &str) -> u64 {
+    let line = said.lines().find(|l| l.contains(" requests (") || l.contains(" request (")).unwrap_or("");
+    let counts = line.split_once('(').map_or("", |x| x.1).split(')').next().unwrap_or("");
+    let each = counts.split(", ").filter_map(|c| c.split_once(' '));
+    each.filter(|(_, k)| *k == kind).map(|(n, _)| n.parse::<u64>().unwrap()).sum()
+}
+
+#[test]
+fn a_re_push_reads_unchanged_narinfos_from_copies_kept_here() {
+    let s = Server::start();
+    let f = fixtures();
+    let t = tmp();
+    let url = s.url("kept");
+    let n = f.closure.len();
+    let push_as = |home: &Path, extra: &[&str]| {
+        let out = nc(&s, home)
+            .args(["push", "-c", "zstd", "-k", SECRET, "--dest", &url])
+            .args(extra)
+            .arg(&f.top)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        stderr(&out)
+    };
+    let push = |extra: &[&str]| push_as(t.path(), extra);
+    let kept = t.path().join(".cache/nixcache/buckets");
+    push(&[]);
+    // All there and unchanged: no narinfo is downloaded (the one GET is nix-cache-info).
+    let said = push(&[]);
+    assert!(said.contains(&format!("0 pushed, {n} skipped")), "{said}");
+    assert!(
+        said.contains(&format!("{n} narinfos read from the copies kept in {}", kept.display())),
+        "{said}"
+    );
+    assert_eq!(requests_of(&said, "get"), 1, "{said}");
+    // Without them, every narinfo is.
+    let said = push(&["--no-local-copies"]);
+    assert_eq!(requests_of(&said, "get"), 1 + n as u64, "{said}");
+    assert!(!said.contains("read from the copies"), "{said}");
+
+    // A narinfo changed behind nixcache's back (here to one that lies about its NAR) has
+    // another ETag: it is downloaded, found wrong and written again, though the copy kept
+    // here says what it said before.
+    let rel = format!("{}.narinfo", hash_part(f.path("edge-dep")));
+    let good = get(&format!("{}/{rel}", s.http("kept"))).1;
+    let lying: String = String::from_utf8(good.clone())
+        .unwrap()
+        .lines()
+        .map(|l| {
+            if l.starts_with("NarHash: ") {
+                format!("NarHash: sha256:{}\n", "0".repeat(52))
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    let file = t.path().join("lying.narinfo");
+    std::fs::write(&file, &lying).unwrap();
+    put_object(&s, &format!("kept/{rel}"), &file);
+    let said = push(&[]);
+    assert!(said.contains("disagrees with the store (NarHash)"), "{said}");
+    assert_eq!(requests_of(&said, "get"), 2, "{said}");
+    assert!(said.contains(&format!("{} narinfos read from the copies", n - 1)), "{said}");
+    assert_eq!(get(&format!("{}/{rel}", s.http("kept"))).1, good);
+    restore(&s.http("kept"), &t.path().join("root"), &[&f.top]);
+
+    // Copies in a file that is not a database: it is started afresh, and filled again.
+    let files: Vec<_> = std::fs::read_dir(&kept).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    std::fs::write(&files[0], vec![b'x'; 4096]).unwrap();
+    let said = push(&[]);
+    assert_eq!(requests_of(&said, "get"), 1 + n as u64, "{said}");
+    assert!(!said.contains("not kept"), "{said}");
+    assert_eq!(requests_of(&push(&[]), "get"), 1);
+
+    // Nowhere to keep them: a warning that says so, and the push goes on.
+    let home = tmp();
+    std::fs::write(home.path().join(".cache"), "").unwrap();
+    let said = push_as(home.path(), &[]);
+    assert!(said.contains("warning: the bucket's narinfos are not kept on this machine"), "{said}");
+    assert!(said.contains(&format!("0 pushed, {n} skipped")), "{said}");
 }
 
 #[test]
