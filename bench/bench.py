@@ -136,7 +136,9 @@ def bench_s3(path, nar, a, work, many=None):
             if "AccessDenied" in r.stdout or "NoSuchKey" in r.stdout:
                 break
             time.sleep(0.2)
-        env = {"AWS_ACCESS_KEY_ID": "benchAK", "AWS_SECRET_ACCESS_KEY": "benchSK"}
+        # The narinfos a push keeps on this machine live in the run's directory, from empty.
+        env = {"AWS_ACCESS_KEY_ID": "benchAK", "AWS_SECRET_ACCESS_KEY": "benchSK",
+               "XDG_CACHE_HOME": os.path.join(work, "xdg-cache")}
         print()
         print(f"the closure ({nar / 2**20:.1f} MiB of NAR) pushed by nixcache to a SeaweedFS bucket on loopback "
               f"(weed mini) and to a directory, median of {a.runs}; requests from the push's summary:")
@@ -178,12 +180,16 @@ def bench_s3(path, nar, a, work, many=None):
             print("|---|---:|---:|---:|---:|---|")
             d = os.path.join(work, "s3-many-dir")
             url = f"s3://bench/many?endpoint=http://127.0.0.1:{base + 4}"
-            for name, dest in [("directory", d), ("bucket", url)]:
-                first = measure_err([NIXCACHE, "push", "-c", comp, "--dest", dest, many], env)
-                again = [measure_err([NIXCACHE, "push", "-c", comp, "--dest", dest, many], env) for _ in range(a.runs)]
-                reqs = next((l for l in again[-1][3].splitlines() if "request" in l), "") if name == "bucket" else ""
-                print(f"| {name} | {first[0]:.2f} | {med(again, 0):.3f} | {med(again, 1):.2f} | {med(again, 2):.0f} | "
-                      f"{reqs} |")
+            # The bucket twice: with the narinfos kept here by the first push, and without them
+            # (another machine, or --no-local-copies): every narinfo downloaded.
+            for name, dest, extra in [("directory", d, []), ("bucket", url, []),
+                                      ("bucket, --no-local-copies", url, ["--no-local-copies"])]:
+                first = measure_err([NIXCACHE, "push", "-c", comp, "--dest", dest, many], env) if extra == [] else None
+                again = [measure_err([NIXCACHE, "push", "-c", comp, *extra, "--dest", dest, many], env)
+                         for _ in range(a.runs)]
+                reqs = next((l for l in again[-1][3].splitlines() if "request" in l), "") if dest == url else ""
+                print(f"| {name} | {f'{first[0]:.2f}' if first else ''} | {med(again, 0):.3f} | {med(again, 1):.2f} | "
+                      f"{med(again, 2):.0f} | {reqs} |")
             shutil.rmtree(d)
     finally:
         server.kill()

@@ -37,7 +37,10 @@ pub enum CopiesError {
 
 pub struct Copies {
     file: PathBuf,
-    /// Connections not in use: one per thread that reads at once.
+    /// The one connection that writes: this process's writes queue here, not in SQLite's
+    /// busy handler (which sleeps a millisecond or more on each collision).
+    writer: Mutex<Connection>,
+    /// Connections that read, not in use: one per thread that reads at once.
     idle: Mutex<Vec<Connection>>,
     /// A query failed: the copies are not used again in this run.
     broken: AtomicBool,
@@ -66,7 +69,8 @@ impl Copies {
         };
         Ok(Copies {
             file,
-            idle: Mutex::new(vec![conn]),
+            writer: Mutex::new(conn),
+            idle: Mutex::new(Vec::new()),
             broken: AtomicBool::new(false),
             used: AtomicU64::new(0),
         })
@@ -84,7 +88,7 @@ impl Copies {
 
     /// The copy of `key` made when it had `etag` and `size`, if there is one.
     pub fn get(&self, key: &str, etag: &str, size: u64) -> Option<Vec<u8>> {
-        let found = self.with(|c| {
+        let found = self.read(|c| {
             c.prepare_cached("SELECT body FROM copies WHERE key = ?1 AND etag = ?2 AND size = ?3")?
                 .query_row(params![key, etag, size as i64], |r| r.get::<_, Vec<u8>>(0))
                 .optional()
@@ -98,7 +102,7 @@ impl Copies {
 
     /// Keeps `body` as the copy of `key`, which the server said has `etag`.
     pub fn put(&self, key: &str, etag: &str, body: &[u8]) {
-        self.with(|c| {
+        self.write(|c| {
             c.prepare_cached("INSERT OR REPLACE INTO copies (key, etag, size, body) VALUES (?1, ?2, ?3, ?4)")?
                 .execute(params![key, etag, body.len() as i64, body])
         });
@@ -106,10 +110,19 @@ impl Copies {
 
     /// Drops the copy of `key` (it was removed from the bucket).
     pub fn forget(&self, key: &str) {
-        self.with(|c| c.prepare_cached("DELETE FROM copies WHERE key = ?1")?.execute([key]));
+        self.write(|c| c.prepare_cached("DELETE FROM copies WHERE key = ?1")?.execute([key]));
     }
 
-    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Option<T> {
+    fn write(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<usize>) {
+        if self.broken.load(Ordering::Relaxed) {
+            return;
+        }
+        if f(&self.writer.lock().unwrap_or_else(|e| e.into_inner())).is_err() {
+            self.broken.store(true, Ordering::Relaxed);
+        }
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Option<T> {
         if self.broken.load(Ordering::Relaxed) {
             return None;
         }
