@@ -565,6 +565,24 @@ impl Cache {
         Ok(self.backend.remove(name)?)
     }
 
+    /// On a bucket: says a gc is about to delete (see [`Cache::deleting`]); the marker's name.
+    pub fn start_deleting(&self) -> Result<Option<String>, CacheError> {
+        Ok(self.backend.start_deleting()?)
+    }
+
+    /// Removes the marker [`Cache::start_deleting`] wrote, once the gc's deletions have landed.
+    pub fn done_deleting(&self, marker: &str) -> Result<(), CacheError> {
+        Ok(self.backend.done_deleting(marker)?)
+    }
+
+    /// On a bucket: the markers of gcs deleting now, or killed while they deleted. A push that
+    /// finds none after writing its push record knows that whatever it then finds present
+    /// stays: a gc that starts later reads the record before it deletes and spares what it
+    /// names.
+    pub fn deleting(&self) -> Result<Vec<Meta>, CacheError> {
+        Ok(self.backend.deleting()?)
+    }
+
     /// The push records, on a bucket, each hash part handed to `each` with its record's
     /// time. A record that cannot be read is the error.
     pub fn push_records(&self, each: &mut dyn FnMut(&str, SystemTime)) -> Result<Vec<Record>, CacheError> {

@@ -311,61 +311,93 @@ pub fn gc(
     report.bytes_freed = report.removals.iter().map(|r| r.bytes).sum();
 
     if !dry_run {
-        layers.resize(report.removals.len(), None);
-        // Where writers do not exclude each other (a bucket), a push may start while gc
-        // works: it records its closure before it looks. Before each layer of narinfos and
-        // before the NARs, gc reads the records written since it started and spares what they
-        // name (with the NARs those narinfos name), so it never takes away what such a push
-        // found present and skipped.
-        let known: HashSet<String> = index.records.iter().map(|(n, _)| n.clone()).collect();
-        let mut spared: HashSet<String> = HashSet::new();
-        let mut spared_nars: HashSet<String> = HashSet::new();
-        let mut kept_back = vec![false; report.removals.len()];
-        for (i, r) in report.removals.iter().enumerate() {
-            if i > 0 && layers[i - 1].is_some() && layers[i] != layers[i - 1] {
-                cache.sync_dir("")?;
-            }
-            let boundary = i == 0 || layers[i] != layers[i - 1];
-            if boundary && !cache.exclusive() {
-                for h in cache.new_push_records(&known)? {
-                    if let Some(nar) = index
-                        .entries
-                        .get(&h)
-                        .and_then(|e| e.narinfo.as_ref().ok())
-                        .and_then(|ni| ni.nar_file())
-                    {
-                        spared_nars.insert(nar);
-                    }
-                    spared.insert(h);
-                }
-            }
-            let hash = r.file.strip_suffix(".narinfo").or_else(|| r.file.strip_suffix(".ls"));
-            if hash.is_some_and(|h| spared.contains(h)) || spared_nars.contains(&r.file) {
-                kept_back[i] = true;
-                continue;
-            }
-            if let Some(l) = leftovers.iter().find(|l| l.name == r.file) {
-                cache.remove_leftover(l)?;
-            } else if records.contains(&r.file) {
-                cache.remove_record(&r.file)?;
-            } else {
-                cache.remove(&r.file)?;
-            }
+        // A bucket: while this marker is there, a push checks its closure at the end.
+        let marker =
+            if cache.exclusive() || report.removals.is_empty() { None } else { start_deleting(cache, now)? };
+        let deleted = delete(cache, &index, &mut report, layers, &leftovers, &records);
+        if let Some(m) = marker {
+            let done = cache.done_deleting(&m);
+            deleted?;
+            done?;
+        } else {
+            deleted?;
         }
-        let mut k = kept_back.iter();
-        report.removals.retain(|_| !k.next().copied().unwrap_or(false));
-        let spared_paths =
-            report.removed_paths - report.removals.iter().filter(|r| r.reason.is_some()).count();
-        if spared_paths > 0 {
-            report.removed_paths -= spared_paths;
-            report.kept += spared_paths;
-            report
-                .warnings
-                .push(format!("kept {spared_paths} paths that a push started during this gc names"));
-        }
-        report.bytes_freed = report.removals.iter().map(|r| r.bytes).sum();
     }
     Ok(report)
+}
+
+/// How old the marker of a gc must be to be taken for one killed while it deleted.
+pub const MARKER_STALE: Duration = Duration::from_secs(24 * 3600);
+
+/// Writes this gc's marker ([`Cache::start_deleting`]), first removing those of gcs killed
+/// while they deleted (older than [`MARKER_STALE`]).
+fn start_deleting(cache: &Cache, now: SystemTime) -> Result<Option<String>, GcError> {
+    let stale = now.checked_sub(MARKER_STALE).unwrap_or(SystemTime::UNIX_EPOCH);
+    for m in cache.deleting()? {
+        if m.modified < stale {
+            cache.done_deleting(&m.name)?;
+        }
+    }
+    Ok(cache.start_deleting()?)
+}
+
+/// Removes what `report` names, layer by layer, sparing what a push started meanwhile names.
+fn delete(
+    cache: &Cache,
+    index: &Index,
+    report: &mut GcReport,
+    mut layers: Vec<Option<usize>>,
+    leftovers: &[crate::cache::Leftover],
+    records: &[String],
+) -> Result<(), GcError> {
+    layers.resize(report.removals.len(), None);
+    // Where writers do not exclude each other (a bucket), a push may start while gc
+    // works: it records its closure before it looks. Before each layer of narinfos and
+    // before the NARs, gc reads the records written since it started and spares what they
+    // name (with the NARs those narinfos name), so it never takes away what such a push
+    // found present and skipped.
+    let known: HashSet<String> = index.records.iter().map(|(n, _)| n.clone()).collect();
+    let mut spared: HashSet<String> = HashSet::new();
+    let mut spared_nars: HashSet<String> = HashSet::new();
+    let mut kept_back = vec![false; report.removals.len()];
+    for (i, r) in report.removals.iter().enumerate() {
+        if i > 0 && layers[i - 1].is_some() && layers[i] != layers[i - 1] {
+            cache.sync_dir("")?;
+        }
+        let boundary = i == 0 || layers[i] != layers[i - 1];
+        if boundary && !cache.exclusive() {
+            for h in cache.new_push_records(&known)? {
+                if let Some(nar) =
+                    index.entries.get(&h).and_then(|e| e.narinfo.as_ref().ok()).and_then(|ni| ni.nar_file())
+                {
+                    spared_nars.insert(nar);
+                }
+                spared.insert(h);
+            }
+        }
+        let hash = r.file.strip_suffix(".narinfo").or_else(|| r.file.strip_suffix(".ls"));
+        if hash.is_some_and(|h| spared.contains(h)) || spared_nars.contains(&r.file) {
+            kept_back[i] = true;
+            continue;
+        }
+        if let Some(l) = leftovers.iter().find(|l| l.name == r.file) {
+            cache.remove_leftover(l)?;
+        } else if records.contains(&r.file) {
+            cache.remove_record(&r.file)?;
+        } else {
+            cache.remove(&r.file)?;
+        }
+    }
+    let mut k = kept_back.iter();
+    report.removals.retain(|_| !k.next().copied().unwrap_or(false));
+    let spared_paths = report.removed_paths - report.removals.iter().filter(|r| r.reason.is_some()).count();
+    if spared_paths > 0 {
+        report.removed_paths -= spared_paths;
+        report.kept += spared_paths;
+        report.warnings.push(format!("kept {spared_paths} paths that a push started during this gc names"));
+    }
+    report.bytes_freed = report.removals.iter().map(|r| r.bytes).sum();
+    Ok(())
 }
 
 fn post_order<'a>(

@@ -141,6 +141,8 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     // Before looking: a gc that starts from now on keeps what this push names.
     let hashes: Vec<&str> = infos.iter().map(|i| i.path.hash_part()).collect();
     cache.record_push(&hashes)?;
+    // Before looking, after the record: whether a gc may be deleting what this push finds.
+    let gc_deleting = !cache.exclusive() && cache.deleting().map_or(true, |m| !m.is_empty());
     super::keep_copies(&cache, &args.dest, args.no_local_copies, mode == Mode::Quiet);
     let lookups = cache.prepare_lookups(infos.len())?;
 
@@ -177,7 +179,7 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     };
     let mut report = push(&store.location(), &cache, &infos, &opts, &progress);
     progress.finish();
-    let again = settle(&cache, &store.location(), &infos, &opts, &mut report)?;
+    let again = settle(&cache, &store.location(), &infos, &opts, &mut report, gc_deleting)?;
 
     if mode != Mode::Quiet {
         let ratio = if report.nar_bytes > 0 {
@@ -247,14 +249,22 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
 /// On storage without a writers' lock: checks the closure is whole in the cache now and pushes
 /// again what is not ([`crate::push::missing_now`]), at most [`crate::push::SETTLE_ROUNDS`]
 /// times; what is still missing then fails the push. Returns how many paths went again.
+///
+/// A push that wrote nothing (no write to have been lost) and found no gc deleting once its
+/// record was written (`gc_deleting`; a gc that starts later spares what the record names)
+/// needs no check: what it found stays.
 fn settle(
     cache: &Cache,
     store: &crate::store::StoreLocation,
     infos: &[crate::store::PathInfo],
     opts: &PushOptions,
     report: &mut crate::push::PushReport,
+    gc_deleting: bool,
 ) -> anyhow::Result<usize> {
     if cache.exclusive() || !report.ok() {
+        return Ok(0);
+    }
+    if !gc_deleting && report.pushed + report.repaired + report.signed == 0 {
         return Ok(0);
     }
     let mut again = 0;

@@ -329,6 +329,23 @@ pub trait Backend: Send + Sync {
         each: &mut dyn FnMut(&str, SystemTime),
     ) -> Result<Vec<Record>, StorageError>;
 
+    /// Says, where writers do not exclude each other, that a gc is about to delete: an object
+    /// under `.nixcache/gc/`, there until [`Backend::done_deleting`]. Returns its name.
+    fn start_deleting(&self) -> Result<Option<String>, StorageError> {
+        Ok(None)
+    }
+
+    /// Removes the marker [`Backend::start_deleting`] wrote: the gc's deletions have landed.
+    fn done_deleting(&self, marker: &str) -> Result<(), StorageError> {
+        let _ = marker;
+        Ok(())
+    }
+
+    /// The markers of gcs deleting now (or killed while they deleted).
+    fn deleting(&self) -> Result<Vec<Meta>, StorageError> {
+        Ok(Vec::new())
+    }
+
     /// Prepares to look up `paths` store paths: a bucket may list itself once instead of
     /// asking per path, when that is cheaper. Says which it chose.
     fn prepare_lookups(&self, paths: usize) -> Result<Option<String>, StorageError>;

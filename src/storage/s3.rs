@@ -70,6 +70,9 @@ fn spool_limit() -> u64 {
 /// Where push records live, under the prefix.
 const RECORDS: &str = ".nixcache/pushes";
 
+/// Where a gc says it is deleting ([`Backend::start_deleting`]).
+const GC_MARKERS: &str = ".nixcache/gc";
+
 /// How long a request may go without a byte from the server (its answer's head or body)
 /// before it is given up and tried again: [`READ_TIMEOUT`], or `NIXCACHE_S3_READ_TIMEOUT`
 /// seconds.
@@ -1331,6 +1334,25 @@ impl Backend for S3Backend {
         Ok(out)
     }
 
+    fn start_deleting(&self) -> Result<Option<String>, StorageError> {
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        let id = random_id().map_err(self.io("name the gc marker in", GC_MARKERS))?;
+        let name = format!("{GC_MARKERS}/{:013}-{id}", now.as_millis());
+        let body = b"a nixcache gc is deleting; pushes check their closure at the end while this is here\n";
+        self.client.put(&name, body).map_err(self.io("write the gc marker", &name))?;
+        Ok(Some(name))
+    }
+
+    fn done_deleting(&self, marker: &str) -> Result<(), StorageError> {
+        self.remove(marker)
+    }
+
+    fn deleting(&self) -> Result<Vec<Meta>, StorageError> {
+        let dir = self.client.key(&format!("{GC_MARKERS}/"));
+        let listed = self.client.list_keys(&dir, false, None).map_err(self.io("list", GC_MARKERS))?;
+        Ok(listed.unwrap_or_default())
+    }
+
     fn prepare_lookups(&self, paths: usize) -> Result<Option<String>, StorageError> {
         // A listing page names up to 1000 objects; without one, each path costs a request
         // or two. List when that takes fewer requests than the paths.
@@ -1338,12 +1360,15 @@ impl Backend for S3Backend {
         // Whatever was listed before is forgotten: the answers are asked for again.
         *c.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let budget = paths.max(1);
-        let Some(top) = c.list_keys(&c.prefix, true, Some(budget)).map_err(self.io("list", ""))? else {
-            return Ok(Some(format!(
-                "looking up each of the {paths} paths (the bucket is too large to list for this push)"
-            )));
-        };
-        let Some(nars) = c.list_keys(&c.key("nar/"), true, Some(budget)).map_err(self.io("list", "nar"))?
+        // The two listings at once: each is a chain of pages, one request after another.
+        let nar_dir = c.key("nar/");
+        let (top, nars) = std::thread::scope(|scope| {
+            let nars = scope.spawn(|| c.list_keys(&nar_dir, true, Some(budget)));
+            let top = c.list_keys(&c.prefix, true, Some(budget));
+            (top, nars.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+        });
+        let (Some(top), Some(nars)) =
+            (top.map_err(self.io("list", ""))?, nars.map_err(self.io("list", "nar"))?)
         else {
             return Ok(Some(format!(
                 "looking up each of the {paths} paths (the bucket is too large to list for this push)"

@@ -547,6 +547,86 @@ fn a_re_push_reads_unchanged_narinfos_from_copies_kept_here() {
     assert!(said.contains(&format!("0 pushed, {n} skipped")), "{said}");
 }
 
+/// The keys under `.nixcache/gc/` of the cache at `prefix`: the markers of gcs deleting.
+fn gc_markers(s: &Server, prefix: &str) -> Vec<String> {
+    let dir = format!("{}{prefix}/.nixcache/gc/", s.run).replace('/', "%2F");
+    let (status, body) = s.signed("GET", &format!("{}/{}?list-type=2&prefix={dir}", s.endpoint, s.bucket));
+    assert_eq!(status, 200, "{body}");
+    body.split("<Key>").skip(1).map(|k| k.split('<').next().unwrap_or("").to_owned()).collect()
+}
+
+#[test]
+fn a_push_that_writes_nothing_checks_its_closure_only_while_a_gc_deletes() {
+    let s = Server::start();
+    let f = fixtures();
+    let t = tmp();
+    let url = s.url("marker");
+    let push = |dest: &str| {
+        let out = nc(&s, t.path())
+            .args(["push", "--no-local-copies", "-k", SECRET, "--dest", dest])
+            .arg(&f.top)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        stderr(&out)
+    };
+    push(&url);
+    // Everything there, no gc deleting: nothing was written, so nothing is checked at the end.
+    let lists = requests_of(&push(&url), "list");
+    // With the marker of a gc (here one killed while it deleted), the end check lists again.
+    let marker = t.path().join("marker");
+    std::fs::write(&marker, "").unwrap();
+    put_object(&s, "marker/.nixcache/gc/0000000000000-killed", &marker);
+    assert_eq!(requests_of(&push(&url), "list"), lists + 2);
+
+    // And finds what went while the push looked: a NAR deleted behind its back once the
+    // listing (which still had it) is taken, as a gc deletes.
+    let leaf = f.path("edge-dep");
+    let ni: nixcache::narinfo::NarInfo =
+        String::from_utf8(get(&format!("{}/{}.narinfo", s.http("marker"), hash_part(leaf))).1)
+            .unwrap()
+            .parse()
+            .unwrap();
+    let nar_url = format!("{}/{}/{}marker/{}", s.endpoint, s.bucket, s.run, ni.url);
+    let (key, secret, region) = (s.key.clone(), s.secret.clone(), s.region.clone());
+    let deleted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let once = deleted.clone();
+    let p = faulty(s.port, move |h, _| {
+        let line = h.lines().next().unwrap_or_default();
+        if line.starts_with("GET")
+            && line.contains(".narinfo")
+            && !once.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            let out = Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "DELETE"])
+                .args(["--aws-sigv4", &format!("aws:amz:{region}:s3"), "-H", EMPTY_SHA256])
+                .args(["--user", &format!("{key}:{secret}")])
+                .arg(&nar_url)
+                .output()
+                .unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "204", "delete {nar_url}");
+        }
+        Fault::Forward
+    });
+    let said = push(&s.url_via("marker", p.port));
+    assert!(deleted.load(std::sync::atomic::Ordering::SeqCst), "{said}");
+    assert!(said.contains("1 path of this push were missing from"), "{said}");
+    let broken = inconsistencies(&s, t.path(), &url, Some(PUBLIC));
+    assert!(broken.is_empty(), "{broken:#?}");
+
+    // A gc that deletes writes its own marker and removes it when done; the killed one's stays
+    // until it is a day old.
+    let other = build_fixtures("s3-marker");
+    ok(nc(&s, t.path()).args(["push", "-q", "--dest", &url]).arg(&other));
+    std::thread::sleep(Duration::from_secs(2));
+    let gc = ok(nc(&s, t.path()).args(["gc", "--older-than", "1s", "--keep", &f.top, "--dest", &url]));
+    assert!(gc.contains(&other), "{gc}");
+    assert_eq!(gc_markers(&s, "marker"), [format!("{}marker/.nixcache/gc/0000000000000-killed", s.run)]);
+    s.delete("marker/.nixcache/gc/0000000000000-killed");
+    assert_eq!(requests_of(&push(&url), "list"), lists);
+    restore(&s.http("marker"), &t.path().join("root"), &[&f.top]);
+}
+
 #[test]
 fn bucket_failures_say_what_to_do() {
     let s = Server::start();
