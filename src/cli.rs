@@ -539,6 +539,10 @@ pub struct SignArgs {
     /// if the cache's writers are trusted).
     #[arg(long)]
     pub no_check_contents: bool,
+    /// With an s3:// --dest: do not keep copies of the narinfos read and signed on this
+    /// machine (which spare the next push from downloading them again; see push).
+    #[arg(long)]
+    pub no_local_copies: bool,
     /// Print nothing but errors.
     #[arg(long, short = 'q')]
     pub quiet: bool,

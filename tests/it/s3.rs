@@ -530,6 +530,16 @@ fn a_re_push_reads_unchanged_narinfos_from_copies_kept_here() {
     assert_eq!(get(&format!("{}/{rel}", s.http("kept"))).1, good);
     restore(&s.http("kept"), &t.path().join("root"), &[&f.top]);
 
+    // sign rewrites every narinfo (new ETags) and keeps what it wrote: the next push
+    // downloads none of them.
+    let other = t.path().join("other.secret");
+    ok(nixcache().args(["keygen", "other-1"]).arg(&other).arg(t.path().join("other.pub")));
+    ok(nc(&s, t.path()).args(["sign", "-q", "-k"]).arg(&other).args(["--dest", &url]));
+    let said = push(&[]);
+    assert_eq!(requests_of(&said, "get"), 1, "{said}");
+    assert!(said.contains(&format!("{n} narinfos read from the copies")), "{said}");
+    assert!(get(&format!("{}/{rel}", s.http("kept"))).1.windows(8).any(|w| w == b"other-1:"));
+
     // Copies in a file that is not a database: it is started afresh, and filled again.
     let files: Vec<_> = std::fs::read_dir(&kept).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(files.len(), 1, "{files:?}");
