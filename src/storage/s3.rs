@@ -951,6 +951,13 @@ fn random_id() -> Result<String, S3Error> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
+/// `<dir>/<ms since the epoch, 13 digits>-<random id>`: the name of a push record (which adds
+/// `-<n>`) or a gc's marker, unique without coordination and sorted by when it was written.
+fn stamped_name(dir: &str) -> Result<String, S3Error> {
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    Ok(format!("{dir}/{:013}-{}", now.as_millis(), random_id()?))
+}
+
 /// Whether `rel` is a temporary name a nixcache run gives: directly under the cache (or its
 /// `nar/` or `debuginfo/`), [`TEMP_PREFIX`] and then only name characters. Nothing else is
 /// ever aborted or removed as a leftover: not another program's upload, not another cache's
@@ -1285,12 +1292,11 @@ impl Backend for S3Backend {
     }
 
     fn record_push(&self, hash_parts: &[&str]) -> Result<Option<String>, StorageError> {
-        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-        let run = random_id().map_err(self.io("name the push record in", RECORDS))?;
+        let run = stamped_name(RECORDS).map_err(self.io("name the push record in", RECORDS))?;
         let mut first = None;
         // A record holds at most RECORD_PATHS: a larger closure writes several.
         for (n, chunk) in hash_parts.chunks(RECORD_PATHS).enumerate() {
-            let name = format!("{RECORDS}/{:013}-{run}-{n}", now.as_millis());
+            let name = format!("{run}-{n}");
             let mut body = String::with_capacity(chunk.len() * 33);
             for h in chunk {
                 body.push_str(h);
@@ -1335,9 +1341,7 @@ impl Backend for S3Backend {
     }
 
     fn start_deleting(&self) -> Result<Option<String>, StorageError> {
-        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-        let id = random_id().map_err(self.io("name the gc marker in", GC_MARKERS))?;
-        let name = format!("{GC_MARKERS}/{:013}-{id}", now.as_millis());
+        let name = stamped_name(GC_MARKERS).map_err(self.io("name the gc marker in", GC_MARKERS))?;
         let body = b"a nixcache gc is deleting; pushes check their closure at the end while this is here\n";
         self.client.put(&name, body).map_err(self.io("write the gc marker", &name))?;
         Ok(Some(name))
