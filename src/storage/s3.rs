@@ -662,7 +662,7 @@ impl Client {
                 .ok_or_else(|| bad("no Content-Length"))?,
             modified: header("last-modified").and_then(parse_time).ok_or_else(|| bad("no Last-Modified"))?,
             not_regular: None,
-            etag: header("etag").map(str::to_owned),
+            etag: etag_of(&r),
         }))
     }
 
