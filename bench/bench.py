@@ -212,6 +212,22 @@ def bench_s3(path, nar, a, work, many=None):
                 reqs = next((l for l in again[-1][3].splitlines() if "request" in l), "") if dest == url else ""
                 print(f"| {name} | {f'{first[0]:.2f}' if first else ''} | {med(again, 0):.3f} | {med(again, 1):.2f} | "
                       f"{med(again, 2):.0f} | {reqs} |")
+            # gc reads every narinfo: here it keeps them all (everything was pushed within the
+            # day). NIXCACHE_BASELINE names another build of nixcache to time alongside.
+            print()
+            print(f"gc of those caches, keeping everything (`--older-than 1d`), median of {a.runs}:")
+            print()
+            print("| gc of | wall s | CPU s | peak RSS MiB | requests |")
+            print("|---|---:|---:|---:|---|")
+            gcs = [("directory", NIXCACHE, d, []), ("bucket", NIXCACHE, url, []),
+                   ("bucket, --no-local-copies", NIXCACHE, url, ["--no-local-copies"])]
+            if os.environ.get("NIXCACHE_BASELINE"):
+                gcs.append(("bucket, NIXCACHE_BASELINE", os.environ["NIXCACHE_BASELINE"], url, []))
+            for name, binary, dest, extra in gcs:
+                runs = [measure_err([binary, "gc", "--older-than", "1d", *extra, "--dest", dest], env)
+                        for _ in range(a.runs)]
+                reqs = next((l for l in runs[-1][3].splitlines() if "request" in l), "") if dest == url else ""
+                print(f"| {name} | {med(runs, 0):.3f} | {med(runs, 1):.2f} | {med(runs, 2):.0f} | {reqs} |")
             shutil.rmtree(d)
     finally:
         server.kill()

@@ -283,10 +283,7 @@ impl Cache {
     /// missing (or cannot be in the cache).
     pub fn read_text(&self, rel: &str) -> Result<Option<String>, FileProblem> {
         let Some(rel) = self.resolve(rel) else { return Ok(None) };
-        match self.backend.read(rel, TEXT_LIMIT)? {
-            Some(bytes) => String::from_utf8(bytes).map(Some).map_err(|_| FileProblem::NotText),
-            None => Ok(None),
-        }
+        text(self.backend.read(rel, TEXT_LIMIT)?)
     }
 
     /// Opens the regular file `rel` for reading, with its size; `None` if it is missing.
@@ -310,15 +307,15 @@ impl Cache {
     /// Reads the narinfo file `rel`: what it holds, or why it cannot be used (a narinfo for
     /// another path than its name says cannot: Nix would refuse it).
     pub fn read_narinfo(&self, rel: &str) -> Result<Option<NarInfo>, BadNarInfo> {
-        let Some(text) = self.read_text(rel)? else { return Ok(None) };
-        let ni: NarInfo = text.parse()?;
-        if ni.file_name() != rel {
-            return Err(BadNarInfo::Misnamed {
-                found: ni.store_dir.display(&ni.store_path),
-                expected: ni.file_name(),
-            });
-        }
-        Ok(Some(ni))
+        narinfo_named(rel, self.read_text(rel)?)
+    }
+
+    /// [`Cache::read_narinfo`] of a top-level narinfo as a listing of this run showed it
+    /// ([`Cache::narinfo_entries`]): on a bucket, from the copy kept on this machine when it
+    /// is the one listed.
+    pub fn read_listed_narinfo(&self, listed: &Meta) -> Result<Option<NarInfo>, BadNarInfo> {
+        let Some(rel) = self.resolve(&listed.name) else { return Ok(None) };
+        narinfo_named(rel, text(self.backend.read_listed(rel, listed, TEXT_LIMIT)?)?)
     }
 
     /// Reads and parses the narinfo of `p`; a file that cannot be used is [`Lookup::Invalid`].
@@ -652,6 +649,25 @@ impl Cache {
     pub fn copies_used(&self) -> Option<(PathBuf, u64)> {
         self.backend.copies_used()
     }
+}
+
+/// A file's bytes as text.
+fn text(bytes: Option<Vec<u8>>) -> Result<Option<String>, FileProblem> {
+    bytes.map(|b| String::from_utf8(b).map_err(|_| FileProblem::NotText)).transpose()
+}
+
+/// The narinfo in `text`, read from `rel`: one for another path than its name says cannot be
+/// used (Nix would refuse it).
+fn narinfo_named(rel: &str, text: Option<String>) -> Result<Option<NarInfo>, BadNarInfo> {
+    let Some(text) = text else { return Ok(None) };
+    let ni: NarInfo = text.parse()?;
+    if ni.file_name() != rel {
+        return Err(BadNarInfo::Misnamed {
+            found: ni.store_dir.display(&ni.store_path),
+            expected: ni.file_name(),
+        });
+    }
+    Ok(Some(ni))
 }
 
 #[cfg(test)]

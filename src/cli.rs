@@ -539,8 +539,9 @@ pub struct SignArgs {
     /// if the cache's writers are trusted).
     #[arg(long)]
     pub no_check_contents: bool,
-    /// With an s3:// --dest: do not keep copies of the narinfos read and signed on this
-    /// machine (which spare the next push from downloading them again; see push).
+    /// With an s3:// --dest: read every narinfo from the bucket, not from the copies kept on
+    /// this machine, and keep no copies of those read and signed (which spare the next push
+    /// from downloading them again; see push).
     #[arg(long)]
     pub no_local_copies: bool,
     /// Print nothing but errors.
@@ -562,6 +563,10 @@ pub struct GcArgs {
     /// List what would be removed and the bytes it would free; remove nothing.
     #[arg(long, short = 'n')]
     pub dry_run: bool,
+    /// With an s3:// --dest: read every narinfo from the bucket, not from the copies kept on
+    /// this machine (see push), and keep none.
+    #[arg(long)]
+    pub no_local_copies: bool,
     /// Print nothing but errors.
     #[arg(long, short = 'q')]
     pub quiet: bool,

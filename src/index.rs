@@ -3,11 +3,12 @@
 //! the cache, not the store that pushed it.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::SystemTime;
 
 use thiserror::Error;
 
-use crate::cache::{BadNarInfo, Cache, CacheError};
+use crate::cache::{BadNarInfo, Cache, CacheError, Meta};
 use crate::narinfo::NarInfo;
 use crate::store_path::StorePath;
 
@@ -41,6 +42,53 @@ pub struct Index {
     pub bad_records: Vec<(String, String)>,
 }
 
+/// Narinfos read at once: a bucket answers each in a round trip of its own.
+const READERS: usize = 8;
+
+/// What reading one listed narinfo found. A file that could not be read (not established:
+/// the storage failed, not the file) is the error that stops the load.
+type Read = Result<Result<Option<NarInfo>, BadNarInfo>, CacheError>;
+
+/// Reads the narinfos `listed`, in their order, [`READERS`] at a time (on a bucket, from the
+/// copies kept on this machine where they are the ones listed). Stops at the first file that
+/// could not be read: no more are asked for once one is.
+fn read_all(cache: &Cache, listed: &[Meta]) -> Result<Vec<Result<Option<NarInfo>, BadNarInfo>>, CacheError> {
+    let read = |m: &Meta| -> Read {
+        match cache.read_listed_narinfo(m) {
+            Err(BadNarInfo::File(source)) if !source.is_established() => {
+                Err(CacheError::BadFile { path: cache.locate(&m.name), source })
+            }
+            r => Ok(r),
+        }
+    };
+    if listed.len() < 2 * READERS {
+        return listed.iter().map(read).collect();
+    }
+    let (next, failed) = (AtomicUsize::new(0), AtomicBool::new(false));
+    let mut done: Vec<(usize, Read)> = std::thread::scope(|s| {
+        let readers: Vec<_> = (0..READERS)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    while !failed.load(Ordering::Relaxed) {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(m) = listed.get(i) else { break };
+                        let r = read(m);
+                        failed.fetch_or(r.is_err(), Ordering::Relaxed);
+                        mine.push((i, r));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        readers.into_iter().flat_map(|r| r.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+    });
+    // Every index below the last one handed out was read, so in order the first error comes
+    // before any gap.
+    done.sort_unstable_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
+}
+
 impl Index {
     /// Reads every narinfo. One that was read and is bad (a link, too large, not text, not
     /// parsing, misnamed) is an entry with its error; one that could not be read stops the
@@ -64,18 +112,17 @@ impl Index {
             }
             records.push((r.name, r.modified));
         }
-        for meta in cache.narinfo_entries()? {
+        let listed = cache.narinfo_entries()?;
+        let read = read_all(cache, &listed)?;
+        for (meta, read) in listed.into_iter().zip(read) {
             let file = meta.name;
             let hash = file.trim_end_matches(".narinfo");
             let modified = recorded.get(hash).map_or(meta.modified, |&r| r.max(meta.modified));
-            let narinfo = match cache.read_narinfo(&file) {
+            let narinfo = match read {
                 Ok(Some(ni)) => Ok(ni),
                 // Listed, then answered absent: removed meanwhile (removing it again is
                 // harmless), or a key no request can name.
                 Ok(None) => Err(BadNarInfo::Unfetchable),
-                Err(BadNarInfo::File(source)) if !source.is_established() => {
-                    return Err(CacheError::BadFile { path: cache.locate(&file), source });
-                }
                 Err(e) => Err(e),
             };
             let hash = file.trim_end_matches(".narinfo").to_owned();

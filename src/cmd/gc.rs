@@ -14,6 +14,7 @@ pub fn run(args: &GcArgs) -> anyhow::Result<bool> {
             crate::elog!("waiting for another nixcache writing to {} ...", args.dest);
         }
     })?;
+    super::keep_copies(&cache, &args.dest, args.no_local_copies, args.quiet);
     let keep: Vec<String> = args.keep.iter().map(|k| super::store_path_arg(&cache, k)).collect();
     let report = gc(&cache, args.older_than, &keep, SystemTime::now(), args.dry_run)?;
     for w in &report.warnings {

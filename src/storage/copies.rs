@@ -1,5 +1,5 @@
 //! Copies of a bucket's narinfos kept on this machine, so that a push that finds its paths
-//! already in the bucket need not download every narinfo again.
+//! already in the bucket, a sign or a gc need not download every narinfo again.
 //!
 //! A copy is keyed by the object's key, its ETag and its size, as the server gave them when
 //! the copy was made (the answer to the PUT that wrote it or to the GET that read it). It is

@@ -1115,6 +1115,16 @@ impl Backend for S3Backend {
         self.client.head(rel).map_err(|e| FileProblem::Io(e.into_io()))
     }
 
+    fn read_listed(&self, rel: &str, listed: &Meta, limit: u64) -> Result<Option<Vec<u8>>, FileProblem> {
+        if let (Some(copies), Some(etag)) = (self.client.copies_of(rel), &listed.etag)
+            && listed.size <= limit
+            && let Some(body) = copies.get(&self.client.key(rel), etag, listed.size)
+        {
+            return Ok(Some(body));
+        }
+        self.read(rel, limit)
+    }
+
     fn read(&self, rel: &str, limit: u64) -> Result<Option<Vec<u8>>, FileProblem> {
         let listed = self.client.listed(rel);
         if let Some(None) = listed {

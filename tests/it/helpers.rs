@@ -120,6 +120,20 @@ pub fn fixtures() -> &'static Fixtures {
     })
 }
 
+/// `n` store paths of text (`builtins.toFile`, no references), made unique by `salt`, each of
+/// `lines` lines.
+pub fn text_paths(salt: &str, n: usize, lines: usize) -> Vec<String> {
+    let expr = format!(
+        r#"builtins.genList (i: builtins.toFile "text-${{toString i}}" (builtins.concatStringsSep "" (builtins.genList (j: "{salt} line ${{toString j}} of ${{toString i}}\n") {lines}))) {n}"#
+    );
+    let out =
+        ok(nix_cmd("nix-instantiate").args(["--eval", "--strict", "--read-write-mode", "--expr", &expr]));
+    let paths: Vec<String> =
+        out.split('"').filter(|s| s.starts_with("/nix/store/")).map(str::to_owned).collect();
+    assert_eq!(paths.len(), n, "{out}");
+    paths
+}
+
 pub fn requisites(path: &str) -> Vec<String> {
     ok(nix_cmd("nix-store").args(["--query", "--requisites", path])).lines().map(str::to_owned).collect()
 }

@@ -360,14 +360,8 @@ fn gc_never_deletes_what_a_writer_without_our_lock_is_writing() {
     let t = tmp();
     let cache = t.path().join("cache");
     std::fs::create_dir(&cache).unwrap();
-    let salt = format!("{}-{:?}", std::process::id(), std::time::SystemTime::now());
-    let expr = format!(
-        r#"builtins.genList (i: builtins.toFile "race-${{toString i}}" (builtins.concatStringsSep "" (builtins.genList (j: "{salt} line ${{toString j}} of ${{toString i}}\n") 40000))) 20"#
-    );
-    let out =
-        ok(nix_cmd("nix-instantiate").args(["--eval", "--strict", "--read-write-mode", "--expr", &expr]));
-    let paths: Vec<&str> = out.split('"').filter(|s| s.starts_with("/nix/store/")).collect();
-    assert_eq!(paths.len(), 20, "{out}");
+    let salt = format!("race {}-{:?}", std::process::id(), std::time::SystemTime::now());
+    let paths = text_paths(&salt, 20, 40000);
     let url = format!("file://{}?compression=zstd", cache.display());
     let mut gcs = 0;
     for (round, p) in paths.iter().enumerate() {

@@ -8,7 +8,7 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::helpers::*;
 
@@ -539,6 +539,26 @@ fn a_re_push_reads_unchanged_narinfos_from_copies_kept_here() {
     assert_eq!(requests_of(&said, "get"), 1, "{said}");
     assert!(said.contains(&format!("{n} narinfos read from the copies")), "{said}");
     assert!(get(&format!("{}/{rel}", s.http("kept"))).1.windows(8).any(|w| w == b"other-1:"));
+
+    // sign and gc read the narinfos, as their listing shows them, from the copies too.
+    let run = |args: &[&str]| {
+        let out = nc(&s, t.path()).args(args).args(["--dest", &url]).output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        stderr(&out)
+    };
+    let other_key = other.to_str().unwrap();
+    let said = run(&["sign", "-k", other_key]);
+    assert!(said.contains(&format!("{n} narinfos read from the copies")), "{said}");
+    let signing_gets = requests_of(&said, "get");
+    let said = run(&["sign", "--no-local-copies", "-k", other_key]);
+    assert_eq!(requests_of(&said, "get"), signing_gets + n as u64, "{said}");
+    let said = run(&["gc", "--older-than", "1h"]);
+    assert!(said.contains(&format!("{n} narinfos read from the copies")), "{said}");
+    assert!(said.contains(&format!("{n} paths kept, 0 paths removed")), "{said}");
+    let gc_gets = requests_of(&said, "get");
+    let said = run(&["gc", "--older-than", "1h", "--no-local-copies"]);
+    assert_eq!(requests_of(&said, "get"), gc_gets + n as u64, "{said}");
+    assert!(!said.contains("read from the copies"), "{said}");
 
     // Copies in a file that is not a database: it is started afresh, and filled again.
     let files: Vec<_> = std::fs::read_dir(&kept).unwrap().map(|e| e.unwrap().path()).collect();
@@ -1390,8 +1410,11 @@ fn gc_removes_nothing_on_a_failed_read_or_a_listing_that_lies() {
     let t = tmp();
     let url = s.url("gcfault");
     ok(nc(&s, t.path()).args(["push", "-q", "-k", SECRET, "--dest", &url]).arg(&f.top));
+    // Enough narinfos that gc reads them several at a time.
+    let texts = text_paths(&format!("gcfault {}-{:?}", std::process::id(), SystemTime::now()), 20, 10);
+    ok(nc(&s, t.path()).args(["push", "-q", "-k", SECRET, "--dest", &url]).args(&texts));
     let all = narinfo_count(&s, t.path(), &url);
-    assert!(all >= 5, "{all}");
+    assert!(all >= 5 + texts.len() as u64, "{all}");
     static LEAF: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     LEAF.set(format!("{}.narinfo", hash_part(f.path("edge-dep")))).unwrap();
     let leaf = || LEAF.get().unwrap().as_str();
