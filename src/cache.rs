@@ -521,9 +521,10 @@ impl Cache {
 
     /// The entries of the cache subdirectory `sub` whose base names `keep` accepts, sorted:
     /// files, links and special files, never directories; none if `sub` is missing or is
-    /// not a real directory (never listed through a link).
+    /// not a real directory (never listed through a link). On a bucket, after
+    /// [`Cache::prepare_lookups`] has listed it, the top level and `nar/` as then listed.
     pub fn list_entries(&self, sub: &str, keep: impl Fn(&str) -> bool) -> Result<Vec<Meta>, CacheError> {
-        let mut found = self.backend.list(sub)?;
+        let mut found = self.backend.list_once(sub)?;
         found.retain(|m| keep(m.name.rsplit('/').next().unwrap_or_default()));
         Ok(found)
     }

@@ -357,6 +357,22 @@ pub trait Backend: Send + Sync {
     /// asking per path, when that is cheaper. Says which it chose.
     fn prepare_lookups(&self, paths: usize) -> Result<Option<String>, StorageError>;
 
+    /// What the listing [`Backend::prepare_lookups`] took found directly in `sub` (the top
+    /// level or `nar`), sorted, when it took one that covers `sub`: for the rest of the run
+    /// it answers for those directories, as it does for [`Backend::stat`].
+    fn listed_once(&self, sub: &str) -> Option<Vec<Meta>> {
+        let _ = sub;
+        None
+    }
+
+    /// [`Backend::listed_once`] where there is such a listing, else [`Backend::list`].
+    fn list_once(&self, sub: &str) -> Result<Vec<Meta>, StorageError> {
+        match self.listed_once(sub) {
+            Some(listed) => Ok(listed),
+            None => self.list(sub),
+        }
+    }
+
     /// Requests made so far, by kind, for the summary and the benchmark.
     fn requests(&self) -> HashMap<&'static str, Requests>;
 

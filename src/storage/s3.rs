@@ -700,9 +700,8 @@ impl Client {
     /// What the listing says of `rel`: `None` when there is no listing or it did not cover
     /// `rel` (it covers the top level and `nar/`), else whether and what it is.
     fn listed(&self, rel: &str) -> Option<Option<Meta>> {
-        let covered = !rel.contains('/') || rel.strip_prefix("nar/").is_some_and(|n| !n.contains('/'));
         let snapshot = self.snapshot.lock().unwrap_or_else(|e| e.into_inner());
-        snapshot.as_ref().filter(|_| covered).map(|s| s.get(rel).cloned())
+        snapshot.as_ref().filter(|_| listed_in(rel).is_some()).map(|s| s.get(rel).cloned())
     }
 
     /// Remembers that `rel` now exists, for lookups answered from the listing.
@@ -1241,7 +1240,7 @@ impl Backend for S3Backend {
     fn leftovers(&self) -> Result<Vec<Leftover>, StorageError> {
         let mut found = Vec::new();
         for sub in ["", "nar", "debuginfo"] {
-            for m in self.list(sub)? {
+            for m in self.list_once(sub)? {
                 if is_own_temp(&m.name) {
                     found.push(Leftover {
                         name: m.name,
@@ -1394,6 +1393,17 @@ impl Backend for S3Backend {
         Ok(Some(format!("listed the bucket once ({n} objects)")))
     }
 
+    fn listed_once(&self, sub: &str) -> Option<Vec<Meta>> {
+        if !["", "nar"].contains(&sub) {
+            return None;
+        }
+        let snapshot = self.client.snapshot.lock().unwrap_or_else(|e| e.into_inner());
+        let in_sub = |m: &&Meta| listed_in(&m.name) == Some(sub);
+        let mut listed: Vec<Meta> = snapshot.as_ref()?.values().filter(in_sub).cloned().collect();
+        listed.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        Some(listed)
+    }
+
     fn requests(&self) -> HashMap<&'static str, Requests> {
         self.client.counts.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -1408,6 +1418,16 @@ impl Backend for S3Backend {
 
     fn copies_used(&self) -> Option<(PathBuf, u64)> {
         self.client.copies.get().map(|c| (c.file().to_owned(), c.used()))
+    }
+}
+
+/// The directory of `rel` that a lookups' listing covers (the top level, `""`, or `"nar"`),
+/// if it is one of those.
+fn listed_in(rel: &str) -> Option<&'static str> {
+    match rel.split_once('/') {
+        None => Some(""),
+        Some(("nar", n)) if !n.contains('/') => Some("nar"),
+        _ => None,
     }
 }
 
@@ -1618,6 +1638,15 @@ impl Drop for Upload {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lookups_listing_covers_the_top_level_and_nar() {
+        assert_eq!(listed_in("abc.narinfo"), Some(""));
+        assert_eq!(listed_in("nar/x.nar.xz"), Some("nar"));
+        assert_eq!(listed_in("nar/a/b"), None);
+        assert_eq!(listed_in("debuginfo/x"), None);
+        assert_eq!(listed_in(".nixcache/pushes/x"), None);
+    }
 
     #[test]
     fn bucket_urls() {
