@@ -24,18 +24,32 @@ pub fn with_env(mut c: Command) -> Command {
     c
 }
 
-/// Runs `cmd`, failing the test if it does not end within `secs` (a hang on a FIFO).
+/// Runs `cmd`, failing the test if it does not end within `secs` (a hang on a FIFO). Its
+/// output is read while it runs, so a child that says much never waits on a full pipe.
 pub fn run_within(cmd: &mut Command, secs: u64) -> Output {
+    use std::io::Read;
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            r.read_to_end(&mut buf).unwrap();
+            buf
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
     let deadline = Instant::now() + Duration::from_secs(secs);
-    while child.try_wait().unwrap().is_none() {
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
         if Instant::now() > deadline {
             let _ = child.kill();
             panic!("{cmd:?} still running after {secs} s");
         }
         std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().unwrap()
+    };
+    Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
 }
 
 /// The built binary.
@@ -316,4 +330,14 @@ pub fn assert_renames_durable(calls: &[Call]) -> std::collections::HashMap<Strin
         renamed_at.insert(dest.clone(), r);
     }
     renamed_at
+}
+
+#[test]
+fn run_within_reads_a_child_that_says_more_than_a_pipe_holds() {
+    let out = run_within(
+        Command::new("sh").args(["-c", "head -c 300000 /dev/zero; head -c 200000 /dev/zero >&2"]),
+        30,
+    );
+    assert!(out.status.success());
+    assert_eq!((out.stdout.len(), out.stderr.len()), (300000, 200000));
 }
