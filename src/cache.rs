@@ -506,7 +506,7 @@ impl Cache {
 
     /// The narinfo files, as listed.
     pub fn narinfo_entries(&self) -> Result<Vec<Meta>, CacheError> {
-        self.list_entries("", |n| n.ends_with(".narinfo") && !crate::layout::is_temp(n))
+        self.list_entries("", is_narinfo_name)
     }
 
     /// The NAR files, as cache-relative names (`nar/….nar.xz`), sorted.
@@ -602,6 +602,13 @@ impl Cache {
         Ok(self.backend.prepare_lookups(paths)?)
     }
 
+    /// [`Cache::prepare_lookups`] with the top level as `top`, the caller's own listing of it
+    /// just before ([`Cache::list_entries`] of `""`, everything kept): a bucket lists only
+    /// `nar/` then.
+    pub fn prepare_lookups_after(&self, paths: usize, top: Vec<Meta>) -> Result<Option<String>, CacheError> {
+        Ok(self.backend.prepare_lookups_after(paths, top)?)
+    }
+
     /// What this cache leaves to other caches: every upstreams record, merged. A record that
     /// cannot be read or parsed is the error (verify and gc must not guess).
     pub fn upstreams(&self) -> Result<Upstreams, CacheError> {
@@ -650,6 +657,11 @@ impl Cache {
     pub fn copies_used(&self) -> Option<(PathBuf, u64)> {
         self.backend.copies_used()
     }
+}
+
+/// Whether a top-level name is a narinfo's (not a temporary file's).
+pub fn is_narinfo_name(name: &str) -> bool {
+    name.ends_with(".narinfo") && !crate::layout::is_temp(name)
 }
 
 /// A file's bytes as text.

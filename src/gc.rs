@@ -119,9 +119,11 @@ pub fn gc(
     now: SystemTime,
     dry_run: bool,
 ) -> Result<GcReport, GcError> {
-    let index = Index::load(cache)?;
-    // A bucket: one listing answers for every NAR, instead of a request each.
-    cache.prepare_lookups(index.entries.len())?;
+    let (index, top) = Index::load_listing(cache)?;
+    // A bucket: one listing answers for every NAR, instead of a request each. Taken after
+    // the narinfos were listed, so it has the NAR of every narinfo listed (a push writes the
+    // NAR first); the top level is the one the narinfos were listed from.
+    cache.prepare_lookups_after(index.entries.len(), top)?;
     let keep_roots: Vec<String> =
         keep.iter().map(|k| index.find(k).map(|p| p.hash_part().to_owned())).collect::<Result<_, _>>()?;
     let cutoff = now.checked_sub(older_than).unwrap_or(SystemTime::UNIX_EPOCH);

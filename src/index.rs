@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use thiserror::Error;
 
-use crate::cache::{BadNarInfo, Cache, CacheError, Meta};
+use crate::cache::{BadNarInfo, Cache, CacheError, Meta, is_narinfo_name};
 use crate::narinfo::NarInfo;
 use crate::store_path::StorePath;
 
@@ -52,8 +52,8 @@ type Read = Result<Result<Option<NarInfo>, BadNarInfo>, CacheError>;
 /// Reads the narinfos `listed`, in their order, [`READERS`] at a time (on a bucket, from the
 /// copies kept on this machine where they are the ones listed). Stops at the first file that
 /// could not be read: no more are asked for once one is.
-fn read_all(cache: &Cache, listed: &[Meta]) -> Result<Vec<Result<Option<NarInfo>, BadNarInfo>>, CacheError> {
-    let read = |m: &Meta| -> Read {
+fn read_all(cache: &Cache, listed: &[&Meta]) -> Result<Vec<Result<Option<NarInfo>, BadNarInfo>>, CacheError> {
+    let read = |m: &&Meta| -> Read {
         match cache.read_listed_narinfo(m) {
             Err(BadNarInfo::File(source)) if !source.is_established() => {
                 Err(CacheError::BadFile { path: cache.locate(&m.name), source })
@@ -94,6 +94,12 @@ impl Index {
     /// parsing, misnamed) is an entry with its error; one that could not be read stops the
     /// load: nothing may be concluded about a file nobody saw, nor about a cache missing one.
     pub fn load(cache: &Cache) -> Result<Index, CacheError> {
+        Ok(Self::load_listing(cache)?.0)
+    }
+
+    /// [`Index::load`], with the listing of the top level the narinfos were read from:
+    /// everything there, sorted (for [`Cache::prepare_lookups_after`]).
+    pub fn load_listing(cache: &Cache) -> Result<(Index, Vec<Meta>), CacheError> {
         let mut entries = HashMap::new();
         // Where modification times cannot be touched (a bucket), push records say when a
         // push last named a path.
@@ -112,10 +118,11 @@ impl Index {
             }
             records.push((r.name, r.modified));
         }
-        let listed = cache.narinfo_entries()?;
+        let top = cache.list_entries("", |_| true)?;
+        let listed: Vec<&Meta> = top.iter().filter(|m| is_narinfo_name(&m.name)).collect();
         let read = read_all(cache, &listed)?;
         for (meta, read) in listed.into_iter().zip(read) {
-            let file = meta.name;
+            let file = meta.name.clone();
             let hash = file.trim_end_matches(".narinfo");
             let modified = recorded.get(hash).map_or(meta.modified, |&r| r.max(meta.modified));
             let narinfo = match read {
@@ -128,7 +135,7 @@ impl Index {
             let hash = file.trim_end_matches(".narinfo").to_owned();
             entries.insert(hash, Entry { file, narinfo, modified });
         }
-        Ok(Index { entries, records, bad_records })
+        Ok((Index { entries, records, bad_records }, top))
     }
 
     pub fn get(&self, p: &StorePath) -> Option<&NarInfo> {

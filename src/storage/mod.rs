@@ -357,6 +357,13 @@ pub trait Backend: Send + Sync {
     /// asking per path, when that is cheaper. Says which it chose.
     fn prepare_lookups(&self, paths: usize) -> Result<Option<String>, StorageError>;
 
+    /// [`Backend::prepare_lookups`] with the top level as the caller has just listed it: only
+    /// `nar/` is listed now, after it (so a NAR named by a narinfo in `top` is in the listing).
+    fn prepare_lookups_after(&self, paths: usize, top: Vec<Meta>) -> Result<Option<String>, StorageError> {
+        let _ = top;
+        self.prepare_lookups(paths)
+    }
+
     /// What the listing [`Backend::prepare_lookups`] took found directly in `sub` (the top
     /// level or `nar`), sorted, when it took one that covers `sub`: for the rest of the run
     /// it answers for those directories, as it does for [`Backend::stat`].

@@ -1062,6 +1062,37 @@ impl S3Backend {
         Ok(S3Backend { client: Arc::new(client) })
     }
 
+    /// The listing lookups are answered from: the top level (or `top`, as the caller listed
+    /// it) and `nar/`. A listing page names up to 1000 objects; without one, each path costs
+    /// a request or two. It lists when that takes fewer requests than the paths.
+    fn lookups_listing(&self, paths: usize, top: Option<Vec<Meta>>) -> Result<Option<String>, StorageError> {
+        let c = &self.client;
+        // Whatever was listed before is forgotten: the answers are asked for again.
+        *c.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let budget = paths.max(1);
+        // The two listings at once: each is a chain of pages, one request after another.
+        let nar_dir = c.key("nar/");
+        let (top, nars) = std::thread::scope(|scope| {
+            let nars = scope.spawn(|| c.list_keys(&nar_dir, true, Some(budget)));
+            let top = match top {
+                Some(top) => Ok(Some(top)),
+                None => c.list_keys(&c.prefix, true, Some(budget)),
+            };
+            (top, nars.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+        });
+        let (Some(top), Some(nars)) =
+            (top.map_err(self.io("list", ""))?, nars.map_err(self.io("list", "nar"))?)
+        else {
+            return Ok(Some(format!(
+                "looking up each of the {paths} paths (the bucket is too large to list for this push)"
+            )));
+        };
+        let n = top.len() + nars.len();
+        let map = top.into_iter().chain(nars).map(|m| (m.name.clone(), m)).collect();
+        *c.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = Some(map);
+        Ok(Some(format!("listed the bucket once ({n} objects)")))
+    }
+
     fn io<'a>(&'a self, action: &'static str, rel: &'a str) -> impl Fn(S3Error) -> StorageError + 'a {
         self.client.cache_err(action, rel)
     }
@@ -1367,30 +1398,11 @@ impl Backend for S3Backend {
     }
 
     fn prepare_lookups(&self, paths: usize) -> Result<Option<String>, StorageError> {
-        // A listing page names up to 1000 objects; without one, each path costs a request
-        // or two. List when that takes fewer requests than the paths.
-        let c = &self.client;
-        // Whatever was listed before is forgotten: the answers are asked for again.
-        *c.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        let budget = paths.max(1);
-        // The two listings at once: each is a chain of pages, one request after another.
-        let nar_dir = c.key("nar/");
-        let (top, nars) = std::thread::scope(|scope| {
-            let nars = scope.spawn(|| c.list_keys(&nar_dir, true, Some(budget)));
-            let top = c.list_keys(&c.prefix, true, Some(budget));
-            (top, nars.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-        });
-        let (Some(top), Some(nars)) =
-            (top.map_err(self.io("list", ""))?, nars.map_err(self.io("list", "nar"))?)
-        else {
-            return Ok(Some(format!(
-                "looking up each of the {paths} paths (the bucket is too large to list for this push)"
-            )));
-        };
-        let n = top.len() + nars.len();
-        let map = top.into_iter().chain(nars).map(|m| (m.name.clone(), m)).collect();
-        *c.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = Some(map);
-        Ok(Some(format!("listed the bucket once ({n} objects)")))
+        self.lookups_listing(paths, None)
+    }
+
+    fn prepare_lookups_after(&self, paths: usize, top: Vec<Meta>) -> Result<Option<String>, StorageError> {
+        self.lookups_listing(paths, Some(top))
     }
 
     fn listed_once(&self, sub: &str) -> Option<Vec<Meta>> {
