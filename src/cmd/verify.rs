@@ -32,12 +32,14 @@ fn run_inner(args: &VerifyArgs) -> anyhow::Result<VerifyReport> {
     })?;
     let jobs =
         args.jobs.map_or_else(|| std::thread::available_parallelism().map_or(1, usize::from), usize::from);
-    let files = cache.narinfo_files()?;
-    // A bucket: one listing (after the narinfos', so it has their NARs) answers for every
-    // NAR's size, instead of a request each.
-    cache.prepare_lookups(files.len())?;
+    let top = cache.list_entries("", |_| true)?;
+    let files = top.iter().filter(|m| crate::cache::is_narinfo_name(&m.name)).count();
+    // A bucket: one listing of nar/ (after the narinfos', so it has their NARs) answers for
+    // every NAR's size, instead of a request each; the top level as just listed answers for
+    // the narinfos.
+    cache.prepare_lookups_after(files, top)?;
     let total: u64 = cache.nar_entries()?.iter().filter(|m| m.not_regular.is_none()).map(|m| m.size).sum();
-    let progress = Progress::new(mode, "verifying", files.len(), total);
+    let progress = Progress::new(mode, "verifying", files, total);
     let report = verify(&cache, &keys, jobs, &progress)?;
     progress.finish();
     if mode != Mode::Quiet {

@@ -420,6 +420,9 @@ fn bucket_verify_sign_gc_and_repair() {
         nc(&s, t.path()).args(["verify", "--trusted-public-key", PUBLIC, "--dest", &url]).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains(" get") && !stderr(&out).contains(" head"), "{}", stderr(&out));
+    // Listed once each, the top level before nar/ (so every NAR a listed narinfo names is in
+    // the listing): the check on open, the top level, nar/, .nixcache/ and debuginfo/.
+    assert_eq!(requests_of(&stderr(&out), "list"), 5, "{}", stderr(&out));
 
     // A NAR deleted from the bucket: verify names it, push repairs it, Nix restores.
     let leaf = f.path("edge-dep");
