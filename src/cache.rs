@@ -232,33 +232,12 @@ impl Cache {
     /// Commits staged files, as many at once as the storage is best given; one result each,
     /// in order.
     pub fn commit_all(&self, staged: Vec<Staged>) -> Vec<Result<(), CacheError>> {
-        let at_once = self.backend.commits_at_once();
-        if at_once <= 1 || staged.len() <= 1 {
-            return staged.into_iter().map(|s| Ok(s.commit()?)).collect();
-        }
-        let threads = at_once.min(staged.len());
-        let next = std::sync::Mutex::new(staged.into_iter().enumerate());
-        let mut done: Vec<(usize, Result<(), CacheError>)> = std::thread::scope(|s| {
-            let workers: Vec<_> = (0..threads)
-                .map(|_| {
-                    s.spawn(|| {
-                        let mut done = Vec::new();
-                        loop {
-                            // The lock is let go before the commit.
-                            let item = next.lock().unwrap_or_else(|e| e.into_inner()).next();
-                            let Some((k, staged)) = item else { return done };
-                            done.push((k, staged.commit().map_err(CacheError::from)));
-                        }
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                .flat_map(|w| w.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-                .collect()
-        });
-        done.sort_by_key(|&(k, _)| k);
-        done.into_iter().map(|(_, r)| r).collect()
+        crate::map_in_order(
+            staged.into_iter(),
+            self.backend.commits_at_once(),
+            |_| false,
+            |s| Ok(s.commit()?),
+        )
     }
 
     pub fn narinfo_rel(p: &StorePath) -> String {

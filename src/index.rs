@@ -3,7 +3,6 @@
 //! the cache, not the store that pushed it.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::SystemTime;
 
 use thiserror::Error;
@@ -61,32 +60,8 @@ fn read_all(cache: &Cache, listed: &[&Meta]) -> Result<Vec<Result<Option<NarInfo
             r => Ok(r),
         }
     };
-    if listed.len() < 2 * READERS {
-        return listed.iter().map(read).collect();
-    }
-    let (next, failed) = (AtomicUsize::new(0), AtomicBool::new(false));
-    let mut done: Vec<(usize, Read)> = std::thread::scope(|s| {
-        let readers: Vec<_> = (0..READERS)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut mine = Vec::new();
-                    while !failed.load(Ordering::Relaxed) {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(m) = listed.get(i) else { break };
-                        let r = read(m);
-                        failed.fetch_or(r.is_err(), Ordering::Relaxed);
-                        mine.push((i, r));
-                    }
-                    mine
-                })
-            })
-            .collect();
-        readers.into_iter().flat_map(|r| r.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
-    });
-    // Every index below the last one handed out was read, so in order the first error comes
-    // before any gap.
-    done.sort_unstable_by_key(|(i, _)| *i);
-    done.into_iter().map(|(_, r)| r).collect()
+    let threads = if listed.len() < 2 * READERS { 1 } else { READERS };
+    crate::map_in_order(listed.iter(), threads, Result::is_err, read).into_iter().collect()
 }
 
 impl Index {
