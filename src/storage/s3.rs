@@ -719,6 +719,13 @@ impl Client {
         self.copies.get().filter(|_| !rel.contains('/') && rel.ends_with(".narinfo"))
     }
 
+    /// The copy of `rel` kept on this machine, if it is the object `listed` (same ETag and
+    /// size) and at most `limit` bytes.
+    fn copy_of(&self, rel: &str, listed: &Meta, limit: u64) -> Option<Vec<u8>> {
+        let (copies, etag) = (self.copies_of(rel)?, listed.etag.as_ref()?);
+        (listed.size <= limit).then(|| copies.get(&self.key(rel), etag, listed.size)).flatten()
+    }
+
     fn delete(&self, rel: &str) -> Result<(), S3Error> {
         let key = self.key(rel);
         let what = || format!("deleting {}", self.url_of(rel));
@@ -1093,6 +1100,39 @@ impl S3Backend {
         Ok(Some(format!("listed the bucket once ({n} objects)")))
     }
 
+    /// GETs `rel` if it is at most `limit` bytes, keeping a copy of a narinfo.
+    fn download(&self, rel: &str, limit: u64) -> Result<Option<Vec<u8>>, FileProblem> {
+        let key = self.client.key(rel);
+        let copies = self.client.copies_of(rel);
+        let what = || format!("downloading {}", self.client.url_of(rel));
+        // The whole body in the try, retried like the request: a read cut short is no file.
+        let got = self
+            .client
+            .send_with("get", &what, Method::Get, Some(&key), &[], &[], Body::None, &[200, 404], |r| {
+                if r.status().as_u16() == 404 {
+                    return Ok(None);
+                }
+                if let Some(size) = r.body().content_length().filter(|&n| n > limit) {
+                    return Ok(Some(Err(FileProblem::TooLarge { size, limit })));
+                }
+                let etag = etag_of(&r);
+                match Client::body_bytes(r, limit + 1)? {
+                    b if b.len() as u64 > limit => {
+                        Ok(Some(Err(FileProblem::TooLarge { size: b.len() as u64, limit })))
+                    }
+                    b => Ok(Some(Ok((b, etag)))),
+                }
+            })
+            .map_err(|e| FileProblem::Io(e.into_io()))?
+            .transpose()?;
+        Ok(got.map(|(body, etag)| {
+            if let (Some(copies), Some(etag)) = (copies, etag) {
+                copies.put(&key, &etag, &body);
+            }
+            body
+        }))
+    }
+
     fn io<'a>(&'a self, action: &'static str, rel: &'a str) -> impl Fn(S3Error) -> StorageError + 'a {
         self.client.cache_err(action, rel)
     }
@@ -1146,56 +1186,22 @@ impl Backend for S3Backend {
     }
 
     fn read_listed(&self, rel: &str, listed: &Meta, limit: u64) -> Result<Option<Vec<u8>>, FileProblem> {
-        if let (Some(copies), Some(etag)) = (self.client.copies_of(rel), &listed.etag)
-            && listed.size <= limit
-            && let Some(body) = copies.get(&self.client.key(rel), etag, listed.size)
-        {
-            return Ok(Some(body));
+        match self.client.copy_of(rel, listed, limit) {
+            Some(body) => Ok(Some(body)),
+            None => self.read(rel, limit),
         }
-        self.read(rel, limit)
     }
 
     fn read(&self, rel: &str, limit: u64) -> Result<Option<Vec<u8>>, FileProblem> {
-        let listed = self.client.listed(rel);
-        if let Some(None) = listed {
-            return Ok(None);
+        match self.client.listed(rel) {
+            Some(None) => Ok(None),
+            // The copy when it is unchanged since it was made, as this run's listing says.
+            Some(Some(listed)) => match self.client.copy_of(rel, &listed, limit) {
+                Some(body) => Ok(Some(body)),
+                None => self.download(rel, limit),
+            },
+            None => self.download(rel, limit),
         }
-        let key = self.client.key(rel);
-        let copies = self.client.copies_of(rel);
-        // Unchanged since the copy was made, as this run's listing says.
-        if let (Some(copies), Some(Some(Meta { size, etag: Some(etag), .. }))) = (copies, &listed)
-            && *size <= limit
-            && let Some(body) = copies.get(&key, etag, *size)
-        {
-            return Ok(Some(body));
-        }
-        let what = || format!("downloading {}", self.client.url_of(rel));
-        // The whole body in the try, retried like the request: a read cut short is no file.
-        let got = self
-            .client
-            .send_with("get", &what, Method::Get, Some(&key), &[], &[], Body::None, &[200, 404], |r| {
-                if r.status().as_u16() == 404 {
-                    return Ok(None);
-                }
-                if let Some(size) = r.body().content_length().filter(|&n| n > limit) {
-                    return Ok(Some(Err(FileProblem::TooLarge { size, limit })));
-                }
-                let etag = etag_of(&r);
-                match Client::body_bytes(r, limit + 1)? {
-                    b if b.len() as u64 > limit => {
-                        Ok(Some(Err(FileProblem::TooLarge { size: b.len() as u64, limit })))
-                    }
-                    b => Ok(Some(Ok((b, etag)))),
-                }
-            })
-            .map_err(|e| FileProblem::Io(e.into_io()))?
-            .transpose()?;
-        Ok(got.map(|(body, etag)| {
-            if let (Some(copies), Some(etag)) = (copies, etag) {
-                copies.put(&key, &etag, &body);
-            }
-            body
-        }))
     }
 
     fn open(&self, rel: &str) -> Result<Option<(Reader, u64)>, FileProblem> {
