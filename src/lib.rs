@@ -14,6 +14,7 @@ pub mod content_address;
 pub mod gc;
 pub mod hash;
 pub mod index;
+pub mod interrupt;
 pub mod layout;
 pub mod nar;
 pub mod narinfo;
@@ -31,15 +32,36 @@ pub mod verify;
 pub mod xz;
 
 /// Formats an error with its sources: `outer: inner: innermost`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = plain(e);
     let mut src = e.source();
     while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
+        // An error whose text already ends with its source's says it once.
+        let text = plain(inner);
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         src = inner.source();
     }
     s
+}
+
+/// An error's own text, without the ` (os error 13)` tail an OS error carries: the sentence
+/// ("Permission denied") says it to a person, the number only to a programmer.
+/// (An error that prints its source in its own text carries the tail inside: every ` (os
+/// error N)` is dropped.)
+pub fn plain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    while let Some(at) = text.find(" (os error ") {
+        let rest = &text[at + " (os error ".len()..];
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 || !rest[digits..].starts_with(')') {
+            break;
+        }
+        text.replace_range(at..at + " (os error ".len() + digits + 1, "");
+    }
+    text
 }
 
 /// `f` of each of `items` on up to `threads` threads, the items taken in order; the results
@@ -106,3 +128,18 @@ mod tests {
 }
 pub mod cli;
 pub mod cmd;
+
+#[cfg(test)]
+mod error_text_tests {
+    #[derive(Debug, thiserror::Error)]
+    #[error("{} cannot be read: {source}", "/x")]
+    struct Outer {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn chains_drop_errno_tails_and_repeats() {
+        let e = Outer { source: std::io::Error::from_raw_os_error(13) };
+        assert_eq!(super::error_chain(&e), "/x cannot be read: Permission denied");
+    }
+}

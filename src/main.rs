@@ -1,4 +1,5 @@
-//! The nixcache command. Exit status: 0 success, 1 failure, 2 usage error (from clap).
+//! The nixcache command. Exit status: 0 success, 1 failure, 2 usage error (from clap, or
+//! [`cmd::Usage`] for what is found after parsing); 128 + the signal when interrupted.
 
 use std::io::{self, Write};
 use std::process::ExitCode;
@@ -9,6 +10,9 @@ use nixcache::cmd;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Push(_) | Command::Sign(_) | Command::Gc(_) | Command::Verify(_)) {
+        nixcache::interrupt::install();
+    }
     let result = match &cli.command {
         Command::Push(a) => match a.check() {
             Ok(()) => cmd::push::run(a),
@@ -36,6 +40,10 @@ fn main() -> ExitCode {
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
+        Err(e) if e.downcast_ref::<cmd::Usage>().is_some() => {
+            nixcache::elog!("error: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             // A closed pipe (`nixcache … | head`) is not a failure.
             if e.chain()
@@ -43,7 +51,7 @@ fn main() -> ExitCode {
             {
                 return ExitCode::SUCCESS;
             }
-            nixcache::elog!("error: {e:#}");
+            nixcache::elog!("error: {}", nixcache::error_chain(e.as_ref()));
             ExitCode::from(1)
         }
     }

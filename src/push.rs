@@ -181,6 +181,18 @@ pub enum Outcome {
     Repaired,
 }
 
+impl Outcome {
+    /// The word for it in `--json` output and progress lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Pushed => "pushed",
+            Outcome::Skipped => "skipped",
+            Outcome::Signed => "signed",
+            Outcome::Repaired => "repaired",
+        }
+    }
+}
+
 /// The totals of a run.
 #[derive(Debug, Default)]
 pub struct PushReport {
@@ -192,6 +204,9 @@ pub struct PushReport {
     pub nar_bytes: u64,
     pub file_bytes: u64,
     pub failed: Vec<(StorePath, PushError)>,
+    /// Per path published (by index into the closure): what happened, and its NAR and file
+    /// bytes written (0 when nothing was).
+    pub outcomes: Vec<(usize, Outcome, u64, u64)>,
     /// Per path published (by index into the closure): the NAR its narinfo names and that
     /// file's size, for the check at the end ([`missing_now`]).
     pub nars: HashMap<usize, (String, Option<u64>)>,
@@ -325,6 +340,7 @@ impl<'a> Publisher<'a> {
                 }
                 r.nar_bytes += done.nar_bytes;
                 r.file_bytes += done.file_bytes;
+                r.outcomes.push((k, done.outcome, done.nar_bytes, done.file_bytes));
                 if let Some(nar) = done.narinfo.nar_file() {
                     r.nars.insert(k, (nar, done.narinfo.file_size));
                 }

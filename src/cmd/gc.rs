@@ -8,7 +8,9 @@ use crate::gc::{Reason, gc};
 use crate::progress::bytes;
 
 pub fn run(args: &GcArgs) -> anyhow::Result<bool> {
+    super::check_dest(&args.dest, &[])?;
     let mut cache = Cache::open(&args.dest)?;
+    super::require_cache_info(&cache)?;
     cache.lock(|| {
         if !args.quiet {
             crate::elog!("waiting for another nixcache writing to {} ...", args.dest);
@@ -19,6 +21,35 @@ pub fn run(args: &GcArgs) -> anyhow::Result<bool> {
     let report = gc(&cache, args.older_than, &keep, SystemTime::now(), args.dry_run)?;
     for w in &report.warnings {
         crate::elog!("warning: {w}");
+    }
+    if args.json {
+        let mut v = serde_json::json!({
+            "dest": args.dest.to_string(),
+            "dry_run": args.dry_run,
+            "kept": report.kept,
+            "removed_paths": report.removed_paths,
+            "removed_files": report.removals.len(),
+            "bytes_freed": report.bytes_freed,
+            "warnings": report.warnings,
+        });
+        if args.json_paths {
+            let each: Vec<_> = report
+                .removals
+                .iter()
+                .map(|r| {
+                    let why = match r.reason {
+                        Some(Reason::Old) => Some("old"),
+                        Some(Reason::Incomplete) => Some("incomplete"),
+                        Some(Reason::Unusable) => Some("unusable"),
+                        None => None,
+                    };
+                    serde_json::json!({"file": r.file, "path": r.store_path, "reason": why})
+                })
+                .collect();
+            v["removals"] = each.into();
+        }
+        crate::outln!("{v}");
+        return Ok(true);
     }
     if !args.quiet {
         let verb = if args.dry_run { "would remove" } else { "removed" };

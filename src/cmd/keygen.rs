@@ -25,7 +25,11 @@ fn write_new(path: &Path, mode: u32, text: &str) -> anyhow::Result<()> {
 
 pub fn run(args: &KeygenArgs) -> anyhow::Result<()> {
     if args.name.is_empty() || args.name.contains(':') || args.name.chars().any(char::is_whitespace) {
-        bail!("key name {:?} must be non-empty, without ':' or spaces (e.g. cache.example.org-1)", args.name);
+        return Err(super::Usage(format!(
+            "key name {:?} must be non-empty, without ':' or spaces (e.g. cache.example.org-1)",
+            args.name
+        ))
+        .into());
     }
     for p in [&args.secret_file, &args.public_file] {
         if p.symlink_metadata().is_ok() {

@@ -9,11 +9,149 @@ pub mod sign;
 pub mod verify;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
 use crate::signing::SecretKey;
+
+/// A bad value found after parsing (no paths given, a `--dest` in the store): printed as an
+/// error and exit status 2, as clap's own usage errors.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub String);
+
+/// Refuses a `--dest` directory that is, is inside, or contains a Nix store: the logical
+/// `/nix/store` (or `store_dir`), and the real one under `--root`. Links are followed as far
+/// as the directory exists, so `/nix/store/../store/x` and a link into the store are caught.
+pub fn check_dest(dest: &crate::storage::Dest, stores: &[PathBuf]) -> Result<(), Usage> {
+    let crate::storage::Dest::Dir(dir) = dest else { return Ok(()) };
+    let dir = real_path(dir);
+    let mut stores: Vec<PathBuf> = stores.iter().map(|s| real_path(s)).collect();
+    stores.push(real_path(Path::new("/nix/store")));
+    for store in stores {
+        let what = if dir == store {
+            "is"
+        } else if dir.starts_with(&store) {
+            "is inside"
+        } else if store.starts_with(&dir) {
+            "contains"
+        } else {
+            continue;
+        };
+        return Err(Usage(format!(
+            "--dest {} {what} the Nix store {}: a cache there would write its files into the store (or gc remove them from it); give a directory of its own, such as /var/lib/static-nix-cache",
+            dir.display(),
+            store.display()
+        )));
+    }
+    Ok(())
+}
+
+/// `p` made absolute, with links and `..` resolved as far as it exists.
+fn real_path(p: &Path) -> PathBuf {
+    let abs = std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    let mut missing = Vec::new();
+    let mut at = abs.as_path();
+    loop {
+        if let Ok(real) = at.canonicalize() {
+            return missing.iter().rev().fold(real, |acc: PathBuf, c| acc.join(c));
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_owned());
+                at = parent;
+            }
+            _ => return abs,
+        }
+    }
+}
+
+/// Fails, before anything is created, on a cache without `nix-cache-info`: not a cache (a
+/// typo in `--dest`), which gc would find empty and sign would have nothing to sign in.
+pub fn require_cache_info(cache: &crate::cache::Cache) -> anyhow::Result<()> {
+    if cache.cache_info()?.is_none() {
+        anyhow::bail!(
+            "{} has no nix-cache-info, so it is not a binary cache (a push writes one): check --dest; nothing was changed",
+            cache.describe()
+        );
+    }
+    Ok(())
+}
+
+/// The keys Nix's own configuration names: `trusted-public-keys` and `secret-key-files`
+/// (with their `extra-` forms) from `$NIX_CONF_DIR/nix.conf` (default `/etc/nix`) and
+/// `$NIX_CONFIG`. Read only to tell the user; nixcache never signs with them unasked.
+#[derive(Debug, Default)]
+pub struct NixConfKeys {
+    pub trusted: Vec<crate::signing::PublicKey>,
+    pub secret_key_files: Vec<PathBuf>,
+}
+
+impl NixConfKeys {
+    pub fn read() -> NixConfKeys {
+        let dir = std::env::var_os("NIX_CONF_DIR").map_or_else(|| PathBuf::from("/etc/nix"), PathBuf::from);
+        let mut text = std::fs::read_to_string(dir.join("nix.conf")).unwrap_or_default();
+        if let Some(extra) = std::env::var_os("NIX_CONFIG") {
+            text.push('\n');
+            text.push_str(&extra.to_string_lossy());
+        }
+        Self::parse(&text)
+    }
+
+    fn parse(text: &str) -> NixConfKeys {
+        let mut keys = NixConfKeys::default();
+        for line in text.lines() {
+            let line = line.split('#').next().unwrap_or_default();
+            let Some((name, value)) = line.split_once('=') else { continue };
+            let name = name.trim();
+            let values = value.split_whitespace();
+            match name.strip_prefix("extra-").unwrap_or(name) {
+                "trusted-public-keys" | "binary-cache-public-keys" => {
+                    if !name.starts_with("extra-") {
+                        keys.trusted.clear();
+                    }
+                    keys.trusted.extend(values.filter_map(|v| v.parse().ok()));
+                }
+                "secret-key-files" => {
+                    if !name.starts_with("extra-") {
+                        keys.secret_key_files.clear();
+                    }
+                    keys.secret_key_files.extend(values.map(PathBuf::from));
+                }
+                _ => {}
+            }
+        }
+        keys
+    }
+
+    /// The public key called `name`: from trusted-public-keys, or derived from a readable
+    /// secret key file of that name.
+    pub fn public_key(&self, name: &str) -> Option<crate::signing::PublicKey> {
+        self.trusted.iter().find(|k| k.name() == name).cloned().or_else(|| {
+            self.secret_key_files.iter().find_map(|f| {
+                let key: crate::signing::SecretKey = std::fs::read_to_string(f).ok()?.parse().ok()?;
+                (key.name() == name).then(|| key.public_key())
+            })
+        })
+    }
+}
+
+/// The names of the keys that sign a sample of the cache's narinfos (the first 16 listed),
+/// most used first.
+pub fn signing_key_names(cache: &crate::cache::Cache) -> Vec<String> {
+    let mut count: std::collections::BTreeMap<String, usize> = Default::default();
+    for file in cache.narinfo_files().unwrap_or_default().iter().take(16) {
+        if let Ok(Some(ni)) = cache.read_narinfo(file) {
+            for s in &ni.sigs {
+                *count.entry(s.key_name().to_owned()).or_default() += 1;
+            }
+        }
+    }
+    let mut names: Vec<(String, usize)> = count.into_iter().collect();
+    names.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    names.into_iter().map(|(n, _)| n).collect()
+}
 
 /// Reads a secret key file, warning when every user can read it.
 pub fn read_secret_key(path: &Path) -> anyhow::Result<SecretKey> {
@@ -65,17 +203,16 @@ pub fn keep_copies(cache: &crate::cache::Cache, dest: &crate::storage::Dest, off
     if off || !matches!(dest, crate::storage::Dest::Bucket(_)) {
         return;
     }
+    let _ = quiet; // Warnings are said with --quiet too.
     let Some(dir) = copies_dir() else {
-        if !quiet {
+        {
             crate::elog!(
                 "warning: neither XDG_CACHE_HOME nor HOME is set: the bucket's narinfos are not kept on this machine, and the next push downloads them again"
             );
         }
         return;
     };
-    if let Err(e) = cache.keep_copies(&dir)
-        && !quiet
-    {
+    if let Err(e) = cache.keep_copies(&dir) {
         crate::elog!(
             "warning: the bucket's narinfos are not kept on this machine ({e}); the next push downloads them again (set XDG_CACHE_HOME to a writable directory, or pass --no-local-copies)"
         );
@@ -102,5 +239,44 @@ pub fn say_requests(cache: &crate::cache::Cache) {
             crate::progress::plural(n as usize, "narinfo"),
             file.display()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::Dest;
+
+    #[test]
+    fn nix_conf_keys_follow_nix_s_override_and_extra_rules() {
+        let k = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
+        let conf = NixConfKeys::parse(&format!(
+            "trusted-public-keys = other-1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n\
+             trusted-public-keys = {k} # comment\nextra-trusted-public-keys = not-a-key\n\
+             secret-key-files = /etc/nix/a.sec\nextra-secret-key-files = /etc/nix/b.sec\n"
+        ));
+        assert_eq!(conf.trusted.iter().map(|k| k.to_string()).collect::<Vec<_>>(), [k]);
+        assert_eq!(conf.secret_key_files, [PathBuf::from("/etc/nix/a.sec"), PathBuf::from("/etc/nix/b.sec")]);
+        assert_eq!(conf.public_key("cache.nixos.org-1").map(|k| k.to_string()).as_deref(), Some(k));
+        assert!(conf.public_key("other-1").is_none());
+    }
+
+    #[test]
+    fn a_dest_at_in_or_around_a_store_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let store = t.path().join("root/nix/store");
+        std::fs::create_dir_all(&store).unwrap();
+        let stores = [store.clone()];
+        let check = |p: PathBuf| check_dest(&Dest::Dir(p), &stores);
+        assert!(check(store.clone()).is_err());
+        assert!(check(store.join("sub/cache")).is_err());
+        assert!(check(store.join("../store/x")).is_err());
+        assert!(check(t.path().join("root")).is_err());
+        assert!(check(PathBuf::from("/")).is_err());
+        assert!(check(PathBuf::from("/nix/store/x")).is_err());
+        assert!(check(t.path().join("cache")).is_ok());
+        assert!(check(t.path().join("root/nix/store-cache")).is_ok());
+        std::os::unix::fs::symlink(&store, t.path().join("link")).unwrap();
+        assert!(check(t.path().join("link/cache")).is_err());
     }
 }

@@ -173,11 +173,10 @@ impl Partial {
     }
 
     /// Writes what this push adds to the cache's records, before any narinfo that relies on
-    /// it is published (a gc meanwhile must see the hole is deliberate).
+    /// it is published (a gc meanwhile must see the hole is deliberate). The policy is
+    /// recorded even when nothing is left out this time (an upstream that could not be
+    /// reached), so the next push still asks it.
     pub fn record(&self, cache: &mut Cache) -> anyhow::Result<Option<String>> {
-        if !self.any() {
-            return Ok(None);
-        }
         let new = self.recorded.missing(&self.wanted);
         if new.is_empty() {
             return Ok(None);

@@ -3,10 +3,10 @@
 //! Everything that can be checked before the cache is touched (keys, paths, the closure) is
 //! checked first, so bad input leaves the destination as it was.
 
-use std::io::BufRead;
+use std::io::{BufRead, IsTerminal};
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 
 use super::partial::Partial;
 use crate::cache::Cache;
@@ -69,6 +69,101 @@ fn dry_run(
     Ok(true)
 }
 
+/// `--json`: the run as one object; field names are documented in nixcache-push(1) and kept.
+fn json(
+    args: &PushArgs,
+    store_dir: &crate::store_path::StoreDir,
+    closure: &[crate::store::PathInfo],
+    infos: &[crate::store::PathInfo],
+    report: &crate::push::PushReport,
+    partial: &Partial,
+    started: Instant,
+) -> serde_json::Value {
+    let errors: Vec<_> = report
+        .failed
+        .iter()
+        .map(|(p, e)| serde_json::json!({"path": store_dir.display(p), "error": crate::error_chain(e)}))
+        .collect();
+    let mut v = serde_json::json!({
+        "dest": args.dest.to_string(),
+        "compression": args.compression().to_string(),
+        "closure": closure.len(),
+        "left_out": closure.len() - infos.len(),
+        "paths": infos.len(),
+        "pushed": report.pushed,
+        "skipped": report.skipped,
+        "repaired": report.repaired,
+        "signed": report.signed,
+        "failed": report.failed.len(),
+        "nar_bytes": report.nar_bytes,
+        "file_bytes": report.file_bytes,
+        "seconds": started.elapsed().as_secs_f64(),
+        "ok": report.ok(),
+        "errors": errors,
+    });
+    if args.json_paths {
+        let mut each: Vec<serde_json::Value> = Vec::new();
+        let failed: std::collections::HashSet<_> = report.failed.iter().map(|(p, _)| p).collect();
+        let done: std::collections::HashMap<usize, _> =
+            report.outcomes.iter().map(|&(k, o, n, f)| (k, (o, n, f))).collect();
+        for (k, info) in infos.iter().enumerate() {
+            let (outcome, nar, file) = match done.get(&k) {
+                Some(&(o, n, f)) => (o.name(), n, f),
+                None if failed.contains(&info.path) => ("failed", 0, 0),
+                None => ("not-published", 0, 0),
+            };
+            each.push(serde_json::json!({
+                "path": store_dir.display(&info.path), "outcome": outcome, "nar_bytes": nar, "file_bytes": file,
+            }));
+        }
+        for (info, r) in closure.iter().zip(&partial.left) {
+            if let Some(r) = r {
+                each.push(serde_json::json!({
+                    "path": store_dir.display(&info.path), "outcome": "left-out", "reason": r.describe(),
+                    "nar_bytes": 0, "file_bytes": 0,
+                }));
+            }
+        }
+        v["path_outcomes"] = serde_json::Value::Array(each);
+    }
+    v
+}
+
+/// A push without `-k`: says which keys sign the cache's narinfos already (its new ones will
+/// lack them), and which key files Nix's own nix.conf names (not used unasked).
+fn warn_unsigned(cache: Option<&Cache>) {
+    let names = cache.map(super::signing_key_names).unwrap_or_default();
+    if !names.is_empty() {
+        crate::elog!(
+            "warning: no --secret-key, but this cache's narinfos are signed by {}: what this push writes is unsigned, and clients that trust only those keys will not use it; pass -k with the secret key of {}",
+            names.join(", "),
+            names[0]
+        );
+    }
+    let conf = super::NixConfKeys::read();
+    if !conf.secret_key_files.is_empty() {
+        let files: Vec<String> = conf.secret_key_files.iter().map(|f| f.display().to_string()).collect();
+        crate::elog!(
+            "warning: nix.conf has secret-key-files = {}; nixcache signs only with the keys it is given: pass -k {} (or set NIXCACHE_SECRET_KEY_FILE) to sign with it",
+            files.join(" "),
+            files[0]
+        );
+    }
+}
+
+/// Store paths from `--stdin`, one a line; blank lines and `#` comments are passed over.
+fn read_paths(input: impl BufRead) -> std::io::Result<Vec<std::path::PathBuf>> {
+    let mut paths = Vec::new();
+    for line in input.lines() {
+        let line = line?;
+        let line = line.trim();
+        if !line.is_empty() && !line.starts_with('#') {
+            paths.push(line.into());
+        }
+    }
+    Ok(paths)
+}
+
 /// nix-serve's default: ahead of cache.nixos.org (40) on clients that use both.
 pub(crate) const DEFAULT_PRIORITY: u32 = 30;
 
@@ -82,25 +177,25 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
         .map(usize::from)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
 
+    super::check_dest(&args.dest, &[args.store.real_store_dir(), args.store.store_dir.as_str().into()])?;
     let store = Store::open(&args.store.config()).context("cannot open the Nix store")?;
     let mut args_paths = args.paths.clone();
-    if args.stdin {
-        for line in std::io::stdin().lock().lines() {
-            let line = line.context("cannot read paths from standard input")?;
-            let line = line.trim();
-            if !line.is_empty() {
-                args_paths.push(line.into());
-            }
-        }
+    // `nix-build | nixcache push --dest X`: with no paths given, a pipe is read as --stdin.
+    if args.stdin || (args_paths.is_empty() && !std::io::stdin().is_terminal()) {
+        args_paths
+            .extend(read_paths(std::io::stdin().lock()).context("cannot read paths from standard input")?);
     }
     if args_paths.is_empty() {
-        bail!("no store paths given (pass paths as arguments or with --stdin)");
+        return Err(super::Usage(
+            "no store paths given: pass them as arguments (./result, /nix/store/...), or on standard input with --stdin".into(),
+        )
+        .into());
     }
     let roots = args_paths.iter().map(|p| store.resolve(p)).collect::<Result<Vec<_>, _>>()?;
     let infos = store
         .closure(&roots, args.include_outputs)
         .with_context(|| format!("cannot read the closure from the {}", store.source_name()))?;
-    let mode = Mode::detect(args.quiet);
+    let mode = Mode::detect(args.quiet || args.json);
     // The cache as it is, for its records (and the dry run), before anything is written. A
     // bucket a push will write is opened with the push's credentials: what is wrong with them
     // is the first thing said.
@@ -111,10 +206,18 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     };
     let recorded = Partial::recorded(args, opened.as_ref())?;
     let partial = Partial::decide(args, store.store_dir(), &infos, recorded)?;
-    if mode != Mode::Quiet {
-        for line in partial.recorded_line(&args.dest.to_string()).iter().chain(&partial.warnings) {
-            crate::elog!("{line}");
-        }
+    if mode != Mode::Quiet
+        && let Some(line) = partial.recorded_line(&args.dest.to_string())
+    {
+        crate::elog!("{line}");
+    }
+    // Warnings are said with --quiet too: a partial cache silently turning into a full one
+    // in a timer is what -q must not hide.
+    for line in &partial.warnings {
+        crate::elog!("{line}");
+    }
+    if keys.is_empty() {
+        warn_unsigned(opened.as_ref());
     }
     if args.dry_run {
         return dry_run(args, &store, &infos, &partial, opened.as_ref());
@@ -148,9 +251,11 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
 
     let total: u64 = infos.iter().map(|i| i.nar_size).sum();
     if mode != Mode::Quiet {
-        // At once, before any path is read: what this run is about.
+        // At once, before any path is read: what this run is about, and how much of it is
+        // new (a no-op nightly push reads as one).
+        let new = infos.iter().filter(|i| cache.stat(&Cache::narinfo_rel(&i.path)).is_none()).count();
         crate::elog!(
-            "pushing {}, {} of NAR, to {}, {}, {}",
+            "pushing {} ({new} not in the cache yet), {} of NAR, to {}, {}, {}",
             progress::plural(infos.len(), "path"),
             progress::bytes(total),
             args.dest,
@@ -214,6 +319,9 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
         }
         super::say_requests(&cache);
     }
+    if args.json {
+        crate::outln!("{}", json(args, store.store_dir(), &closure, &infos, &report, &partial, started));
+    }
     if !report.ok() {
         for (p, e) in &report.failed {
             if matches!(e, crate::push::PushError::Dependency { .. }) {
@@ -222,14 +330,21 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
         }
         let full = report.failed.iter().filter(|(_, e)| e.is_cache_full()).count();
         if full > 0 {
-            // What is left to write, at the compression ratio of what was written.
+            // What is left to write, at the compression ratio of the closure's paths in the
+            // cache now: the same figure when the push is run again without freeing space.
             let sizes: std::collections::HashMap<_, _> =
                 infos.iter().map(|i| (&i.path, i.nar_size)).collect();
             let left: u64 = report.failed.iter().filter_map(|(p, _)| sizes.get(p)).sum();
-            let ratio =
-                if report.nar_bytes > 0 { report.file_bytes as f64 / report.nar_bytes as f64 } else { 1.0 };
+            let (mut nar, mut file) = (0u64, 0u64);
+            for i in &infos {
+                if let Ok(Some(ni)) = cache.read_narinfo(&Cache::narinfo_rel(&i.path)) {
+                    nar += ni.nar_size;
+                    file += ni.file_size.unwrap_or(ni.nar_size);
+                }
+            }
+            let ratio = if nar > 0 { file as f64 / nar as f64 } else { 1.0 };
             crate::elog!(
-                "error: the cache's filesystem is full ({} paths could not be written to {}); about {} more free space is needed ({} of NAR left, at the {:.0}% ratio of this run): free space there, then push again",
+                "error: the cache's filesystem is full ({} paths could not be written to {}); about {} more free space is needed ({} of NAR left, at the {:.0}% ratio of the closure's paths in the cache): free space there, then push again",
                 full,
                 args.dest,
                 progress::bytes((left as f64 * ratio) as u64),

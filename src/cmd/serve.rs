@@ -20,11 +20,13 @@ const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
 
 pub fn run(args: &ServeArgs) -> anyhow::Result<bool> {
     let Dest::Dir(dir) = &args.dest else { bail!("serve serves a directory") };
+    super::check_dest(&args.dest, &[args.store.real_store_dir(), args.store.store_dir.as_str().into()])?;
     let jobs = args
         .jobs
         .map(usize::from)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
-    let listeners = listeners(&args.listen)?;
+    let listen: Vec<SocketAddr> = args.listen.iter().flatten().copied().collect();
+    let listeners = listeners(&listen)?;
     raise_open_files_limit();
 
     let mut public = Vec::new();
@@ -35,6 +37,9 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<bool> {
         let level = args.compression.level(args.compression_level)?;
         let store = Store::open(&args.store.config()).context("cannot open the Nix store")?;
         prepare(dir, &store, args.quiet)?;
+        if !keys.is_empty() {
+            sign_filled(dir, &args.secret_keys)?;
+        }
         let policy = if args.whole_store { Policy::WholeStore } else { Policy::Roots(args.roots.clone()) };
         let push = PushOptions {
             compression: args.compression,
@@ -72,16 +77,28 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<bool> {
             ),
         },
     };
-    let keys = if public.is_empty() {
-        String::new()
+    // The two lines a client pastes into nix.conf come first, each on its own line.
+    let substituters = format!("substituters = {}", urls.first().map_or("", String::as_str));
+    let keys_line = if public.is_empty() {
+        trusted_keys_line(dir)
     } else {
-        format!(" trusted-public-keys = {}", public.join(" "))
+        format!("trusted-public-keys = {}", public.join(" "))
     };
+    crate::elog!("{substituters}");
+    crate::elog!("{keys_line}");
     crate::elog!(
-        "serving {}{what} on {}; clients: substituters = {}{keys}",
+        "serving {}{what} on {} (clients: the two lines above, in nix.conf)",
         dir.display(),
-        urls.join(" "),
-        urls.first().map_or("", String::as_str)
+        urls.join(" ")
+    );
+    if args.from_store && args.secret_keys.is_empty() {
+        crate::elog!(
+            "warning: no --secret-key: what is filled is not signed, and clients with require-sigs (Nix's default) will not use it; make a key with `nixcache keygen` and pass -k"
+        );
+    }
+    let index = format!(
+        "nixcache {} serving a Nix binary cache. To use it, put in nix.conf:\n\n{substituters}\n{keys_line}\n",
+        env!("CARGO_PKG_VERSION")
     );
 
     let config = ServeConfig {
@@ -91,6 +108,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<bool> {
         access_log: !args.quiet,
         filler,
         threads: jobs,
+        index,
     };
     serve(config, || {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
@@ -100,6 +118,51 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<bool> {
         crate::elog!("stopped: the responses under way were finished");
     }
     Ok(true)
+}
+
+/// The `trusted-public-keys` line for a cache served without `-k`: the keys that sign its
+/// narinfos, found by name in Nix's own configuration; a comment where one is not found.
+fn trusted_keys_line(dir: &Path) -> String {
+    let names = Cache::inspect(dir).map(|c| super::signing_key_names(&c)).unwrap_or_default();
+    if names.is_empty() {
+        return "# trusted-public-keys: none, the narinfos are not signed (sign them: nixcache sign -k KEY)"
+            .into();
+    }
+    let conf = super::NixConfKeys::read();
+    let found: Vec<String> = names.iter().filter_map(|n| conf.public_key(n)).map(|k| k.to_string()).collect();
+    if found.len() == names.len() {
+        format!("trusted-public-keys = {}", found.join(" "))
+    } else {
+        format!(
+            "# trusted-public-keys = the public key of {} (the .pub file nixcache keygen wrote; not found in nix.conf here)",
+            names.join(", ")
+        )
+    }
+}
+
+/// Signs with `keys` the narinfos filled before without them (serve restarted with `-k`),
+/// before any client is answered: a server that has a key never serves a narinfo without
+/// its signature.
+fn sign_filled(dir: &Path, keys: &[std::path::PathBuf]) -> anyhow::Result<()> {
+    for key in keys {
+        let args = crate::cli::SignArgs {
+            dest: Dest::Dir(dir.to_owned()),
+            secret_key: key.clone(),
+            paths: Vec::new(),
+            no_check_contents: true,
+            no_local_copies: true,
+            json: false,
+            json_paths: false,
+            quiet: true,
+        };
+        if !super::sign::run(&args)? {
+            crate::elog!(
+                "warning: some narinfos in {} could not be signed (said above): they are served unsigned",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The sockets systemd passed (`LISTEN_FDS`), else the `--listen` addresses bound here.
@@ -146,10 +209,11 @@ fn bind(addr: &SocketAddr) -> std::io::Result<TcpListener> {
     Ok(TcpListener::from(fd))
 }
 
-/// How a client reaches `addr`.
+/// How a client reaches `addr`: by this host's name when it listens on every address.
 fn url(addr: SocketAddr) -> String {
     if addr.ip().is_unspecified() {
-        format!("http://<this host>:{}", addr.port())
+        let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
+        format!("http://{host}:{}", addr.port())
     } else {
         format!("http://{addr}")
     }

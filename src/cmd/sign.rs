@@ -26,7 +26,9 @@ const WRITERS: usize = 16;
 pub fn run(args: &SignArgs) -> anyhow::Result<bool> {
     let key = super::read_secret_key(&args.secret_key)?;
     let public = [key.public_key()];
+    super::check_dest(&args.dest, &[])?;
     let mut cache = Cache::open(&args.dest)?;
+    super::require_cache_info(&cache)?;
     cache.lock(|| {
         if !args.quiet {
             crate::elog!("waiting for another nixcache writing to {} ...", args.dest);
@@ -65,6 +67,7 @@ pub fn run(args: &SignArgs) -> anyhow::Result<bool> {
     // through a short queue. Each rewrite is flushed before its name replaces the old one;
     // the directory is flushed once, at the end.
     let signed = AtomicUsize::new(0);
+    let signed_paths = Mutex::new(Vec::new());
     let (tx, rx) = std::sync::mpsc::sync_channel::<(&str, NarInfo, SystemTime)>(4 * WRITERS);
     let rx = Mutex::new(rx);
     std::thread::scope(|s| {
@@ -77,6 +80,10 @@ pub fn run(args: &SignArgs) -> anyhow::Result<bool> {
                     match cache.replace_narinfo(file, &ni, modified) {
                         Ok(()) => {
                             signed.fetch_add(1, Ordering::Relaxed);
+                            if args.json_paths {
+                                let path = ni.store_dir.display(&ni.store_path);
+                                signed_paths.lock().unwrap_or_else(|e| e.into_inner()).push(path);
+                            }
                         }
                         Err(e) => {
                             let path = ni.store_dir.display(&ni.store_path);
@@ -111,7 +118,25 @@ pub fn run(args: &SignArgs) -> anyhow::Result<bool> {
         cache.sync_dir("").context("what was signed may not survive a power cut")?;
     }
     let (already, failed, refused) = (already.into_inner(), failed.into_inner(), refused.into_inner());
-    if !args.quiet {
+    if args.json {
+        let mut v = serde_json::json!({
+            "dest": args.dest.to_string(),
+            "key": key.name(),
+            "narinfos": todo.len() + unusable,
+            "signed": signed,
+            "already_signed": already,
+            "refused": refused,
+            "failed": failed,
+            "unusable": unusable,
+            "ok": failed == 0 && unusable == 0 && refused == 0,
+        });
+        if args.json_paths {
+            let mut paths = signed_paths.into_inner().unwrap_or_else(|e| e.into_inner());
+            paths.sort();
+            v["signed_paths"] = paths.into();
+        }
+        crate::outln!("{v}");
+    } else if !args.quiet {
         crate::elog!(
             "{}: {signed} signed by {}, {already} already were, {refused} refused (NAR does not match), {failed} failed, {unusable} unusable",
             crate::progress::plural(todo.len() + unusable, "narinfo"),

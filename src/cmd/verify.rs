@@ -23,6 +23,7 @@ fn parse_key(arg: &str) -> anyhow::Result<PublicKey> {
 
 fn run_inner(args: &VerifyArgs) -> anyhow::Result<VerifyReport> {
     let keys = args.trusted_public_keys.iter().map(|k| parse_key(k)).collect::<anyhow::Result<Vec<_>>>()?;
+    super::check_dest(&args.dest, &[])?;
     let mut cache = Cache::inspect(&args.dest)?;
     let mode = Mode::detect(args.quiet || args.json);
     cache.lock_shared(|| {
@@ -52,7 +53,7 @@ pub fn run(args: &VerifyArgs) -> ExitCode {
     let report = match run_inner(args) {
         Ok(r) => r,
         Err(e) => {
-            crate::elog!("error: {e:#}");
+            crate::elog!("error: {}", crate::error_chain(e.as_ref()));
             return ExitCode::from(2);
         }
     };

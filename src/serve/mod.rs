@@ -15,8 +15,11 @@
 //! timeout. On SIGTERM or SIGINT the listeners close, responses under way finish (fills
 //! included), idle connections are closed, and [`run`] returns.
 
+mod access_log;
 pub mod files;
 pub mod fill;
+
+use access_log::Logger;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -67,6 +70,8 @@ pub struct ServeConfig {
     pub filler: Option<Filler>,
     /// Worker threads.
     pub threads: usize,
+    /// What `GET /` answers: the lines a client puts in nix.conf.
+    pub index: String,
 }
 
 #[derive(Debug, Error)]
@@ -84,6 +89,7 @@ struct Shared {
     /// Fills under way, by hash part: later askers wait for the same outcome.
     fills: Mutex<HashMap<String, watch::Receiver<Option<FillOutcome>>>>,
     log: Option<Logger>,
+    index: Bytes,
 }
 
 /// What a fill came to: whether the narinfo is there now, or why it failed.
@@ -103,6 +109,7 @@ pub fn run(config: ServeConfig, ready: impl FnOnce()) -> Result<(), ServeError> 
         filler: config.filler.map(Arc::new),
         fills: Mutex::new(HashMap::new()),
         log: config.access_log.then(Logger::start),
+        index: Bytes::from(config.index),
     });
     let runtime =
         || tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ServeError::Start);
@@ -230,6 +237,11 @@ async fn answer(shared: &Arc<Shared>, req: &Request<Incoming>) -> Response<Body>
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = status(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
         r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    if req.uri().path() == "/" {
+        let mut r = status(StatusCode::OK, "");
+        *r.body_mut() = Body::bytes(shared.index.clone());
         return r;
     }
     let Some(target) = files::target(req.uri().path()) else { return not_found() };
@@ -487,33 +499,6 @@ struct Access {
     path: String,
     started: Instant,
     status: u16,
-}
-
-/// Access lines go to stderr from a thread of their own, batched, so a slow journal never
-/// holds up a response.
-#[derive(Clone)]
-struct Logger(std::sync::mpsc::Sender<String>);
-
-impl Logger {
-    fn start() -> Logger {
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            use std::io::Write;
-            let mut out = io::BufWriter::new(io::stderr());
-            while let Ok(line) = rx.recv() {
-                let _ = writeln!(out, "{line}");
-                while let Ok(line) = rx.try_recv() {
-                    let _ = writeln!(out, "{line}");
-                }
-                let _ = out.flush();
-            }
-        });
-        Logger(tx)
-    }
-
-    fn line(&self, line: String) {
-        let _ = self.0.send(line);
-    }
 }
 
 /// A connection whose writes fail once one has waited `timeout` for the client to read: a

@@ -198,8 +198,9 @@ impl DirBackend {
         let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = format!("{TEMP_PREFIX}{}-{n}{suffix}", std::process::id());
         let path = self.dir.join(sub).join(name);
-        let file =
-            OpenOptions::new().write(true).create_new(true).open(&path).map_err(io_err("create", &path))?;
+        let file = crate::interrupt::create_registered(&path, || {
+            OpenOptions::new().write(true).create_new(true).open(&path).map_err(io_err("create", &path))
+        })?;
         file.set_permissions(fs::Permissions::from_mode(FILE_MODE))
             .map_err(io_err("set the mode of", &path))?;
         Ok(TempFile { path, file: Some(file), persisted: false })
@@ -292,7 +293,15 @@ impl Backend for DirBackend {
             // Not through a link, nor creating through a dangling one.
             let mut opts = OpenOptions::new();
             let f = open_regular(&path, opts.create(true).truncate(false).write(true))
-                .map_err(|source| StorageError::BadFile { path: path.clone(), source })?
+                .map_err(|source| match source {
+                    FileProblem::Io(e)
+                        if e.kind() == io::ErrorKind::PermissionDenied
+                            || e.raw_os_error() == Some(libc::EROFS) =>
+                    {
+                        StorageError::NotWritable { dir: self.dir.clone(), source: e }
+                    }
+                    source => StorageError::BadFile { path: path.clone(), source },
+                })?
                 .ok_or_else(|| io_err("open lock file", &path)(io::ErrorKind::NotFound.into()))?;
             // Readers (verify, as another user) take it shared: readable by all.
             if f.metadata().is_ok_and(|m| m.permissions().mode() & 0o777 != FILE_MODE) {
@@ -491,6 +500,7 @@ impl TempFile {
     fn rename(mut self, dest: &Path) -> Result<(), StorageError> {
         fs::rename(&self.path, dest).map_err(io_err("rename into place", dest))?;
         self.persisted = true;
+        crate::interrupt::forget(&self.path);
         Ok(())
     }
 }
@@ -499,6 +509,7 @@ impl Drop for TempFile {
     fn drop(&mut self) {
         if !self.persisted {
             let _ = fs::remove_file(&self.path);
+            crate::interrupt::forget(&self.path);
         }
     }
 }

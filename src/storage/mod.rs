@@ -103,6 +103,11 @@ pub enum StorageError {
     #[error("{} {source}", path.display())]
     BadFile { path: PathBuf, source: FileProblem },
     #[error(
+        "the cache {} cannot be opened for writing (its lock file cannot be created or written): run as the cache's owner, or check that it is not on read-only media; verify only reads it",
+        dir.display()
+    )]
+    NotWritable { dir: PathBuf, source: io::Error },
+    #[error(
         "{} is a {kind}; a cache's {} must be a real directory (nixcache never follows links inside a cache): replace it with a directory",
         path.display(), SUBDIRS.join("/, ") + "/"
     )]

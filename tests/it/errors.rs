@@ -67,8 +67,9 @@ fn missing_and_outside_paths() {
     assert!(failed_cleanly(&out).contains("is not in the Nix store"), "{}", stderr(&out));
     let out = fails(nixcache().args(["push", "--dest"]).arg(&cache).arg(t.path().join("nope")));
     assert!(failed_cleanly(&out).contains("No such file or directory"), "{}", stderr(&out));
-    let out = fails(nixcache().args(["push", "--dest"]).arg(&cache));
-    assert!(failed_cleanly(&out).contains("no store paths given"));
+    let out = fails(nixcache().args(["push", "--dest"]).arg(&cache).stdin(std::process::Stdio::null()));
+    assert_eq!(out.status.code(), Some(2), "no paths is a usage error: {}", stderr(&out));
+    assert!(stderr(&out).contains("no store paths given"));
     assert!(!cache.exists(), "bad input must not create the cache");
 }
 
@@ -90,7 +91,8 @@ fn bad_keys_and_options() {
     let out = fails(nixcache().args(["push", "-k"]).arg(&public).arg("--dest").arg(&cache).arg(&f.top));
     assert!(failed_cleanly(&out).contains("64"), "{}", stderr(&out));
     let out = fails(nixcache().args(["push", "--compression-level", "12", "--dest"]).arg(&cache).arg(&f.top));
-    assert!(failed_cleanly(&out).contains("out of range"));
+    assert_eq!(out.status.code(), Some(2), "a level out of range is a usage error: {}", stderr(&out));
+    assert!(stderr(&out).contains("out of range"));
     let out = fails(nixcache().args(["push", "-c", "lz4", "--dest"]).arg(&cache).arg(&f.top));
     assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
     assert!(!cache.exists());
@@ -308,4 +310,26 @@ fn fault_sweep_sampled() {
     let points: usize = total["TOTAL: ".len()..].split(' ').next().unwrap().parse().unwrap();
     assert!(points >= 50, "too few points ran: {total}");
     assert!(total.ends_with(" 0 broken, 0 panics"), "{text}");
+}
+
+#[test]
+fn the_full_disk_estimate_is_the_same_when_the_push_is_run_again() {
+    // zstd, so what was written compresses well and what is left (random bytes) does not: an
+    // estimate from "this run's ratio" changed once the first run had written the text paths.
+    let top = build_fixtures_with("full-disk-again", 3);
+    let t = tmp();
+    let cache = t.path().join("small");
+    std::fs::create_dir(&cache).unwrap();
+    let _u = small_disk(&cache, "512k");
+    let needed = || {
+        let out = fails(nixcache().args(["push", "-c", "zstd", "-j", "1", "--dest"]).arg(&cache).arg(&top));
+        let e = failed_cleanly(&out);
+        e.lines()
+            .find(|l| l.contains("more free space is needed"))
+            .unwrap_or_else(|| panic!("{e}"))
+            .to_owned()
+    };
+    let first = needed();
+    assert_eq!(needed(), first, "the estimate changed on a re-run");
+    assert!(!first.contains("os error"), "{first}");
 }

@@ -280,7 +280,7 @@ fn journal_output_first_line_then_each_path_as_it_is_published() {
         .collect();
     assert!(child.wait().unwrap().success(), "{lines:?}");
     let n = f.closure.len() + 1;
-    assert!(lines[0].starts_with(&format!("pushing {n} paths, ")), "{lines:?}");
+    assert!(lines[0].starts_with(&format!("pushing {n} paths ({n} not in the cache yet), ")), "{lines:?}");
     assert!(lines[0].ends_with(&format!("to {}, xz, 1 thread", cache.display())), "{lines:?}");
     assert_eq!(lines.iter().filter(|l| l.starts_with("pushed ")).count(), n, "{lines:?}");
     assert!(lines.iter().any(|l| l.starts_with(&format!("still reading {}", &big[11..]))), "{lines:?}");

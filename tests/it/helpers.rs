@@ -52,6 +52,14 @@ pub fn run_within(cmd: &mut Command, secs: u64) -> Output {
     Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
 }
 
+/// Runs `program` as the units' unprivileged user (nobody), with no capabilities.
+pub fn as_nobody(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--"]).arg(program);
+    c.env("NIX_CONFIG", "substituters =");
+    c
+}
+
 /// The built binary.
 pub fn nixcache() -> Command {
     with_env(Command::new(env!("CARGO_BIN_EXE_nixcache")))

@@ -11,6 +11,7 @@ mod helpers;
 mod http;
 mod keys;
 mod maintenance;
+mod newcomer;
 mod partial;
 mod push;
 mod s3;

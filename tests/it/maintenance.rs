@@ -360,6 +360,8 @@ fn gc_never_deletes_what_a_writer_without_our_lock_is_writing() {
     let t = tmp();
     let cache = t.path().join("cache");
     std::fs::create_dir(&cache).unwrap();
+    // A cache already (gc refuses a directory without nix-cache-info), as nix copy writes it.
+    std::fs::write(cache.join("nix-cache-info"), "StoreDir: /nix/store\n").unwrap();
     let salt = format!("race {}-{:?}", std::process::id(), std::time::SystemTime::now());
     let paths = text_paths(&salt, 20, 40000);
     let url = format!("file://{}?compression=zstd", cache.display());

@@ -38,7 +38,8 @@ impl Server {
                 let Ok(line) = line else { break };
                 // Kept before it is announced: a test that reads the lines once told has it.
                 kept.lock().unwrap().push(line.clone());
-                if line.starts_with("serving ") {
+                // The first line: what a client pastes into nix.conf.
+                if line.starts_with("substituters = ") {
                     let _ = tx.send(line);
                 }
             }
@@ -49,12 +50,21 @@ impl Server {
             panic!("serve did not start ({status}):\n{}", lines.lock().unwrap().join("\n"));
         };
         let url = first
-            .split("substituters = ")
-            .nth(1)
+            .strip_prefix("substituters = ")
             .and_then(|s| s.split_whitespace().next())
             .unwrap_or_else(|| panic!("no URL in {first:?}"))
             .to_owned();
-        let addr = url.trim_start_matches("http://").parse().unwrap();
+        let started = |l: &str| l.starts_with("serving ");
+        let end = Instant::now() + Duration::from_secs(10);
+        while !lines.lock().unwrap().iter().any(|l| started(l)) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // A server on every address is named by this host's name: reached on loopback.
+        let hostport = url.trim_start_matches("http://");
+        let addr = hostport.parse().unwrap_or_else(|_| {
+            let port: u16 = hostport.rsplit(':').next().unwrap().parse().unwrap();
+            std::net::SocketAddr::from(([127, 0, 0, 1], port))
+        });
         Server { child, addr, url, lines }
     }
 
@@ -217,9 +227,16 @@ fn http_semantics_head_404_range_304() {
     assert!(head.body.is_empty());
 
     // Missing, and not a cache file: 404, never 403 or 410.
-    for p in ["/00000000000000000000000000000000.narinfo", "/nar/missing.nar.xz", "/", "/.nixcache.lock"] {
+    for p in
+        ["/00000000000000000000000000000000.narinfo", "/nar/missing.nar.xz", "/.nixcache.lock", "/index.html"]
+    {
         assert_eq!(get(a, p).status, 404, "{p}");
     }
+    // The root: the lines a client needs, as plain text.
+    let root = get(a, "/");
+    assert_eq!(root.status, 200);
+    assert_eq!(root.header("content-type"), Some("text/plain; charset=utf-8"));
+    assert!(String::from_utf8_lossy(&root.body).contains("substituters = http://"));
     assert_eq!(raw(a, "POST /nix-cache-info HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").status, 405);
     let huge = format!("GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(40_000));
     assert_eq!(raw(a, &huge).status, 431);
@@ -362,8 +379,10 @@ fn lazy_fill_restores_a_closure_never_pushed_and_only_within_the_roots() {
         OsStr::new("--roots"),
         gcroots.as_os_str(),
     ]);
-    let start = server.lines().into_iter().find(|l| l.starts_with("serving ")).unwrap();
-    assert!(start.contains(&format!("trusted-public-keys = {PUBLIC}")), "{start}");
+    let lines = server.lines();
+    let i = lines.iter().position(|l| l.starts_with("substituters = ")).unwrap();
+    assert_eq!(lines[i + 1], format!("trusted-public-keys = {PUBLIC}"), "{lines:?}");
+    let start = lines.iter().find(|l| l.starts_with("serving ")).unwrap();
     assert!(start.contains(&format!("{} paths", closure.len())), "{start}");
 
     // Outside the roots: 404, and nothing written.

@@ -46,188 +46,27 @@ pub struct CompletionsArgs {
     pub shell: clap_complete::Shell,
 }
 
+/// A usage error of the subcommand `sub`, with its own usage line.
+fn usage_error(sub: &str, kind: clap::error::ErrorKind, message: impl std::fmt::Display) -> clap::Error {
+    let mut cli = Cli::command();
+    cli.build();
+    match cli.find_subcommand_mut(sub) {
+        Some(c) => c.clone().bin_name(format!("nixcache {sub}")).error(kind, message),
+        None => cli.error(kind, message),
+    }
+}
+
 /// Writes the completion script for `shell`.
 pub fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
     clap_complete::generate(shell, &mut Cli::command(), "nixcache", out);
 }
 
-/// The man pages, `nixcache.1` and `nixcache-<subcommand>.1`, rendered from these
-/// definitions with an EXAMPLES and an EXIT STATUS section each. `man/` holds them; a unit
-/// test fails when they are stale.
-pub fn man_pages() -> Vec<(String, Vec<u8>)> {
-    let mut cmd = Cli::command().disable_help_subcommand(true);
-    cmd.build();
-    let source = format!("nixcache {}", env!("CARGO_PKG_VERSION"));
-    let mut pages = Vec::new();
-    let mut render = |c: clap::Command, sub: Option<&str>| {
-        let title = sub.map_or_else(|| "nixcache".to_owned(), |s| format!("nixcache-{s}"));
-        let man = clap_mangen::Man::new(c.clone()).title(title.to_uppercase()).source(source.clone());
-        let page = |b: &mut Vec<u8>| -> std::io::Result<()> {
-            man.render_title(b)?;
-            man.render_name_section(b)?;
-            man.render_synopsis_section(b)?;
-            man.render_description_section(b)?;
-            man.render_options_section(b)?;
-            if c.get_subcommands().next().is_some() {
-                man.render_subcommands_section(b)?;
-            }
-            b.extend(man_extra(sub).as_bytes());
-            man.render_version_section(b)
-        };
-        let mut buf = Vec::new();
-        page(&mut buf).expect("rendering into memory");
-        pages.push((man.get_filename(), buf));
-    };
-    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned() {
-        let name = sub.get_name().to_owned();
-        render(sub, Some(&name));
-    }
-    render(cmd, None);
-    pages
-}
+mod man;
+mod values;
 
-/// The EXAMPLES, EXIT STATUS and other sections of a page, as roff.
-fn man_extra(sub: Option<&str>) -> String {
-    let examples: &[(&str, &str)] = match sub {
-        Some("push") => &[
-            (
-                "nixcache push --dest /var/lib/static-nix-cache --secret-key /etc/nixcache/cache.sec ./result",
-                "Push the closure of ./result, signed, compressed with xz.",
-            ),
-            (
-                "nixcache push -c zstd --dest file:///media/usb/nix-cache $(nix-build)",
-                "Push to a USB disk, fast.",
-            ),
-            (
-                "nixcache push --dry-run --dest /var/lib/static-nix-cache ./result",
-                "Show what a push would write.",
-            ),
-            (
-                "nixcache push --repair --dest /var/lib/static-nix-cache ./result",
-                "Rewrite the NARs verify found wrong.",
-            ),
-            (
-                "nixcache push --dest /var/lib/static-nix-cache --skip-signed-by cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY= ./result",
-                "Push only what cache.nixos.org does not serve (clients list both caches as substituters).",
-            ),
-            (
-                "nixcache push --dest /var/lib/static-nix-cache --exclude '-secrets$' --allow-incomplete ./result",
-                "Never push paths named *-secrets, and push what references them anyway.",
-            ),
-        ],
-        Some("verify") => &[
-            (
-                "nixcache verify --dest /var/lib/static-nix-cache --trusted-public-key \"$(cat cache.pub)\"",
-                "Check every narinfo, NAR and signature.",
-            ),
-            ("nixcache verify --json --dest /var/lib/static-nix-cache", "The same, as JSON."),
-        ],
-        Some("sign") => &[
-            (
-                "nixcache sign --dest /var/lib/static-nix-cache --secret-key cache-2.sec",
-                "Add a new key's signature.",
-            ),
-            ("nixcache sign --dest /var/lib/static-nix-cache -k cache.sec ./result", "Sign one closure."),
-        ],
-        Some("gc") => &[
-            (
-                "nixcache gc --dest /var/lib/static-nix-cache --older-than 30d",
-                "Remove what no push included for 30 days.",
-            ),
-            (
-                "nixcache gc --dest /var/lib/static-nix-cache --older-than 14d --keep ./result --dry-run",
-                "Show what would go, keeping ./result's closure.",
-            ),
-        ],
-        Some("serve") => &[
-            ("nixcache serve --dest /var/lib/static-nix-cache", "Serve what push wrote, on 127.0.0.1:5000."),
-            (
-                "nixcache serve --dest /var/cache/nixcache --from-store --secret-key cache.sec --roots /nix/var/nix/gcroots/per-user/ci --listen [::]:5000",
-                "Fill the cache from the local store as clients ask, only with the closures of CI's GC roots.",
-            ),
-            (
-                "nixcache serve --dest /var/cache/nixcache --from-store --whole-store -k cache.sec",
-                "Serve every valid store path, as nix-serve does, compressing each once.",
-            ),
-        ],
-        Some("keygen") => &[(
-            "nixcache keygen cache.example.org-1 /etc/nixcache/cache.sec /etc/nixcache/cache.pub",
-            "Make a key pair; the .pub line goes into clients' trusted-public-keys.",
-        )],
-        Some("completions") => {
-            &[("nixcache completions bash > /etc/bash_completion.d/nixcache", "Bash completion.")]
-        }
-        _ => &[(
-            "nixcache push --dest /var/lib/static-nix-cache -k cache.sec ./result",
-            "See nixcache-push(1).",
-        )],
-    };
-    let mut out = String::from(".SH EXAMPLES\n");
-    for (command, what) in examples {
-        out.push_str(&format!(".TP\n.B {}\n{}\n", roff(command), roff(what)));
-    }
-    out.push_str(".SH \"EXIT STATUS\"\n");
-    let status = match sub {
-        Some("verify") => {
-            "0 when the cache is clean, 1 when problems were found, 2 when verify could not run or was used wrongly."
-        }
-        _ => {
-            "0 on success; 1 when the command failed (some path was not published, signed or removed; the cache stays consistent); 2 on a usage error."
-        }
-    };
-    out.push_str(&format!("{}\n", roff(status)));
-    if sub == Some("gc") {
-        out.push_str(".SH \"THE RECORD GC READS\"\n");
-        out.push_str(&format!(
-            "{}\n",
-            roff(
-                "When a push last named or walked a path is the modification time of its narinfo: every push touches it, sign keeps it, and rsync -a copies it. A copy that loses times makes every path look freshly pushed, so gc keeps everything until the window passes. A NAR no narinfo names is kept for the window, at least an hour, since a writer without nixcache's lock may be about to name it."
-            )
-        ));
-    }
-    out
-}
-
-/// Text for a roff line: backslashes and hyphens escaped, no leading control character.
-fn roff(text: &str) -> String {
-    let escaped = text.replace('\\', "\\e").replace('-', "\\-");
-    if escaped.starts_with(['.', '\'']) { format!("\\&{escaped}") } else { escaped }
-}
-
-/// Parses `--jobs`: at least 1, at most [`crate::cmd::max_jobs`] (four per core, at most
-/// 1024; more threads only add memory and contention).
-fn parse_jobs(s: &str) -> Result<NonZeroUsize, String> {
-    let n: usize = s.parse().map_err(|_| format!("{s:?} is not a number of threads"))?;
-    let max = crate::cmd::max_jobs();
-    match NonZeroUsize::new(n) {
-        None => Err("--jobs must be at least 1 (leave it out to use every core)".into()),
-        Some(_) if n > max => Err(format!(
-            "{n} threads is more than the maximum of {max} (four per core, at most 1024); leave --jobs out to use every core"
-        )),
-        Some(j) => Ok(j),
-    }
-}
-
-/// Parses `--dest`: a directory, a `file://` URL of one (the `nix copy --to` habit), or an
-/// `s3://bucket/prefix?...` URL. Other schemes and settings in a file:// URL get a sentence.
-pub fn parse_dest(s: &str) -> Result<Dest, String> {
-    let Some((scheme, rest)) = s.split_once("://") else { return Ok(Dest::Dir(PathBuf::from(s))) };
-    match scheme {
-        "file" if rest.contains('?') => Err(format!(
-            "{s:?}: nixcache reads no settings from the URL; use its flags (-c/--compression, --priority, ...) and --dest file://{}",
-            rest.split('?').next().unwrap_or_default()
-        )),
-        "file" if rest.is_empty() => Err("file:// needs a directory: file:///var/cache/nix".into()),
-        "file" => Ok(Dest::Dir(PathBuf::from(rest))),
-        "s3" => s.parse().map(Dest::Bucket),
-        "http" | "https" => Err(format!(
-            "{s:?} is a URL to read a cache from; nixcache writes the directory a web server serves (give that directory) or the bucket one serves (s3://bucket/prefix?endpoint=...)"
-        )),
-        _ => Err(format!(
-            "{s:?}: nixcache writes a cache directory (or file:///dir) or an S3 bucket (s3://bucket/prefix); {scheme}:// is not supported"
-        )),
-    }
-}
+pub use man::man_pages;
+use values::{CompressionParser, parse_jobs, parse_public_key, parse_upstream};
+pub use values::{parse_dest, parse_listen};
 
 /// Where store paths and their metadata come from.
 #[derive(Debug, Args)]
@@ -248,6 +87,11 @@ pub struct StoreArgs {
 }
 
 impl StoreArgs {
+    /// Where the store's files are on this machine: the store directory under `--root`.
+    pub fn real_store_dir(&self) -> PathBuf {
+        self.root.join(self.store_dir.as_str().trim_start_matches('/'))
+    }
+
     pub fn config(&self) -> StoreConfig {
         StoreConfig {
             store_dir: self.store_dir.clone(),
@@ -261,8 +105,9 @@ impl StoreArgs {
 #[derive(Debug, Args)]
 pub struct PushArgs {
     /// The cache: a directory (or file:///DIR), created if missing, or an S3 bucket,
-    /// s3://BUCKET/PREFIX?endpoint=URL&region=REGION&profile=NAME (see README).
-    #[arg(long, short = 'd', value_name = "DIR|URL", value_parser = parse_dest, required_unless_present = "to", default_value = "", hide_default_value = true)]
+    /// s3://BUCKET/PREFIX?endpoint=URL&region=REGION&profile=NAME (see BUCKETS in
+    /// nixcache-push(1)).
+    #[arg(long, short = 'd', value_name = "DIR|URL", value_parser = parse_dest, required = false, required_unless_present = "to", default_value_if("to", clap::builder::ArgPredicate::IsPresent, "/"), env = "NIXCACHE_DEST")]
     pub dest: Dest,
     /// Store paths, or symlinks into the store such as ./result. Their closures are pushed.
     #[arg(value_name = "PATH")]
@@ -274,7 +119,7 @@ pub struct PushArgs {
     #[arg(long)]
     pub include_outputs: bool,
     /// How to compress NARs.
-    #[arg(long, short = 'c', value_enum, default_value_t = Compression::Xz, value_name = "xz|bzip2|zstd|none")]
+    #[arg(long, short = 'c', value_parser = CompressionParser, default_value = "xz", value_name = "xz|bzip2|zstd|none", env = "NIXCACHE_COMPRESSION")]
     pub compression: Compression,
     /// nix-push's --bzip2: the same as -c bzip2.
     #[arg(long, hide = true, conflicts_with_all = ["compression", "none"])]
@@ -297,7 +142,13 @@ pub struct PushArgs {
     pub compression_level: Option<i32>,
     /// Sign narinfos with this secret key file (Nix's format); repeatable. Also spelled
     /// --key-file, as nix-push named it.
-    #[arg(long = "secret-key", visible_alias = "key-file", short = 'k', value_name = "FILE")]
+    #[arg(
+        long = "secret-key",
+        visible_alias = "key-file",
+        short = 'k',
+        value_name = "FILE",
+        env = "NIXCACHE_SECRET_KEY_FILE"
+    )]
     pub secret_keys: Vec<PathBuf>,
     /// Threads, each compressing one path or one xz block at a time [default: all cores].
     #[arg(long, short = 'j', value_name = "N", value_parser = parse_jobs)]
@@ -342,15 +193,15 @@ pub struct PushArgs {
     /// Leave out paths whose signatures in the Nix database include a valid one by this
     /// public key (as trusted-public-keys spells it): an upstream that signs with it serves
     /// them. Repeatable; no network needed. Recorded in the cache, like the others below.
-    #[arg(long, value_name = "KEY", value_parser = parse_public_key, help_heading = "Partial caches")]
+    #[arg(long, value_name = "KEY", value_parser = parse_public_key, help_heading = "Partial caches", env = "NIXCACHE_SKIP_SIGNED_BY", value_delimiter = ' ')]
     pub skip_signed_by: Vec<crate::signing::PublicKey>,
     /// Leave out paths this binary cache (http://, https:// or file://) has a narinfo for.
     /// Repeatable; up to 16 lookups at once; a lookup that fails means the path is pushed.
-    #[arg(long, value_name = "URL", help_heading = "Partial caches")]
+    #[arg(long, value_name = "URL", value_parser = parse_upstream, help_heading = "Partial caches", env = "NIXCACHE_SKIP_UPSTREAM", value_delimiter = ' ')]
     pub skip_upstream: Vec<String>,
     /// Never push a path whose name (after the hash) matches this regular expression.
     /// Repeatable. A path that references one is pushed only with --allow-incomplete.
-    #[arg(long, value_name = "REGEX", help_heading = "Partial caches")]
+    #[arg(long, value_name = "REGEX", help_heading = "Partial caches", env = "NIXCACHE_EXCLUDE")]
     pub exclude: Vec<String>,
     /// Push paths that reference an --exclude'd path (clients cannot restore their closure
     /// from the caches alone).
@@ -361,17 +212,16 @@ pub struct PushArgs {
     pub no_skip: bool,
     #[command(flatten)]
     pub store: StoreArgs,
-    /// Print nothing but errors.
+    /// Print one JSON object on standard output at the end: what was done (see JSON OUTPUT
+    /// in nixcache-push(1)); progress is not shown, warnings and errors still are.
+    #[arg(long, conflicts_with = "dry_run")]
+    pub json: bool,
+    /// With --json: list every path of the closure and what happened to it.
+    #[arg(long, requires = "json")]
+    pub json_paths: bool,
+    /// No progress and no summary; warnings and errors are still printed.
     #[arg(long, short = 'q')]
     pub quiet: bool,
-}
-
-fn parse_public_key(s: &str) -> Result<crate::signing::PublicKey, String> {
-    s.trim().parse().map_err(|e| {
-        format!(
-            "{e}; give a public key as trusted-public-keys spells it, NAME:BASE64 (cache.nixos.org-1:6NCH...)"
-        )
-    })
 }
 
 impl PushArgs {
@@ -397,10 +247,12 @@ impl PushArgs {
             "--url-prefix is nix-push's: NAR URLs are relative (nar/...), so the cache can be served from any URL; leave it out"
         } else if self.to.is_some() {
             "the cache is --dest DIR (or --dest file:///DIR), not --to"
+        } else if let Err(e) = self.compression().level(self.compression_level) {
+            return Err(usage_error("push", clap::error::ErrorKind::ValueValidation, e));
         } else {
             return Ok(());
         };
-        Err(Cli::command().error(clap::error::ErrorKind::ArgumentConflict, why))
+        Err(usage_error("push", clap::error::ErrorKind::ArgumentConflict, why))
     }
 
     /// `--dest`, with `--uploads` applied to a bucket.
@@ -427,12 +279,12 @@ impl PushArgs {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// The cache directory to serve, as push writes it; with --from-store, created if missing.
-    #[arg(long, short = 'd', value_name = "DIR", value_parser = parse_dest)]
+    #[arg(long, short = 'd', value_name = "DIR", value_parser = parse_dest, env = "NIXCACHE_DEST")]
     pub dest: Dest,
     /// Listen on this address; repeatable [default: 127.0.0.1:5000, or the sockets systemd
     /// passes by socket activation].
-    #[arg(long, short = 'l', value_name = "ADDR:PORT")]
-    pub listen: Vec<std::net::SocketAddr>,
+    #[arg(long, short = 'l', value_name = "ADDR:PORT", value_parser = parse_listen, env = "NIXCACHE_LISTEN", value_delimiter = ' ')]
+    pub listen: Vec<Vec<std::net::SocketAddr>>,
     /// Fill the cache from the local store when a client asks for a path it lacks (needs
     /// --roots or --whole-store).
     #[arg(long)]
@@ -451,11 +303,12 @@ pub struct ServeArgs {
         visible_alias = "key-file",
         short = 'k',
         value_name = "FILE",
-        requires = "from_store"
+        requires = "from_store",
+        env = "NIXCACHE_SECRET_KEY_FILE"
     )]
     pub secret_keys: Vec<PathBuf>,
     /// With --from-store: how to compress what is filled (zstd keeps a first client's wait short).
-    #[arg(long, short = 'c', value_enum, default_value_t = Compression::Zstd, value_name = "xz|bzip2|zstd|none")]
+    #[arg(long, short = 'c', value_parser = CompressionParser, default_value = "zstd", value_name = "xz|bzip2|zstd|none")]
     pub compression: Compression,
     /// With --from-store: the compression level [default: xz 6, bzip2 9, zstd 3].
     #[arg(long, value_name = "N", allow_negative_numbers = false)]
@@ -485,10 +338,12 @@ impl ServeArgs {
             && (self.compression_level.is_some() || self.compression != Compression::Zstd)
         {
             "--compression and --compression-level are for what --from-store fills; a cache's files are served as they are"
+        } else if let Err(e) = self.compression.level(self.compression_level) {
+            return Err(usage_error("serve", clap::error::ErrorKind::ValueValidation, e));
         } else {
             return Ok(());
         };
-        Err(Cli::command().error(clap::error::ErrorKind::MissingRequiredArgument, why))
+        Err(usage_error("serve", clap::error::ErrorKind::MissingRequiredArgument, why))
     }
 }
 
@@ -506,7 +361,7 @@ pub struct KeygenArgs {
 pub struct VerifyArgs {
     /// The cache: a directory, or an s3://BUCKET/PREFIX?endpoint=URL URL (read anonymously
     /// when no credentials are found).
-    #[arg(long, short = 'd', value_name = "DIR|URL", value_parser = parse_dest)]
+    #[arg(long, short = 'd', value_name = "DIR|URL", value_parser = parse_dest, env = "NIXCACHE_DEST")]
     pub dest: Dest,
     /// Require a valid signature by one of these keys (NAME:BASE64, as in
     /// trusted-public-keys; or a file holding one); repeatable.
@@ -526,10 +381,16 @@ pub struct VerifyArgs {
 #[derive(Debug, Args)]
 pub struct SignArgs {
     /// The cache: a directory, or an s3://BUCKET/PREFIX?endpoint=URL URL.
-    #[arg(long, short = 'd', value_name = "DIR|URL", value_parser = parse_dest)]
+    #[arg(long, short = 'd', value_name = "DIR|URL", value_parser = parse_dest, env = "NIXCACHE_DEST")]
     pub dest: Dest,
     /// The secret key file to sign with. Also spelled --key-file.
-    #[arg(long = "secret-key", visible_alias = "key-file", short = 'k', value_name = "FILE")]
+    #[arg(
+        long = "secret-key",
+        visible_alias = "key-file",
+        short = 'k',
+        value_name = "FILE",
+        env = "NIXCACHE_SECRET_KEY_FILE"
+    )]
     pub secret_key: PathBuf,
     /// Sign only the closures of these store paths (as found in the cache) [default: all].
     #[arg(value_name = "PATH")]
@@ -544,7 +405,14 @@ pub struct SignArgs {
     /// from downloading them again; see push).
     #[arg(long)]
     pub no_local_copies: bool,
-    /// Print nothing but errors.
+    /// Print one JSON object on standard output at the end: what was done (see JSON OUTPUT
+    /// in nixcache-sign(1)).
+    #[arg(long)]
+    pub json: bool,
+    /// With --json: list every narinfo signed.
+    #[arg(long, requires = "json")]
+    pub json_paths: bool,
+    /// No progress and no summary; warnings and errors are still printed.
     #[arg(long, short = 'q')]
     pub quiet: bool,
 }
@@ -552,7 +420,7 @@ pub struct SignArgs {
 #[derive(Debug, Args)]
 pub struct GcArgs {
     /// The cache: a directory, or an s3://BUCKET/PREFIX?endpoint=URL URL.
-    #[arg(long, short = 'd', value_name = "DIR|URL", value_parser = parse_dest)]
+    #[arg(long, short = 'd', value_name = "DIR|URL", value_parser = parse_dest, env = "NIXCACHE_DEST")]
     pub dest: Dest,
     /// Keep paths a push named or walked within this long: 90s, 30m, 36h, 14d, 2w.
     #[arg(long, value_name = "DURATION", value_parser = crate::gc::parse_duration)]
@@ -567,7 +435,14 @@ pub struct GcArgs {
     /// this machine (see push), and keep none.
     #[arg(long)]
     pub no_local_copies: bool,
-    /// Print nothing but errors.
+    /// Print one JSON object on standard output at the end: what was done (see JSON OUTPUT
+    /// in nixcache-gc(1)).
+    #[arg(long)]
+    pub json: bool,
+    /// With --json: list every path and file removed (or, with --dry-run, that would be).
+    #[arg(long, requires = "json")]
+    pub json_paths: bool,
+    /// No progress and no summary; warnings and errors are still printed.
     #[arg(long, short = 'q')]
     pub quiet: bool,
 }
@@ -579,65 +454,5 @@ mod tests {
     #[test]
     fn definitions_are_consistent() {
         Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn man_pages_have_examples_exit_status_and_the_program_in_the_footer() {
-        for (name, page) in man_pages() {
-            let page = String::from_utf8(page).unwrap();
-            assert!(page.contains(".SH EXAMPLES\n.TP\n.B nixcache"), "{name}");
-            assert!(page.contains(".SH \"EXIT STATUS\""), "{name}");
-            assert!(page.contains(&format!("\"nixcache {}\"", env!("CARGO_PKG_VERSION"))), "{name}: footer");
-            match name.as_str() {
-                "nixcache-push.1" => {
-                    assert!(
-                        page.contains("xz|bzip2|zstd|none") && page.contains("\\-\\-key\\-file"),
-                        "{page}"
-                    )
-                }
-                "nixcache-gc.1" => assert!(page.contains("THE RECORD GC READS")),
-                "nixcache-verify.1" => assert!(page.contains("1 when problems were found")),
-                _ => {}
-            }
-        }
-    }
-
-    /// Regenerate with `NIXCACHE_UPDATE_MAN=1 cargo test man_pages`.
-    #[test]
-    fn man_pages_are_current() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("man");
-        let pages = man_pages();
-        if std::env::var_os("NIXCACHE_UPDATE_MAN").is_some() {
-            std::fs::create_dir_all(&dir).unwrap();
-            for (name, text) in &pages {
-                std::fs::write(dir.join(name), text).unwrap();
-            }
-        }
-        let mut names: Vec<&str> = pages.iter().map(|(n, _)| n.as_str()).collect();
-        names.sort();
-        assert_eq!(
-            names,
-            [
-                "nixcache-completions.1",
-                "nixcache-gc.1",
-                "nixcache-keygen.1",
-                "nixcache-push.1",
-                "nixcache-serve.1",
-                "nixcache-sign.1",
-                "nixcache-verify.1",
-                "nixcache.1"
-            ]
-        );
-        for (name, text) in &pages {
-            let on_disk = std::fs::read(dir.join(name)).unwrap_or_default();
-            assert!(
-                on_disk == *text,
-                "man/{name} is stale: run NIXCACHE_UPDATE_MAN=1 cargo test man_pages, and commit man/"
-            );
-        }
-        let mut listed: Vec<String> =
-            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-        listed.sort();
-        assert_eq!(listed, names, "man/ has pages for commands that are gone");
     }
 }
