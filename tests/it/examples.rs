@@ -107,7 +107,14 @@ fn install_puts_nixcache_where_the_hardened_units_run_it() {
     ok(Command::new(prefix.join("bin/nixcache")).arg("--version"));
     let pages = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/man")).unwrap().count();
     assert_eq!(std::fs::read_dir(prefix.join("share/man/man1")).unwrap().count(), pages);
+    // The pages point to the guide installed beside them, not to a source tree's README.
+    let page = std::fs::read_to_string(prefix.join("share/man/man1/nixcache-push.1")).unwrap();
+    assert!(page.contains("share/doc/nixcache") && page.contains(".SH ENVIRONMENT"), "{page}");
+    assert!(!page.contains("(see README)"), "{page}");
     for c in [
+        "share/doc/nixcache/README.md",
+        "share/doc/nixcache/examples/systemd/nixcache-spool.service",
+        "share/doc/nixcache/examples/push-spool.sh",
         "share/bash-completion/completions/nixcache",
         "share/zsh/site-functions/_nixcache",
         "share/fish/vendor_completions.d/nixcache.fish",
@@ -122,12 +129,14 @@ fn install_puts_nixcache_where_the_hardened_units_run_it() {
         "nixcache-gc.timer",
         "nixcache-serve.socket",
         "nixcache-serve.service",
+        "nixcache-spool.service",
+        "nixcache-spool.path",
+        "nixcache-spool.timer",
     ];
-    let installed = prefix.join("bin/nixcache");
     for name in units {
         let text = std::fs::read_to_string(format!("{EXAMPLES}/systemd/{name}"))
             .unwrap()
-            .replace("/usr/local/bin/nixcache", installed.to_str().unwrap());
+            .replace("/usr/local/", &format!("{}/", prefix.display()));
         std::fs::write(t.path().join(name), text).unwrap();
     }
     let out = Command::new("systemd-analyze")
@@ -139,9 +148,12 @@ fn install_puts_nixcache_where_the_hardened_units_run_it() {
     assert!(out.status.success() && !err.contains("nixcache"), "systemd-analyze verify:\n{err}");
     // Hardened: systemd's own review rates each service at most 3.0 ("OK"), the server at
     // most 2.0.
-    for (name, most) in
-        [("nixcache-push.service", 3.0), ("nixcache-gc.service", 3.0), ("nixcache-serve.service", 2.0)]
-    {
+    for (name, most) in [
+        ("nixcache-push.service", 3.0),
+        ("nixcache-gc.service", 3.0),
+        ("nixcache-spool.service", 3.0),
+        ("nixcache-serve.service", 2.0),
+    ] {
         let out = ok(Command::new("systemd-analyze")
             .args(["security", "--offline=yes"])
             .arg(format!("{EXAMPLES}/systemd/{name}"))
@@ -172,15 +184,12 @@ fn an_unprivileged_user_that_can_write_only_the_cache_pushes() {
         ok(Command::new("chown").args(["65534:65534"]).arg(p));
     }
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--"])
-        .arg(env!("CARGO_BIN_EXE_nixcache"))
+    let out = as_nobody(env!("CARGO_BIN_EXE_nixcache"))
         .args(["push", "--metadata", "db", "-k"])
         .arg(&key)
         .arg("--dest")
         .arg(&cache)
         .arg(&f.top)
-        .env("NIX_CONFIG", "substituters =")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
@@ -319,50 +328,108 @@ fn completions_load_in_bash() {
 }
 
 #[test]
-fn post_build_hook_queues_builds_and_the_timer_pushes_them() {
+fn post_build_hook_queues_builds_and_the_drain_pushes_them_as_the_units_user_losing_nothing() {
     let t = tmp();
+    std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let spool = t.path().join("spool");
+    let cache = t.path().join("cache");
+    let key = t.path().join("cache.sec");
     std::fs::create_dir(&spool).unwrap();
+    std::fs::create_dir(&cache).unwrap();
+    std::fs::copy(SECRET, &key).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    for p in [&spool, &cache, &key] {
+        ok(Command::new("chown").args(["65534:65534"]).arg(p));
+    }
     let hook = format!("{EXAMPLES}/post-build-hook.sh");
     let config = format!("substituters =\nexperimental-features = nix-command\npost-build-hook = {hook}\n");
     let salt = format!("hook-{}-{:?}", std::process::id(), std::time::SystemTime::now());
-    let build = |spool: &Path| {
-        let out = nix_cmd("nix-build")
+    let build = |salt: &str, spool: &Path| {
+        nix_cmd("nix-build")
             .args([concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures.nix"), "--no-out-link"])
-            .args(["--argstr", "salt", &salt])
+            .args(["--argstr", "salt", salt])
             .env("NIX_CONFIG", &config)
             .env("NIXCACHE_SPOOL", spool)
             .output()
-            .unwrap();
-        assert!(out.status.success(), "the build failed: {}", stderr(&out));
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+            .unwrap()
     };
-    let top = build(&spool);
-    // Every build is queued (Nix 2.8 gives the derivation, not OUT_PATHS).
+    let out = build(&salt, &spool);
+    assert!(out.status.success(), "the build failed: {}", stderr(&out));
+    let top = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    // Every build is queued (Nix 2.8 gives the derivation, not OUT_PATHS); and a path that
+    // was garbage-collected since.
+    let gone = "/nix/store/00000000000000000000000000000000-collected-since";
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(spool.join("queue"))
+        .unwrap()
+        .write_all(format!("{gone}\n").as_bytes())
+        .unwrap();
     let queued = std::fs::read_to_string(spool.join("queue")).unwrap();
-    let drvs = queued.lines().filter(|l| l.ends_with(".drv")).count();
-    assert!(drvs >= 6, "{queued}");
-    // The timer's push drains the queue into the cache, signed.
-    let cache = t.path().join("cache");
-    ok(Command::new(format!("{EXAMPLES}/push-spool.sh"))
-        .arg(&cache)
-        .args(["-q", "--secret-key", SECRET])
-        .env("NIXCACHE_SPOOL", &spool)
-        .env("NIXCACHE", env!("CARGO_BIN_EXE_nixcache")));
-    assert!(!spool.join("queue").exists(), "the queue was not emptied");
+    assert!(queued.lines().filter(|l| l.ends_with(".drv")).count() >= 6, "{queued}");
+
+    // A push that fails in the middle (after writing some of the batch; a build queues
+    // another path meanwhile): nothing queued is lost, and the drain says it failed.
+    let wrapper = t.path().join("failing-nixcache");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n{} \"$@\"\necho /nix/store/11111111111111111111111111111111-built-meanwhile >> {}/queue\necho 'error: the disk went away' >&2\nexit 1\n",
+            env!("CARGO_BIN_EXE_nixcache"),
+            spool.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let drain = |nixcache: &Path| {
+        as_nobody(format!("{EXAMPLES}/push-spool.sh"))
+            .arg(&cache)
+            .args(["-q", "--secret-key"])
+            .arg(&key)
+            .env("NIXCACHE_SPOOL", &spool)
+            .env("NIXCACHE", nixcache)
+            .output()
+            .unwrap()
+    };
+    let out = drain(&wrapper);
+    assert!(!out.status.success(), "a failed push was taken for success: {}", stderr(&out));
+    assert!(stderr(&out).contains("the push failed"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no longer in the store (garbage-collected since they were built): 1 of"),
+        "{}",
+        stderr(&out)
+    );
+    let kept = std::fs::read_to_string(spool.join("batch")).unwrap();
+    for line in queued.lines() {
+        assert!(kept.lines().any(|l| l == line), "{line} was dropped from the batch:\n{kept}");
+    }
+    assert!(std::fs::read_to_string(spool.join("queue")).unwrap().contains("built-meanwhile"));
+
+    // The next drain pushes the batch and what was queued meanwhile, as that user.
+    let out = drain(Path::new(env!("CARGO_BIN_EXE_nixcache")));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no longer in the store (garbage-collected since they were built): 2 of"),
+        "{}",
+        stderr(&out)
+    );
+    let mut left: Vec<_> = std::fs::read_dir(&spool).unwrap().map(|e| e.unwrap().file_name()).collect();
+    left.retain(|n| n != ".lock");
+    assert!(left.is_empty(), "left in the spool: {left:?}");
     assert!(cache.join(format!("{}.narinfo", hash_part(&top))).exists(), "the top output was not pushed");
-    assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0, "batch files left in the spool");
     restore(&file_url(&cache), &t.path().join("root"), &[&top]);
-    // A hook that cannot write its spool never fails the build.
-    let salt2 = format!("{salt}-again");
-    let out = nix_cmd("nix-build")
-        .args([concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures.nix"), "--no-out-link"])
-        .args(["--argstr", "salt", &salt2])
-        .env("NIX_CONFIG", &config)
-        .env("NIXCACHE_SPOOL", "/proc/no-such-spool")
+
+    // A hook that cannot write its spool never fails the build, and says so in its log.
+    let out = build(&format!("{salt}-again"), Path::new("/proc/no-such-spool"));
+    assert!(out.status.success(), "a failing spool failed the build: {}", stderr(&out));
+    assert!(stderr(&out).contains("this build will not be pushed"), "{}", stderr(&out));
+    // A drain whose spool is missing fails, saying so.
+    let out = as_nobody(format!("{EXAMPLES}/push-spool.sh"))
+        .arg(&cache)
+        .env("NIXCACHE_SPOOL", t.path().join("no-spool"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "a failing spool failed the build: {}", stderr(&out));
+    assert!(!out.status.success() && stderr(&out).contains("does not exist"), "{}", stderr(&out));
 }
 
 #[test]
@@ -387,6 +454,7 @@ fn demo_leaves_a_usable_cache_and_keys_and_nothing_else() {
         format!("the cache        {}", dest.display()),
         format!("substituters = file://{}", dest.display()),
         format!("trusted-public-keys = {}", public.trim()),
+        format!("serve --dest {} --listen :5000", dest.display()),
     ] {
         assert!(first.contains(&line), "{line}\n{first}");
     }
