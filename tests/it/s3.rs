@@ -1635,11 +1635,16 @@ fn start_upload(s: &Server, key: &str) {
 }
 
 /// Puts `data` at `key` (under the server's test prefix), signed by curl; `key` may hold
-/// percent-escapes.
+/// percent-escapes. The payload's hash goes in `x-amz-content-sha256`, signed: Garage
+/// answers 400 without it, and curl before 8.x does not send it.
 fn put_object(s: &Server, key: &str, data: &Path) {
+    use sha2::Digest;
+    let hash = sha2::Sha256::digest(std::fs::read(data).unwrap());
+    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
     let out = Command::new("curl")
         .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT", "--upload-file"])
         .arg(data)
+        .args(["-H", &format!("x-amz-content-sha256: {hex}")])
         .args(["--aws-sigv4", &format!("aws:amz:{}:s3", s.region)])
         .args(["--user", &format!("{}:{}", s.key, s.secret)])
         .arg(format!("{}/{}/{}{key}", s.endpoint, s.bucket, s.run))
