@@ -214,14 +214,23 @@ impl Cache {
 
     /// Takes the writers' lock, waiting for another writer to finish. `on_wait` runs once if
     /// the lock is held by someone else. A bucket has no lock.
-    pub fn lock(&mut self, mut on_wait: impl FnMut()) -> Result<(), CacheError> {
-        Ok(self.backend.lock(false, &mut on_wait)?)
+    pub fn lock(&mut self, on_wait: impl FnMut(Option<&str>)) -> Result<(), CacheError> {
+        self.lock_within(None, on_wait)
+    }
+
+    /// [`Cache::lock`], giving up with [`StorageError::LockTimeout`] after `wait`.
+    pub fn lock_within(
+        &mut self,
+        wait: Option<std::time::Duration>,
+        mut on_wait: impl FnMut(Option<&str>),
+    ) -> Result<(), CacheError> {
+        Ok(self.backend.lock(false, wait, &mut on_wait)?)
     }
 
     /// Takes the lock shared, for readers, when the lock file exists and can be opened:
     /// a reader then waits for a writer to finish.
-    pub fn lock_shared(&mut self, mut on_wait: impl FnMut()) -> Result<(), CacheError> {
-        Ok(self.backend.lock(true, &mut on_wait)?)
+    pub fn lock_shared(&mut self, mut on_wait: impl FnMut(Option<&str>)) -> Result<(), CacheError> {
+        Ok(self.backend.lock(true, None, &mut on_wait)?)
     }
 
     /// Whether writers exclude each other (a directory's lock).

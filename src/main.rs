@@ -37,7 +37,7 @@ fn main() -> ExitCode {
                 .map_err(|e| anyhow::Error::new(e).context("cannot write the completion script"))
         }
     };
-    match result {
+    let code = match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) if e.downcast_ref::<cmd::Usage>().is_some() => {
@@ -54,5 +54,8 @@ fn main() -> ExitCode {
             nixcache::elog!("error: {}", nixcache::error_chain(e.as_ref()));
             ExitCode::from(1)
         }
-    }
+    };
+    // serve's last lines, if stderr takes them soon; a stuck log reader does not hold the exit.
+    nixcache::progress::drain_background(std::time::Duration::from_secs(2));
+    code
 }

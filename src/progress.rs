@@ -15,9 +15,83 @@ pub fn plural(n: usize, noun: &str) -> String {
 
 /// Writes a line to stderr. A failed write (a full disk under `2>log`, a closed pipe, a
 /// journal that went away) is ignored: a log line is never worth a panic, and the exit
-/// status still tells the outcome.
+/// status still tells the outcome. Once [`write_in_background`] was called, the line is
+/// queued instead, and never waits for stderr.
 pub fn eprint(line: &str) {
-    let _ = writeln!(io::stderr().lock(), "{line}");
+    match BACKGROUND.get() {
+        Some(b) => b.send(line),
+        None => {
+            let _ = writeln!(io::stderr().lock(), "{line}");
+        }
+    }
+}
+
+/// Lines waiting for stderr in the background, at most [`Background::CAPACITY`].
+struct Background {
+    tx: std::sync::mpsc::SyncSender<String>,
+    /// Lines queued and not yet written.
+    pending: std::sync::atomic::AtomicUsize,
+    /// Lines dropped since the last written, the queue being full.
+    dropped: AtomicU64,
+}
+
+static BACKGROUND: std::sync::OnceLock<Background> = std::sync::OnceLock::new();
+
+impl Background {
+    /// About 1 MiB of lines: a server whose stderr nobody reads holds no more.
+    const CAPACITY: usize = 8192;
+
+    fn send(&self, line: &str) {
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        if self.tx.try_send(line.to_owned()).is_err() {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// From now on, [`eprint`] (and so `elog!`) queues its lines for a thread of their own that
+/// writes them, so that nothing but that thread ever waits for stderr: a server whose log
+/// reader is stuck, or whose terminal is paused, goes on answering and stops when told. At
+/// most [`Background::CAPACITY`] lines wait; past that they are counted, and the count is
+/// said once stderr takes lines again.
+pub fn write_in_background() {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<String>(Background::CAPACITY);
+    let background = Background { tx, pending: Default::default(), dropped: AtomicU64::new(0) };
+    if BACKGROUND.set(background).is_err() {
+        return;
+    }
+    let _ = std::thread::Builder::new().name("nixcache-log".into()).spawn(move || {
+        let b = BACKGROUND.get().expect("set above");
+        let mut out = io::BufWriter::new(io::stderr());
+        while let Ok(line) = rx.recv() {
+            let mut next = Some(line);
+            while let Some(line) = next {
+                let dropped = b.dropped.swap(0, Ordering::Relaxed);
+                if dropped > 0 {
+                    let _ = writeln!(
+                        out,
+                        "warning: {} dropped: stderr was not read",
+                        plural(dropped as usize, "log line")
+                    );
+                }
+                let _ = writeln!(out, "{line}");
+                b.pending.fetch_sub(1, Ordering::SeqCst);
+                next = rx.try_recv().ok();
+            }
+            let _ = out.flush();
+        }
+    });
+}
+
+/// Waits up to `limit` for the lines queued by [`write_in_background`] to be written (at
+/// exit, when stderr moves); never longer.
+pub fn drain_background(limit: Duration) {
+    let Some(b) = BACKGROUND.get() else { return };
+    let end = Instant::now() + limit;
+    while b.pending.load(Ordering::SeqCst) > 0 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Writes a line to stdout, ignoring a failed write as [`eprint`] does.

@@ -212,6 +212,10 @@ pub struct PushArgs {
     pub no_skip: bool,
     #[command(flatten)]
     pub store: StoreArgs,
+    /// Give up when another writer has held the cache's lock this long (90s, 30m) [default:
+    /// wait as long as it takes, saying so]. A directory's only: a bucket has no lock.
+    #[arg(long, value_name = "DURATION", value_parser = crate::gc::parse_duration)]
+    pub lock_timeout: Option<std::time::Duration>,
     /// Print one JSON object on standard output at the end: what was done (see JSON OUTPUT
     /// in nixcache-push(1)); progress is not shown, warnings and errors still are.
     #[arg(long, conflicts_with = "dry_run")]
@@ -316,6 +320,10 @@ pub struct ServeArgs {
     /// Threads serving requests, and compressing each fill [default: all cores].
     #[arg(long, short = 'j', value_name = "N", value_parser = parse_jobs)]
     pub jobs: Option<NonZeroUsize>,
+    /// With --from-store: how long a fill waits for another writer's lock on the cache
+    /// before its clients are answered 503 with Retry-After (90s, 2m).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = crate::gc::parse_duration)]
+    pub lock_timeout: std::time::Duration,
     /// Close idle connections, slow request heads and clients that stop reading after this
     /// many seconds.
     #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = clap::value_parser!(u64).range(1..=86400))]
@@ -405,6 +413,10 @@ pub struct SignArgs {
     /// from downloading them again; see push).
     #[arg(long)]
     pub no_local_copies: bool,
+    /// Give up when another writer has held the cache's lock this long (90s, 30m) [default:
+    /// wait as long as it takes, saying so]. A directory's only: a bucket has no lock.
+    #[arg(long, value_name = "DURATION", value_parser = crate::gc::parse_duration)]
+    pub lock_timeout: Option<std::time::Duration>,
     /// Print one JSON object on standard output at the end: what was done (see JSON OUTPUT
     /// in nixcache-sign(1)).
     #[arg(long)]
@@ -435,6 +447,10 @@ pub struct GcArgs {
     /// this machine (see push), and keep none.
     #[arg(long)]
     pub no_local_copies: bool,
+    /// Give up when another writer has held the cache's lock this long (90s, 30m) [default:
+    /// wait as long as it takes, saying so]. A directory's only: a bucket has no lock.
+    #[arg(long, value_name = "DURATION", value_parser = crate::gc::parse_duration)]
+    pub lock_timeout: Option<std::time::Duration>,
     /// Print one JSON object on standard output at the end: what was done (see JSON OUTPUT
     /// in nixcache-gc(1)).
     #[arg(long)]

@@ -11,9 +11,9 @@ pub fn run(args: &GcArgs) -> anyhow::Result<bool> {
     super::check_dest(&args.dest, &[])?;
     let mut cache = Cache::open(&args.dest)?;
     super::require_cache_info(&cache)?;
-    cache.lock(|| {
+    cache.lock_within(args.lock_timeout, |who| {
         if !args.quiet {
-            crate::elog!("waiting for another nixcache writing to {} ...", args.dest);
+            super::say_waiting(&args.dest, who, args.lock_timeout);
         }
     })?;
     super::keep_copies(&cache, &args.dest, args.no_local_copies, args.quiet);

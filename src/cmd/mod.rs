@@ -67,6 +67,16 @@ fn real_path(p: &Path) -> PathBuf {
     }
 }
 
+/// Says that a writer waits for the cache's lock, and for whom.
+pub fn say_waiting(dest: &crate::storage::Dest, who: Option<&str>, limit: Option<std::time::Duration>) {
+    let who = who.map(|w| format!(", {w}")).unwrap_or_default();
+    let limit = match limit {
+        Some(l) => format!("giving up after {}s", l.as_secs()),
+        None => "--lock-timeout gives up after a while".into(),
+    };
+    crate::elog!("waiting for the lock of {dest}{who}: another nixcache (or a flock) is writing it; {limit}");
+}
+
 /// Fails, before anything is created, on a cache without `nix-cache-info`: not a cache (a
 /// typo in `--dest`), which gc would find empty and sign would have nothing to sign in.
 pub fn require_cache_info(cache: &crate::cache::Cache) -> anyhow::Result<()> {

@@ -229,9 +229,9 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
         (crate::storage::Dest::Bucket(_), Some(c)) => c,
         _ => Cache::create(args.dest_with_uploads())?,
     };
-    cache.lock(|| {
+    cache.lock_within(args.lock_timeout, |who| {
         if mode != Mode::Quiet {
-            crate::elog!("waiting for another nixcache writing to {} ...", args.dest);
+            super::say_waiting(&args.dest, who, args.lock_timeout);
         }
     })?;
     for p in cache.clean_temp_files()? {

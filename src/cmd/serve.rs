@@ -36,7 +36,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<bool> {
         public = keys.iter().map(|k| k.public_key().to_string()).collect();
         let level = args.compression.level(args.compression_level)?;
         let store = Store::open(&args.store.config()).context("cannot open the Nix store")?;
-        prepare(dir, &store, args.quiet)?;
+        prepare(dir, &store, args.quiet, args.lock_timeout)?;
         if !keys.is_empty() {
             sign_filled(dir, &args.secret_keys)?;
         }
@@ -51,7 +51,13 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<bool> {
             nar_listing: false,
             index_debug_info: false,
         };
-        let config = FillConfig { dest: dir.clone(), store: args.store.config(), policy, push };
+        let config = FillConfig {
+            dest: dir.clone(),
+            store: args.store.config(),
+            policy,
+            push,
+            lock_wait: args.lock_timeout,
+        };
         Some(Filler::new(config).context("cannot read the roots' closures from the Nix store")?)
     } else {
         let cache = Cache::inspect(dir.as_path())?;
@@ -101,6 +107,9 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<bool> {
         env!("CARGO_PKG_VERSION")
     );
 
+    // From here on no thread but the log's waits for stderr: a log reader that is stuck
+    // holds up neither a client nor shutdown.
+    crate::progress::write_in_background();
     let config = ServeConfig {
         dest: dir.clone(),
         listeners,
@@ -153,6 +162,7 @@ fn sign_filled(dir: &Path, keys: &[std::path::PathBuf]) -> anyhow::Result<()> {
             no_local_copies: true,
             json: false,
             json_paths: false,
+            lock_timeout: None,
             quiet: true,
         };
         if !super::sign::run(&args)? {
@@ -232,11 +242,11 @@ fn raise_open_files_limit() {
 
 /// Makes `dir` a cache for this store: created, cleared of what a killed fill left,
 /// `nix-cache-info` written.
-fn prepare(dir: &Path, store: &Store, quiet: bool) -> anyhow::Result<()> {
+fn prepare(dir: &Path, store: &Store, quiet: bool, lock_timeout: Duration) -> anyhow::Result<()> {
     let mut cache = Cache::create(dir)?;
-    cache.lock(|| {
+    cache.lock_within(Some(lock_timeout), |who| {
         if !quiet {
-            crate::elog!("waiting for another nixcache writing to {} ...", dir.display());
+            super::say_waiting(&Dest::Dir(dir.to_owned()), who, Some(lock_timeout));
         }
     })?;
     for p in cache.clean_temp_files()? {

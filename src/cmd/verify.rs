@@ -26,7 +26,7 @@ fn run_inner(args: &VerifyArgs) -> anyhow::Result<VerifyReport> {
     super::check_dest(&args.dest, &[])?;
     let mut cache = Cache::inspect(&args.dest)?;
     let mode = Mode::detect(args.quiet || args.json);
-    cache.lock_shared(|| {
+    cache.lock_shared(|_| {
         if mode != Mode::Quiet {
             crate::elog!("waiting for a writer of {} to finish ...", args.dest);
         }

@@ -36,6 +36,9 @@ pub struct FillConfig {
     pub store: StoreConfig,
     pub policy: Policy,
     pub push: PushOptions,
+    /// How long a fill waits for another writer of the cache (a push, gc, sign, or anyone
+    /// holding the lock) before its clients are told to come back later.
+    pub lock_wait: std::time::Duration,
 }
 
 /// Why a fill did not happen or did not finish.
@@ -47,6 +50,9 @@ pub enum FillError {
     Cache(#[from] CacheError),
     #[error("{failed} of {paths} paths of the closure of {path} were not published; first: {first}")]
     Push { path: String, paths: usize, failed: usize, first: String },
+    /// The cache's lock was held past [`FillConfig::lock_wait`]: try again later (503).
+    #[error(transparent)]
+    Busy(CacheError),
 }
 
 /// What a fill did.
@@ -126,7 +132,10 @@ impl Filler {
         }
         let infos = store.closure(std::slice::from_ref(&p), false)?;
         let mut cache = Cache::open(self.config.dest.as_path())?;
-        cache.lock(|| {})?;
+        cache.lock_within(Some(self.config.lock_wait), |_| {}).map_err(|e| match e {
+            CacheError::Storage(crate::storage::StorageError::LockTimeout { .. }) => FillError::Busy(e),
+            e => FillError::Cache(e),
+        })?;
         let hashes: Vec<&str> = infos.iter().map(|i| i.path.hash_part()).collect();
         cache.record_push(&hashes)?;
         cache.prepare_lookups(infos.len())?;

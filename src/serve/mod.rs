@@ -16,8 +16,10 @@
 //! included), idle connections are closed, and [`run`] returns.
 
 mod access_log;
+mod chunks;
 pub mod files;
 pub mod fill;
+mod trim;
 
 use access_log::Logger;
 
@@ -48,9 +50,6 @@ use fill::{Filled, Filler};
 
 /// The largest request head (request line and headers) read; a larger one is answered 431.
 pub const MAX_HEAD: usize = 16 << 10;
-
-/// Bytes of a file sent per chunk.
-const CHUNK: u64 = 256 << 10;
 
 /// Files up to this size are read whole when opened.
 const SMALL: u64 = 64 << 10;
@@ -93,7 +92,18 @@ struct Shared {
 }
 
 /// What a fill came to: whether the narinfo is there now, or why it failed.
-type FillOutcome = Result<bool, Arc<str>>;
+type FillOutcome = Result<bool, FillFailure>;
+
+/// Why a fill failed, for the answer.
+#[derive(Clone, Debug)]
+struct FillFailure {
+    /// Another writer held the cache's lock too long: 503, come back later.
+    busy: bool,
+    message: Arc<str>,
+}
+
+/// Seconds a client is told to wait after a fill found the cache's lock held.
+const RETRY_AFTER: &str = "10";
 
 /// Serves until SIGTERM or SIGINT; `ready` runs once the listeners accept.
 ///
@@ -150,6 +160,7 @@ pub fn run(config: ServeConfig, ready: impl FnOnce()) -> Result<(), ServeError> 
         });
         workers.push(worker.map_err(ServeError::Start)?);
     }
+    let trimmer = trim::start();
     ready();
     main.block_on(async {
         tokio::select! {
@@ -158,6 +169,7 @@ pub fn run(config: ServeConfig, ready: impl FnOnce()) -> Result<(), ServeError> 
         }
     });
     let _ = stop_tx.send(true);
+    drop(trimmer);
     let mut result = Ok(());
     for w in workers {
         match w.join() {
@@ -209,8 +221,10 @@ async fn accept(
             .max_buf_size(MAX_HEAD)
             .serve_connection(TokioIo::new(WriteTimeout::new(stream, timeout)), service);
         let conn = graceful.watch(conn);
+        let open = trim::Connection::opened();
         tokio::spawn(async move {
             let _ = conn.await;
+            drop(open);
         });
     }
 }
@@ -218,7 +232,7 @@ async fn accept(
 /// Answers one request.
 async fn handle(shared: &Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let access = shared.log.as_ref().map(|log| Access {
-        log: log.clone(),
+        log: *log,
         peer,
         method: req.method().clone(),
         path: req.uri().path().to_owned(),
@@ -260,8 +274,18 @@ async fn answer(shared: &Arc<Shared>, req: &Request<Incoming>) -> Response<Body>
             Err(e) => unreadable(shared, &target, e),
         },
         Ok(false) => not_found(),
+        Err(e) if e.busy => {
+            let mut r = status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("cannot fill {} now: {}\n", target.rel, e.message),
+            );
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER));
+            r
+        }
         // Nix retries a 500; a 404 it would remember for an hour.
-        Err(e) => status(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot fill {}: {e}\n", target.rel)),
+        Err(e) => {
+            status(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot fill {}: {}\n", target.rel, e.message))
+        }
     }
 }
 
@@ -288,27 +312,33 @@ async fn fill(shared: &Arc<Shared>, filler: &Arc<Filler>, hash: &str) -> FillOut
                 // On a thread of its own, not tied to the request: a client that goes away
                 // does not stop a fill others wait for.
                 tokio::task::spawn_blocking(move || {
-                    let outcome = match filler.fill(&hash) {
+                    // The waiters are told first: nothing a client waits for waits on a log
+                    // line (the log never blocks, but it comes second all the same).
+                    let (outcome, line) = match filler.fill(&hash) {
                         Ok(Filled::Pushed { path, paths, pushed, nar_bytes, file_bytes, seconds }) => {
-                            if pushed > 0 {
-                                crate::elog!(
+                            let line = (pushed > 0).then(|| {
+                                format!(
                                     "filled {path}: {pushed} of {} pushed, {} NAR -> {} in {seconds:.2}s",
                                     crate::progress::plural(paths, "path"),
                                     crate::progress::bytes(nar_bytes),
                                     crate::progress::bytes(file_bytes),
-                                );
-                            }
-                            Ok(true)
+                                )
+                            });
+                            (Ok(true), line)
                         }
-                        Ok(Filled::NotServed(_)) => Ok(false),
+                        Ok(Filled::NotServed(_)) => (Ok(false), None),
                         Err(e) => {
+                            let busy = matches!(e, fill::FillError::Busy(_));
                             let e = crate::error_chain(&e);
-                            crate::elog!("error: cannot fill {hash}: {e}");
-                            Err(Arc::from(e))
+                            let line = format!("error: cannot fill {hash}: {e}");
+                            (Err(FillFailure { busy, message: Arc::from(e) }), Some(line))
                         }
                     };
                     shared.fills.lock().unwrap_or_else(|e| e.into_inner()).remove(&hash);
                     let _ = tx.send(Some(outcome));
+                    if let Some(line) = line {
+                        crate::elog!("{line}");
+                    }
                 });
                 rx
             }
@@ -316,7 +346,7 @@ async fn fill(shared: &Arc<Shared>, filler: &Arc<Filler>, hash: &str) -> FillOut
     };
     match rx.wait_for(Option::is_some).await {
         Ok(v) => v.clone().expect("waited for a value"),
-        Err(_) => Err(Arc::from("the fill ended without an outcome")),
+        Err(_) => Err(FillFailure { busy: false, message: Arc::from("the fill ended without an outcome") }),
     }
 }
 
@@ -382,7 +412,7 @@ fn file_response(
             Err(e) => Body::failed(e),
         }
     } else {
-        Body::file(file, start, len)
+        Body::file(file, chunks::FileId::of(&meta), start, len)
     };
     builder.body(body).expect("valid response")
 }
@@ -398,7 +428,7 @@ pub struct Body {
 enum Inner {
     Empty,
     Bytes(Option<Bytes>),
-    File { file: std::fs::File, offset: u64, remaining: u64 },
+    File { file: std::fs::File, id: chunks::FileId, offset: u64, remaining: u64 },
     Failed(Option<io::Error>),
 }
 
@@ -412,8 +442,8 @@ impl Body {
     fn bytes(b: Bytes) -> Body {
         Body::new(Inner::Bytes(Some(b)))
     }
-    fn file(file: std::fs::File, offset: u64, remaining: u64) -> Body {
-        Body::new(Inner::File { file, offset, remaining })
+    fn file(file: std::fs::File, id: chunks::FileId, offset: u64, remaining: u64) -> Body {
+        Body::new(Inner::File { file, id, offset, remaining })
     }
     fn failed(e: io::Error) -> Body {
         Body::new(Inner::Failed(Some(e)))
@@ -434,21 +464,12 @@ impl hyper::body::Body for Body {
             Inner::Bytes(b) => b.take().map(Ok),
             Inner::Failed(e) => e.take().map(Err),
             Inner::File { remaining: 0, .. } => None,
-            Inner::File { file, offset, remaining } => {
-                let mut buf = vec![0; CHUNK.min(*remaining) as usize];
-                Some(match file.read_at(&mut buf, *offset) {
-                    // Shrunk under us: end the response short, so the client sees it failed.
-                    Ok(0) => {
-                        Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file shrank while it was sent"))
-                    }
-                    Ok(n) => {
-                        buf.truncate(n);
-                        *offset += n as u64;
-                        *remaining -= n as u64;
-                        Ok(Bytes::from(buf))
-                    }
-                    Err(e) => Err(e),
-                })
+            // Shrunk under us: the error ends the response short, so the client sees it failed.
+            Inner::File { file, id, offset, remaining } => {
+                Some(chunks::next(file, *id, *offset, *remaining).inspect(|b| {
+                    *offset += b.len() as u64;
+                    *remaining -= b.len() as u64;
+                }))
             }
         };
         if let Some(Ok(b)) = &chunk {

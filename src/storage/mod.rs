@@ -108,6 +108,11 @@ pub enum StorageError {
     )]
     NotWritable { dir: PathBuf, source: io::Error },
     #[error(
+        "another process has held {} for more than {}s{}: a push, gc or sign runs, or someone holds the lock (`flock`); try again later",
+        path.display(), waited.as_secs(), holders.as_deref().map(|h| format!(" ({h})")).unwrap_or_default()
+    )]
+    LockTimeout { path: PathBuf, waited: std::time::Duration, holders: Option<String> },
+    #[error(
         "{} is a {kind}; a cache's {} must be a real directory (nixcache never follows links inside a cache): replace it with a directory",
         path.display(), SUBDIRS.join("/, ") + "/"
     )]
@@ -230,8 +235,14 @@ pub trait Backend: Send + Sync {
     fn create_subdir(&self, sub: &'static str) -> Result<(), StorageError>;
 
     /// Takes the writers' lock (or, `shared`, waits for writers), calling `on_wait` once if
-    /// someone else holds it. A bucket has none.
-    fn lock(&mut self, shared: bool, on_wait: &mut dyn FnMut()) -> Result<(), StorageError>;
+    /// someone else holds it (with who, where that can be seen), and failing with [`StorageError::LockTimeout`] once it has
+    /// waited `wait` (None: as long as it takes). A bucket has none.
+    fn lock(
+        &mut self,
+        shared: bool,
+        wait: Option<std::time::Duration>,
+        on_wait: &mut dyn FnMut(Option<&str>),
+    ) -> Result<(), StorageError>;
 
     /// Whether writers exclude each other: then a writer may remove every temporary file it
     /// finds, since no other writer is running.

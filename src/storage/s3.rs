@@ -1155,7 +1155,12 @@ impl Backend for S3Backend {
         Ok(())
     }
 
-    fn lock(&mut self, _: bool, _: &mut dyn FnMut()) -> Result<(), StorageError> {
+    fn lock(
+        &mut self,
+        _: bool,
+        _: Option<std::time::Duration>,
+        _: &mut dyn FnMut(Option<&str>),
+    ) -> Result<(), StorageError> {
         Ok(())
     }
 

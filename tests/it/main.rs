@@ -16,4 +16,5 @@ mod partial;
 mod push;
 mod s3;
 mod serve;
+mod serve_hostile;
 mod trust;

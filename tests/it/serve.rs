@@ -85,6 +85,11 @@ impl Server {
         false
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGTERM, then the exit status.
     pub fn term(&mut self) -> ExitStatus {
         signal(&self.child, rustix::process::Signal::TERM);

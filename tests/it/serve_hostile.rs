@@ -1,0 +1,272 @@
+//! `nixcache serve` under hostile and unlucky clients: thousands of readers that stop
+//! reading, a stderr nobody reads, a lock someone else holds. Loopback only, bounded in count
+//! and time.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::helpers::*;
+use crate::serve::{Server, get};
+
+/// The resident memory of `pid`, in KiB (`VmRSS` in /proc/PID/status).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// One path of `mib` MiB of random bytes (a NAR that compresses to itself).
+fn random_path(salt: &str, mib: u32) -> String {
+    let expr = format!(
+        r#"derivation {{ name = "random-{mib}m"; salt = "{salt}"; system = builtins.currentSystem; builder = "/bin/sh"; PATH = "/usr/bin:/bin"; args = [ "-c" "head -c {} /dev/urandom > $out" ]; }}"#,
+        u64::from(mib) << 20
+    );
+    ok(nix_cmd("nix-build").args(["--no-out-link", "--expr", &expr])).trim().to_owned()
+}
+
+/// A client that asks for `path` and never reads: a socket with a 4 KiB receive buffer.
+fn stalled_client(addr: SocketAddr, path: &str) -> TcpStream {
+    use rustix::net::{AddressFamily, SocketType, connect, socket, sockopt};
+    let fd = socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+    sockopt::set_socket_recv_buffer_size(&fd, 4096).unwrap();
+    connect(&fd, &addr).unwrap();
+    let mut s = TcpStream::from(fd);
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    s
+}
+
+/// Opens as many files as the hard limit allows (3,000 clients need 3,000 sockets here).
+fn raise_open_files() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut l = getrlimit(Resource::Nofile);
+    l.current = l.maximum;
+    setrlimit(Resource::Nofile, l).unwrap();
+}
+
+#[test]
+fn three_thousand_stalled_readers_cost_little_memory_and_it_is_given_back() {
+    raise_open_files();
+    let t = tmp();
+    let cache = t.path().join("cache");
+    let nar_path = random_path("stalled", 14);
+    ok(nixcache().args(["push", "-q", "-c", "none", "--dest"]).arg(&cache).arg(&nar_path));
+    let nar = format!("/{}", narinfo(&cache, &nar_path).url);
+    let mut server = Server::start(&[std::ffi::OsStr::new("-q"), "--dest".as_ref(), cache.as_os_str()]);
+    let pid = server.pid();
+    // A well-behaved client first, so idle counts what serving costs.
+    assert_eq!(get(server.addr, &nar).body.len() as u64, narinfo(&cache, &nar_path).nar_size);
+    std::thread::sleep(Duration::from_secs(3));
+    let idle = rss_kib(pid);
+    let clients: Vec<TcpStream> = (0..3000).map(|_| stalled_client(server.addr, &nar)).collect();
+    // Every one of them answered and stalled: the server holds what it holds for them now.
+    std::thread::sleep(Duration::from_secs(5));
+    let during = rss_kib(pid);
+    // Still serving others meanwhile.
+    assert_eq!(get(server.addr, "/nix-cache-info").status, 200);
+    drop(clients);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut after = rss_kib(pid);
+    while after > 2 * idle && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        after = rss_kib(pid);
+    }
+    eprintln!("RSS idle {idle} KiB, 3,000 stalled readers {during} KiB, after {after} KiB");
+    assert!(during <= 64 << 10, "3,000 stalled readers took RSS to {during} KiB (idle {idle})");
+    assert!(after <= 2 * idle, "RSS {after} KiB after the readers were cut off, idle {idle}");
+    server.term();
+}
+
+/// `nixcache serve` whose stderr is a pipe this test holds and does not read.
+struct Muted {
+    child: Child,
+    addr: SocketAddr,
+    stderr: Option<std::process::ChildStderr>,
+}
+
+impl Muted {
+    fn start(args: &[&std::ffi::OsStr]) -> Muted {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut child = nixcache()
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "serve did not start");
+            assert!(child.try_wait().unwrap().is_none(), "serve exited");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let stderr = child.stderr.take();
+        Muted { child, addr, stderr }
+    }
+
+    /// `n` requests for `path` on one kept-alive connection.
+    fn flood(&self, path: &str, n: usize) {
+        let mut s = TcpStream::connect(self.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut reader = BufReader::new(s.try_clone().unwrap());
+        for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
+            s.write_all(request.repeat(chunk.len()).as_bytes()).unwrap();
+            for _ in chunk {
+                let mut len = 0;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                let mut body = vec![0; len];
+                reader.read_exact(&mut body).unwrap();
+            }
+        }
+    }
+
+    /// SIGTERM; the exit status once it came, and how long it took.
+    fn term(&mut self) -> (std::process::ExitStatus, Duration) {
+        let started = Instant::now();
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        let deadline = started + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, started.elapsed());
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("serve did not stop within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Muted {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_stderr_nobody_reads_holds_up_neither_a_fill_nor_shutdown_and_its_queue_is_bounded() {
+    let f = fixtures();
+    let t = tmp();
+    let cache = t.path().join("lazy");
+    let mut server = Muted::start(&[
+        "--dest".as_ref(),
+        cache.as_os_str(),
+        "--from-store".as_ref(),
+        "--roots".as_ref(),
+        f.top.as_ref(),
+        "-k".as_ref(),
+        SECRET.as_ref(),
+    ]);
+    // Enough access lines to fill the pipe many times over (64 KiB holds about 800).
+    server.flood("/nix-cache-info", 5000);
+    let idle = rss_kib(server.child.id());
+    // A fill's client is answered, although the fill's log line cannot be written.
+    let started = Instant::now();
+    let a = get(server.addr, &format!("/{}.narinfo", hash_part(&f.top)));
+    assert_eq!(a.status, 200, "{a:?}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+    // The queue of lines is bounded: many more requests cost no more memory.
+    server.flood("/nix-cache-info", 50_000);
+    let more = rss_kib(server.child.id());
+    assert!(more < idle + (8 << 10), "RSS went from {idle} to {more} KiB with stderr blocked");
+    // SIGTERM stops it, stderr still blocked.
+    let (status, took) = server.term();
+    assert!(status.success(), "{status}");
+    assert!(took < Duration::from_secs(10), "SIGTERM took {took:?}");
+    // What the pipe held: the first lines; then a second server says what it dropped once
+    // stderr moves.
+    let mut server = Muted::start(&["--dest".as_ref(), cache.as_os_str()]);
+    server.flood("/nix-cache-info", 20_000);
+    let stderr = server.stderr.take().unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = lines.clone();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            kept.lock().unwrap().push(l);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let said = || lines.lock().unwrap().iter().find(|l| l.contains("log lines dropped")).cloned();
+    while said().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let said = said()
+        .unwrap_or_else(|| panic!("no count of dropped lines in {} lines", lines.lock().unwrap().len()));
+    assert!(said.starts_with("warning: ") && said.contains("stderr was not read"), "{said}");
+    let (status, took) = server.term();
+    assert!(status.success() && took < Duration::from_secs(10), "{status} after {took:?}");
+}
+
+#[test]
+fn a_lock_held_by_anyone_makes_fills_answer_503_and_writers_give_up_when_told() {
+    let f = fixtures();
+    let t = tmp();
+    let cache = t.path().join("lazy");
+    let mut server = Server::start(&[
+        "--dest".as_ref(),
+        cache.as_os_str(),
+        std::ffi::OsStr::new("--from-store"),
+        "--roots".as_ref(),
+        f.top.as_ref(),
+        "-k".as_ref(),
+        SECRET.as_ref(),
+        "--lock-timeout".as_ref(),
+        "2s".as_ref(),
+    ]);
+    // Any local user can hold the lock file shared (it is world-readable by design).
+    // -o: the lock is flock's own, not inherited by sleep, so killing flock lets it go.
+    let mut holder = std::process::Command::new("flock")
+        .args(["-s", "-o"])
+        .arg(cache.join(".nixcache.lock"))
+        .args(["sleep", "60"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let a = get(server.addr, &format!("/{}.narinfo", hash_part(&f.top)));
+    let waited = started.elapsed();
+    assert_eq!(a.status, 503, "{a:?}");
+    assert_eq!(a.header("retry-after"), Some("10"));
+    assert!(waited >= Duration::from_secs(2) && waited < Duration::from_secs(10), "{waited:?}");
+    assert!(
+        server.wait_for(10, |l| l.contains(&format!("held by pid {}", holder.id())) && l.contains("flock")),
+        "{:?}",
+        server.lines()
+    );
+    // push, gc and sign say they wait, and whom for; --lock-timeout makes them give up.
+    for args in [
+        vec!["push", "--lock-timeout", "1s", "--dest", cache.to_str().unwrap(), f.top.as_str()],
+        vec!["gc", "--lock-timeout", "1s", "--older-than", "1d", "--dest", cache.to_str().unwrap()],
+        vec!["sign", "--lock-timeout", "1s", "-k", SECRET, "--dest", cache.to_str().unwrap()],
+    ] {
+        let out = run_within(nixcache().args(&args), 30);
+        let e = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {e}");
+        assert!(
+            e.contains("waiting for the lock of") && e.contains(&format!("held by pid {}", holder.id())),
+            "{e}"
+        );
+        assert!(e.contains("for more than 1s"), "{e}");
+    }
+    // Once it is let go, the same request fills.
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert_eq!(get(server.addr, &format!("/{}.narinfo", hash_part(&f.top))).status, 200);
+    server.term();
+}
