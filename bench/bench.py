@@ -388,6 +388,46 @@ def bench_serve(path, closure, nar, a, work):
             p.terminate()  # nginx: SIGTERM stops its workers too; SIGKILL would orphan them
             p.wait()
 
+    # Misses: a narinfo the cache lacks and the store does not have, from a lazy server (it
+    # asks the Nix database) against the same 404 from a static one; and the threads of the
+    # lazy server while 1,000 misses are asked at once.
+    missing = "a" * 32
+    statics, lazies, thr = [], [], []
+    for i in range(a.runs):
+        for kind in (("static", "lazy") if i % 2 == 0 else ("lazy", "static")):
+            port = 24040 + i * 2 + (kind == "lazy")
+            args = ["--dest", cache] + (["--from-store", "--roots", path, "-k", KEY] if kind == "lazy" else [])
+            srv = start_serve(args, port)
+            try:
+                n, _, _ = wrk(f"http://127.0.0.1:{port}/{missing}.narinfo", 16, a.serve_secs)
+                (statics if kind == "static" else lazies).append(n)
+                if kind == "lazy":
+                    socks = []
+                    for j in range(1000):
+                        s = socket.create_connection(("127.0.0.1", port))
+                        h = f"{j:032d}".replace("0", "a")
+                        s.sendall(f"GET /{h}.narinfo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                        socks.append(s)
+                    with open(f"/proc/{srv.pid}/status") as f:
+                        thr.append(int(next(l for l in f if l.startswith("Threads:")).split()[1]))
+                    for s in socks:
+                        s.recv(4096)
+                        s.close()
+            finally:
+                srv.terminate()
+                srv.wait()
+    st, lz_ = statistics.median(statics), statistics.median(lazies)
+    print()
+    print(f"misses: a narinfo neither the cache nor the store has, 16 connections, {a.serve_secs} s, median of {a.runs}:")
+    print()
+    print("| server | 404 req/s |")
+    print("|---|---:|")
+    print(f"| static serve | {st:.0f} |")
+    print(f"| lazy serve (asks the Nix database) | {lz_:.0f} |")
+    print(f"| lazy / static | {lz_ / st:.2f}x |")
+    print()
+    print(f"lazy serve threads with 1,000 misses asked at once: {max(thr)} (-j {os.cpu_count()})")
+
     # Lazy: Nix fetches the closure from an empty --from-store cache, against pushing it with
     # zstd and then fetching it from nginx.
     lazy, pushed = [], []

@@ -46,6 +46,17 @@ pub fn install() {
         .ok();
 }
 
+/// Removes every registered temporary file and keeps any more from being made: for a
+/// process about to exit with writers still running (serve abandoning a fill). Returns how
+/// many were removed.
+pub fn remove_registered() -> usize {
+    let files = TEMP_FILES.lock().unwrap_or_else(|e| e.into_inner());
+    let removed = files.iter().flatten().filter(|f| std::fs::remove_file(f).is_ok()).count();
+    // Held until exit, as on a signal.
+    std::mem::forget(files);
+    removed
+}
+
 fn stop(sig: i32) -> ! {
     // Held until exit: no writer creates a file after this looked.
     let files = TEMP_FILES.lock().unwrap_or_else(|e| e.into_inner());

@@ -89,6 +89,8 @@ struct Shared {
     fills: Mutex<HashMap<String, watch::Receiver<Option<FillOutcome>>>>,
     log: Option<Logger>,
     index: Bytes,
+    /// Becomes true on SIGTERM: fill waiters are answered 503 and no fill starts.
+    stopping: watch::Receiver<bool>,
 }
 
 /// What a fill came to: whether the narinfo is there now, or why it failed.
@@ -114,15 +116,24 @@ const RETRY_AFTER: &str = "10";
 /// second; a runtime per thread, about 1.0x.)
 pub fn run(config: ServeConfig, ready: impl FnOnce()) -> Result<(), ServeError> {
     let cache = Cache::inspect(config.dest.as_path())?;
+    let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
         cache,
         filler: config.filler.map(Arc::new),
         fills: Mutex::new(HashMap::new()),
         log: config.access_log.then(Logger::start),
         index: Bytes::from(config.index),
+        stopping: stop_rx.clone(),
     });
-    let runtime =
-        || tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ServeError::Start);
+    // A fill runs on a blocking thread of the runtime that asked for it; misses never start
+    // one ([`Filler::would_serve`]), and two per worker are the most.
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .max_blocking_threads(2)
+            .build()
+            .map_err(ServeError::Start)
+    };
     let main = runtime()?;
     // Signals are caught from here on, before a client can connect.
     let (mut term, mut int) = main
@@ -131,7 +142,6 @@ pub fn run(config: ServeConfig, ready: impl FnOnce()) -> Result<(), ServeError> 
             Ok::<_, io::Error>((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
         })
         .map_err(ServeError::Start)?;
-    let (stop_tx, stop_rx) = watch::channel(false);
     let mut workers = Vec::new();
     for i in 0..config.threads.max(1) {
         let listeners = config.listeners.iter().map(|l| l.try_clone()).collect::<Result<Vec<_>, _>>();
@@ -139,7 +149,7 @@ pub fn run(config: ServeConfig, ready: impl FnOnce()) -> Result<(), ServeError> 
         let (rt, shared, stop) = (runtime()?, shared.clone(), stop_rx.clone());
         let timeout = config.timeout;
         let worker = std::thread::Builder::new().name(format!("nixcache-serve-{i}")).spawn(move || {
-            rt.block_on(async move {
+            let served = rt.block_on(async move {
                 let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
                 let mut accepting = Vec::new();
                 for l in listeners {
@@ -156,7 +166,10 @@ pub fn run(config: ServeConfig, ready: impl FnOnce()) -> Result<(), ServeError> 
                     let _ = tokio::time::timeout(GRACE, g.shutdown()).await;
                 }
                 Ok::<_, io::Error>(())
-            })
+            });
+            // A fill still running (its waiters were answered 503) is not waited for.
+            rt.shutdown_timeout(Duration::from_millis(100));
+            served
         });
         workers.push(worker.map_err(ServeError::Start)?);
     }
@@ -177,6 +190,15 @@ pub fn run(config: ServeConfig, ready: impl FnOnce()) -> Result<(), ServeError> 
             Ok(Err(e)) => result = Err(ServeError::Start(e)),
             Err(panic) => std::panic::resume_unwind(panic),
         }
+    }
+    // A fill abandoned above leaves only temporary files (as a kill would): removed now, and
+    // no fill thread can make another.
+    let removed = crate::interrupt::remove_registered();
+    if removed > 0 {
+        crate::elog!(
+            "a fill under way was abandoned: {} removed; what it had published stays",
+            crate::progress::plural(removed, "temporary file")
+        );
     }
     result
 }
@@ -265,6 +287,11 @@ async fn answer(shared: &Arc<Shared>, req: &Request<Incoming>) -> Response<Body>
         Err(e) => return unreadable(shared, &target, e),
     }
     let (Some(filler), Some(hash)) = (&shared.filler, &target.hash) else { return not_found() };
+    // A miss (not in the store, or not served from here) is answered here and now; an error
+    // is left for the fill to say.
+    if let Ok(false) = filler.would_serve(hash) {
+        return not_found();
+    }
     match fill(shared, filler, hash).await {
         Ok(true) => match shared.cache.local_file(&target.rel) {
             Ok(Some(f)) => file_response(req, &target, f),
@@ -301,6 +328,10 @@ fn unreadable(shared: &Shared, target: &Target, e: FileProblem) -> Response<Body
 
 /// Waits for the fill of `hash`, starting it unless one is under way.
 async fn fill(shared: &Arc<Shared>, filler: &Arc<Filler>, hash: &str) -> FillOutcome {
+    let stopping = || FillFailure { busy: true, message: Arc::from("the server is stopping") };
+    if *shared.stopping.borrow() {
+        return Err(stopping());
+    }
     let mut rx = {
         let mut fills = shared.fills.lock().unwrap_or_else(|e| e.into_inner());
         match fills.get(hash) {
@@ -344,9 +375,15 @@ async fn fill(shared: &Arc<Shared>, filler: &Arc<Filler>, hash: &str) -> FillOut
             }
         }
     };
-    match rx.wait_for(Option::is_some).await {
-        Ok(v) => v.clone().expect("waited for a value"),
-        Err(_) => Err(FillFailure { busy: false, message: Arc::from("the fill ended without an outcome") }),
+    // On SIGTERM a long fill (an xz closure can take minutes) is not waited for: its clients
+    // are told to come back, and the server stops within its grace for other responses.
+    let mut stop = shared.stopping.clone();
+    tokio::select! {
+        v = rx.wait_for(Option::is_some) => match v {
+            Ok(v) => v.clone().expect("waited for a value"),
+            Err(_) => Err(FillFailure { busy: false, message: Arc::from("the fill ended without an outcome") }),
+        },
+        _ = stop.wait_for(|s| *s) => Err(stopping()),
     }
 }
 
@@ -369,7 +406,11 @@ fn file_response(
     (file, meta): (std::fs::File, std::fs::Metadata),
 ) -> Response<Body> {
     let size = meta.len();
-    let v = Validators::new(meta.modified().unwrap_or(std::time::UNIX_EPOCH), size);
+    let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+    let v = Validators::new(modified, size);
+    if target.kind == Kind::NarInfo {
+        keep_fresh(&file, modified);
+    }
     let h = |name| req.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok());
     let mut builder = Response::builder()
         .header(header::CONTENT_TYPE, target.kind.content_type())
@@ -415,6 +456,19 @@ fn file_response(
         Body::file(file, chunks::FileId::of(&meta), start, len)
     };
     builder.body(body).expect("valid response")
+}
+
+/// How old a served narinfo's modification time may get before serving it renews it.
+const FRESH: Duration = Duration::from_secs(600);
+
+/// A narinfo a client fetches is in use: its modification time, gc's record of when a push
+/// last named the path, is renewed (at most every [`FRESH`], so a busy server writes little),
+/// and a gc with any `--older-than` longer than that never removes what clients fetch from a
+/// live cache, filled or pushed. Read-only media and files of another owner stay as they are.
+fn keep_fresh(file: &std::fs::File, modified: std::time::SystemTime) {
+    if modified.elapsed().is_ok_and(|age| age > FRESH) {
+        let _ = file.set_modified(std::time::SystemTime::now());
+    }
 }
 
 /// A response body: nothing, bytes in memory, or a range of an open file, read a chunk at a

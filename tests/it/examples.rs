@@ -13,7 +13,7 @@ use crate::helpers::*;
 
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
 
-struct Killed(Child);
+pub struct Killed(Child);
 impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -35,19 +35,15 @@ fn get(port: u16, path: &str) -> String {
     text.split("\r\n\r\n").next().unwrap().to_lowercase()
 }
 
-#[test]
-fn nginx_example_serves_a_cache_nix_restores() {
-    let f = fixtures();
-    let t = tmp();
-    let cache = t.path().join("cache");
-    ok(nixcache().args(["push", "-q", "-k", SECRET, "--nar-listing", "--dest"]).arg(&cache).arg(&f.top));
+/// nginx with the example server block, serving `cache` on a free loopback port, its
+/// configuration and state in `dir`; stopped when the guard is dropped.
+pub fn nginx_example(dir: &Path, cache: &Path) -> (Killed, u16) {
     let port = free_port();
     let server = std::fs::read_to_string(format!("{EXAMPLES}/nginx/nixcache.conf"))
         .unwrap()
         .replace("listen 80;", &format!("listen 127.0.0.1:{port};"))
         .replace("listen [::]:80;", "")
         .replace("root /var/lib/static-nix-cache;", &format!("root {};", cache.display()));
-    let dir = t.path();
     std::fs::write(dir.join("server.conf"), server).unwrap();
     let main = format!(
         "user root;\ndaemon off;\nmaster_process off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{}}\nhttp {{\n\
@@ -60,7 +56,7 @@ fn nginx_example_serves_a_cache_nix_restores() {
     let conf = dir.join("nginx.conf");
     ok(Command::new("nginx").arg("-t").arg("-p").arg(dir).arg("-c").arg(&conf));
     // One process (master_process off), so killing it leaves no worker holding our pipes.
-    let _nginx = Killed(
+    let nginx = Killed(
         Command::new("nginx")
             .arg("-p")
             .arg(dir)
@@ -77,6 +73,16 @@ fn nginx_example_serves_a_cache_nix_restores() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    (nginx, port)
+}
+
+#[test]
+fn nginx_example_serves_a_cache_nix_restores() {
+    let f = fixtures();
+    let t = tmp();
+    let cache = t.path().join("cache");
+    ok(nixcache().args(["push", "-q", "-k", SECRET, "--nar-listing", "--dest"]).arg(&cache).arg(&f.top));
+    let (_nginx, port) = nginx_example(t.path(), &cache);
     let ni = narinfo(&cache, &f.top);
     let h = get(port, &format!("/{}.narinfo", hash_part(&f.top)));
     assert!(h.contains("200 ok") && h.contains("content-type: text/x-nix-narinfo"), "{h}");

@@ -270,3 +270,180 @@ fn a_lock_held_by_anyone_makes_fills_answer_503_and_writers_give_up_when_told() 
     assert_eq!(get(server.addr, &format!("/{}.narinfo", hash_part(&f.top))).status, 200);
     server.term();
 }
+
+/// Threads of process `pid` (`Threads:` in /proc/PID/status).
+fn threads(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix("Threads:")).unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn a_thousand_misses_at_once_start_no_threads_and_each_is_a_plain_404() {
+    let f = fixtures();
+    let t = tmp();
+    let cache = t.path().join("lazy");
+    let server = Server::start(&[
+        "--dest".as_ref(),
+        cache.as_os_str(),
+        std::ffi::OsStr::new("--from-store"),
+        "--roots".as_ref(),
+        f.top.as_ref(),
+        "-q".as_ref(),
+        "-j".as_ref(),
+        "2".as_ref(),
+    ]);
+    let pid = server.pid();
+    let before = threads(pid);
+    // 1,000 narinfos of paths the store does not have, asked at once.
+    let mut clients: Vec<TcpStream> = (0..1000)
+        .map(|i| {
+            let mut s = TcpStream::connect(server.addr).unwrap();
+            let hash: String = format!("{i:032}").chars().map(|c| if c == '0' { 'a' } else { c }).collect();
+            write!(s, "GET /{hash}.narinfo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+            s
+        })
+        .collect();
+    let during = threads(pid);
+    for s in &mut clients {
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    }
+    let after = threads(pid);
+    // 2 workers, the log, the trimmer, main: no thread per miss (782 before).
+    assert!(during.max(after) <= 2 + 6, "threads: {before} idle, {during} during, {after} after");
+    // A path of the roots' closure is still filled.
+    assert_eq!(get(server.addr, &format!("/{}.narinfo", hash_part(&f.top))).status, 200);
+    assert!(!cache.join(format!("{}.narinfo", "a".repeat(32))).exists());
+}
+
+#[test]
+fn sigterm_during_a_long_fill_answers_its_client_503_and_stops_within_ten_seconds() {
+    // 27 MB of random bytes: minutes of xz -9 on one thread.
+    let big = ok(nix_cmd("nix-build").args([RANDOM, "--no-out-link", "--argstr", "salt", "sigterm-fill"]))
+        .trim()
+        .to_owned();
+    let t = tmp();
+    let cache = t.path().join("lazy");
+    let mut server = Server::start(&[
+        "--dest".as_ref(),
+        cache.as_os_str(),
+        std::ffi::OsStr::new("--from-store"),
+        "--roots".as_ref(),
+        big.as_ref(),
+        "-c".as_ref(),
+        "xz".as_ref(),
+        "--compression-level".as_ref(),
+        "9".as_ref(),
+        "-j".as_ref(),
+        "1".as_ref(),
+    ]);
+    let addr = server.addr;
+    let path = format!("/{}.narinfo", hash_part(&big));
+    let client = std::thread::spawn(move || get(addr, &path));
+    // The fill is under way once its first temporary file is there.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let writing = || {
+        std::fs::read_dir(cache.join("nar"))
+            .into_iter()
+            .flatten()
+            .any(|e| e.unwrap().file_name().to_string_lossy().starts_with(".nixcache-tmp-"))
+    };
+    while !writing() {
+        assert!(Instant::now() < deadline, "the fill did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = Instant::now();
+    let status = server.term();
+    let took = started.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(took < Duration::from_secs(10), "SIGTERM during a fill took {took:?}");
+    let answer = client.join().unwrap();
+    assert_eq!(answer.status, 503, "{answer:?}");
+    assert!(answer.header("retry-after").is_some());
+    // Nothing half-made is left: no temporary file, no narinfo of the abandoned path.
+    assert!(!writing(), "temporary files left");
+    assert!(!cache.join(format!("{}.narinfo", hash_part(&big))).exists());
+    ok(nixcache().args(["verify", "--dest"]).arg(&cache));
+}
+
+#[test]
+fn what_serve_sends_is_kept_by_gc_and_ranges_are_answered_as_nginx_does() {
+    let f = fixtures();
+    let t = tmp();
+    let cache = t.path().join("cache");
+    ok(nixcache().args(["push", "-q", "-c", "none", "--dest"]).arg(&cache).arg(&f.top));
+    // Pushed two days ago, as far as gc can tell.
+    let old = std::time::SystemTime::now() - Duration::from_secs(2 * 86400);
+    for e in std::fs::read_dir(&cache).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "narinfo") {
+            std::fs::File::options().write(true).open(&p).unwrap().set_modified(old).unwrap();
+        }
+    }
+    let mut server = Server::start(&[std::ffi::OsStr::new("-q"), "--dest".as_ref(), cache.as_os_str()]);
+    // A client fetches the top path's narinfo (it is restoring it right now).
+    assert_eq!(get(server.addr, &format!("/{}.narinfo", hash_part(&f.top))).status, 200);
+    // Ranges as nginx answers them, on the largest NAR.
+    let nar = f
+        .closure
+        .iter()
+        .map(|p| narinfo(&cache, p))
+        .max_by_key(|ni| ni.file_size)
+        .map(|ni| format!("/{}", ni.url))
+        .unwrap();
+    let ng = t.path().join("nginx");
+    std::fs::create_dir(&ng).unwrap();
+    let (_nginx, port) = crate::examples::nginx_example(&ng, &cache);
+    let nginx = SocketAddr::from(([127, 0, 0, 1], port));
+    for range in [
+        "bytes=0-99",
+        "bytes=-100",
+        "bytes=100-",
+        "bytes=5-2",
+        "bytes=abc",
+        "bytes=",
+        "bytes=99999999-",
+        "bytes=-0",
+        "items=0-5",
+        "bytes=-99999999",
+        "bytes=1-2-3",
+        "bytes=0-99,abc",
+        "bytes=-",
+        "bytes=0-5,",
+        "bytes=5-2,0-5",
+        "bytes=0-18446744073709551616",
+    ] {
+        let ask =
+            |a| crate::serve::raw(a, &format!("GET {nar} HTTP/1.1\r\nHost: x\r\nRange: {range}\r\n\r\n"));
+        let (ours, theirs) = (ask(server.addr), ask(nginx));
+        assert_eq!(ours.status, theirs.status, "{range}");
+        assert_eq!(ours.header("content-range"), theirs.header("content-range"), "{range}");
+        if ours.status != 416 {
+            assert_eq!(ours.body, theirs.body, "{range}");
+        }
+    }
+    server.term();
+    // gc keeps the closure of what was served within its window, and only that.
+    let out = ok(nixcache().args(["gc", "--older-than", "1d", "--dest"]).arg(&cache));
+    for p in &f.closure {
+        assert!(
+            cache.join(format!("{}.narinfo", hash_part(p))).exists(),
+            "gc removed {p}, served an instant ago:\n{out}"
+        );
+    }
+}
+
+#[test]
+fn a_linked_nix_cache_info_is_said_once() {
+    let f = fixtures();
+    let t = tmp();
+    let cache = t.path().join("cache");
+    ok(nixcache().args(["push", "-q", "--dest"]).arg(&cache).arg(f.path("edge-dep")));
+    std::fs::rename(cache.join("nix-cache-info"), t.path().join("info")).unwrap();
+    std::os::unix::fs::symlink(t.path().join("info"), cache.join("nix-cache-info")).unwrap();
+    let out = run_within(nixcache().args(["serve", "--listen", "127.0.0.1:0", "--dest"]).arg(&cache), 30);
+    let e = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    assert_eq!(e.matches("is a symbolic link").count(), 1, "{e}");
+}
