@@ -69,12 +69,7 @@ pub enum Filled {
 struct Allowed {
     roots: Vec<StorePath>,
     paths: HashSet<StorePath>,
-    /// When the roots were last read.
-    read: Option<Instant>,
 }
-
-/// How long a miss may answer from the roots as last read, without reading them again.
-const ROOTS_FRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 thread_local! {
     /// Each serving thread's own read connection to the Nix database, for misses.
@@ -124,15 +119,14 @@ impl Filler {
             allowed.paths = closure.into_iter().map(|i| i.path).collect();
             allowed.roots = roots;
         }
-        allowed.read = Some(Instant::now());
         Ok(p.is_none_or(|p| allowed.paths.contains(p)))
     }
 
     /// Whether a fill of `hash` could serve anything, cheaply, for a request on a serving
-    /// thread: asked of this thread's own connection to the Nix database (kept open), and
-    /// of the roots' closure as read within [`ROOTS_FRESH`]. A miss then costs about what a
-    /// static 404 does, with no thread started and no database opened. `Ok(true)` is only a
-    /// hint: the fill itself decides again.
+    /// thread: asked of this thread's own connection to the Nix database, kept open. A path
+    /// the store does not have (what a scan or a client of many caches asks for most) then
+    /// costs about what a static 404 does, with no thread started and no database opened.
+    /// `Ok(true)` is only a hint: the fill itself decides again.
     pub fn would_serve(&self, hash: &str) -> Result<bool, FillError> {
         STORE.with(|cell| {
             let mut cell = cell.borrow_mut();
@@ -148,16 +142,9 @@ impl Filler {
                     return Err(e.into());
                 }
             };
-            let Some(p) = found else { return Ok(false) };
-            if let Policy::Roots(_) = self.config.policy {
-                let allowed = self.allowed.lock().unwrap_or_else(|e| e.into_inner());
-                if allowed.read.is_some_and(|r| r.elapsed() < ROOTS_FRESH) {
-                    return Ok(allowed.paths.contains(&p));
-                }
-                drop(allowed);
-                return self.allows(store, Some(&p));
-            }
-            Ok(true)
+            // A valid path outside the roots is left to the fill, which reads the roots
+            // again: a root added a moment ago must count (Nix remembers a 404 for an hour).
+            Ok(found.is_some())
         })
     }
 

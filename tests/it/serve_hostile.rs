@@ -447,3 +447,32 @@ fn a_linked_nix_cache_info_is_said_once() {
     assert_eq!(out.status.code(), Some(1), "{e}");
     assert_eq!(e.matches("is a symbolic link").count(), 1, "{e}");
 }
+
+#[test]
+fn a_path_whose_root_was_removed_is_no_longer_filled_and_what_was_filled_stays() {
+    let f = fixtures();
+    let t = tmp();
+    let roots = t.path().join("gcroots");
+    std::fs::create_dir(&roots).unwrap();
+    let dep = f.path("edge-dep");
+    let tree = f.path("edge-tree");
+    std::os::unix::fs::symlink(dep, roots.join("dep")).unwrap();
+    std::os::unix::fs::symlink(tree, roots.join("tree")).unwrap();
+    let cache = t.path().join("lazy");
+    let server = Server::start(&[
+        std::ffi::OsStr::new("-q"),
+        "--dest".as_ref(),
+        cache.as_os_str(),
+        "--from-store".as_ref(),
+        "--roots".as_ref(),
+        roots.as_os_str(),
+    ]);
+    assert_eq!(get(server.addr, &format!("/{}.narinfo", hash_part(dep))).status, 200);
+    // The tree's root goes away (a result link deleted): at once, it is not filled any more.
+    std::fs::remove_file(roots.join("tree")).unwrap();
+    assert_eq!(get(server.addr, &format!("/{}.narinfo", hash_part(tree))).status, 404);
+    assert!(!cache.join(format!("{}.narinfo", hash_part(tree))).exists());
+    // What was filled stays served.
+    std::fs::remove_file(roots.join("dep")).unwrap();
+    assert_eq!(get(server.addr, &format!("/{}.narinfo", hash_part(dep))).status, 200);
+}
