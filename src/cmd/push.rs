@@ -285,6 +285,23 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     let mut report = push(&store.location(), &cache, &infos, &opts, &progress);
     progress.finish();
     let again = settle(&cache, &store.location(), &infos, &opts, &mut report, gc_deleting)?;
+    if again > 0 || (!cache.exclusive() && report.ok() && report.pushed + report.repaired > 0) {
+        // A server that lost nix-cache-info (an acknowledged write lost in a crash) leaves
+        // a cache no client opens: the end check looks for it too.
+        let here = cache.holds(crate::cache::CACHE_INFO, None, true).unwrap_or(false);
+        if !here {
+            cache.ensure_cache_info(
+                store.store_dir(),
+                args.want_mass_query(),
+                args.priority,
+                DEFAULT_PRIORITY,
+            )?;
+            crate::elog!(
+                "nix-cache-info was missing from {} at the end of the push: written again",
+                args.dest
+            );
+        }
+    }
 
     if mode != Mode::Quiet {
         let ratio = if report.nar_bytes > 0 {

@@ -60,6 +60,14 @@ pub fn as_nobody(program: impl AsRef<std::ffi::OsStr>) -> Command {
     c
 }
 
+/// Held by the tests that load the machine hard (3,000 connections, xz -9 on purpose) and by
+/// those that kill a server and time its recovery, so that none of them runs beside another:
+/// a server restarted under that load was seen to lose an acknowledged write.
+pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The built binary.
 pub fn nixcache() -> Command {
     with_env(Command::new(env!("CARGO_BIN_EXE_nixcache")))

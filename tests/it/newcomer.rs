@@ -188,6 +188,7 @@ fn slow_push(cache: &Path, big: &str) -> std::process::Child {
 
 #[test]
 fn an_interrupted_push_says_so_removes_its_temporary_files_and_the_gc_unit_stays_green() {
+    let _alone = heavy();
     let big = build_big("interrupt");
     for (signal, status) in [("INT", 130), ("TERM", 143)] {
         let t = tmp();

@@ -47,6 +47,7 @@ fn raise_open_files() {
 
 #[test]
 fn three_thousand_stalled_readers_cost_little_memory_and_it_is_given_back() {
+    let _alone = heavy();
     raise_open_files();
     let t = tmp();
     let cache = t.path().join("cache");
@@ -319,6 +320,7 @@ fn a_thousand_misses_at_once_start_no_threads_and_each_is_a_plain_404() {
 
 #[test]
 fn sigterm_during_a_long_fill_answers_its_client_503_and_stops_within_ten_seconds() {
+    let _alone = heavy();
     // 27 MB of random bytes: minutes of xz -9 on one thread.
     let big = ok(nix_cmd("nix-build").args([RANDOM, "--no-out-link", "--argstr", "salt", "sigterm-fill"]))
         .trim()
