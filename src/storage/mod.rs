@@ -18,6 +18,7 @@ pub mod answers;
 pub mod copies;
 pub mod credentials;
 pub mod dir;
+mod lock;
 pub mod s3;
 
 use std::collections::HashMap;
