@@ -16,7 +16,7 @@ pub fn run(args: &GcArgs) -> anyhow::Result<bool> {
             super::say_waiting(&args.dest, who, args.lock_timeout);
         }
     })?;
-    super::keep_copies(&cache, &args.dest, args.no_local_copies, args.quiet);
+    super::keep_copies(&cache, &args.dest, args.no_local_copies);
     let keep: Vec<String> = args.keep.iter().map(|k| super::store_path_arg(&cache, k)).collect();
     let report = gc(&cache, args.older_than, &keep, SystemTime::now(), args.dry_run)?;
     for w in &report.warnings {

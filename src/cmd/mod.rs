@@ -208,18 +208,15 @@ pub fn copies_dir() -> Option<std::path::PathBuf> {
 }
 
 /// Keeps a bucket's narinfos on this machine for the next run ([`copies_dir`]), unless
-/// `off`; what goes wrong is a warning, never the end of the run.
-pub fn keep_copies(cache: &crate::cache::Cache, dest: &crate::storage::Dest, off: bool, quiet: bool) {
+/// `off`; what goes wrong is a warning (said with `--quiet` too), never the end of the run.
+pub fn keep_copies(cache: &crate::cache::Cache, dest: &crate::storage::Dest, off: bool) {
     if off || !matches!(dest, crate::storage::Dest::Bucket(_)) {
         return;
     }
-    let _ = quiet; // Warnings are said with --quiet too.
     let Some(dir) = copies_dir() else {
-        {
-            crate::elog!(
-                "warning: neither XDG_CACHE_HOME nor HOME is set: the bucket's narinfos are not kept on this machine, and the next push downloads them again"
-            );
-        }
+        crate::elog!(
+            "warning: neither XDG_CACHE_HOME nor HOME is set: the bucket's narinfos are not kept on this machine, and the next push downloads them again"
+        );
         return;
     };
     if let Err(e) = cache.keep_copies(&dir) {

@@ -246,7 +246,7 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     cache.record_push(&hashes)?;
     // Before looking, after the record: whether a gc may be deleting what this push finds.
     let gc_deleting = !cache.exclusive() && cache.deleting().map_or(true, |m| !m.is_empty());
-    super::keep_copies(&cache, &args.dest, args.no_local_copies, mode == Mode::Quiet);
+    super::keep_copies(&cache, &args.dest, args.no_local_copies);
     let lookups = cache.prepare_lookups(infos.len())?;
 
     let total: u64 = infos.iter().map(|i| i.nar_size).sum();

@@ -35,7 +35,7 @@ pub fn run(args: &SignArgs) -> anyhow::Result<bool> {
         }
     })?;
     // What is read and rewritten is kept, so the next push need not download it again.
-    super::keep_copies(&cache, &args.dest, args.no_local_copies, args.quiet);
+    super::keep_copies(&cache, &args.dest, args.no_local_copies);
     let index = Index::load(&cache)?;
     let selected: Option<std::collections::HashSet<String>> = if args.paths.is_empty() {
         None
