@@ -65,7 +65,7 @@ pub fn write_in_background() {
         let b = BACKGROUND.get().expect("set above");
         let mut out = io::BufWriter::new(io::stderr());
         while let Ok(line) = rx.recv() {
-            let mut next = Some(line);
+            let (mut next, mut written) = (Some(line), 0);
             while let Some(line) = next {
                 let dropped = b.dropped.swap(0, Ordering::Relaxed);
                 if dropped > 0 {
@@ -76,10 +76,13 @@ pub fn write_in_background() {
                     );
                 }
                 let _ = writeln!(out, "{line}");
-                b.pending.fetch_sub(1, Ordering::SeqCst);
+                written += 1;
                 next = rx.try_recv().ok();
             }
             let _ = out.flush();
+            // Counted as written once flushed: [`drain_background`] must not let the process
+            // exit with lines still in the buffer.
+            b.pending.fetch_sub(written, Ordering::SeqCst);
         }
     });
 }
