@@ -58,14 +58,7 @@ pub fn remove_registered() -> usize {
 }
 
 fn stop(sig: i32) -> ! {
-    // Held until exit: no writer creates a file after this looked.
-    let files = TEMP_FILES.lock().unwrap_or_else(|e| e.into_inner());
-    let mut removed = 0;
-    for f in files.iter().flatten() {
-        if std::fs::remove_file(f).is_ok() {
-            removed += 1;
-        }
-    }
+    let removed = remove_registered();
     let mut err = std::io::stderr().lock();
     let name = if sig == signal_hook::consts::SIGINT { "SIGINT" } else { "SIGTERM" };
     if std::io::stderr().is_terminal() {

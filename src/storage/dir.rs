@@ -146,7 +146,10 @@ fn bad_subdirs(dir: &Path) -> Vec<(&'static str, &'static str)> {
         .collect()
 }
 
-fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StorageError + 'a {
+pub(super) fn io_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> StorageError + 'a {
     move |source| StorageError::Io { action, path: path.to_owned(), source }
 }
 

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::StorageError;
+use super::dir::io_err;
 
 /// Locks `f` (exclusive or shared), calling `on_wait` once if someone else holds it.
 pub(super) fn acquire(
@@ -22,16 +23,10 @@ pub(super) fn acquire(
     match try_lock() {
         Ok(()) => return Ok(()),
         Err(fs::TryLockError::WouldBlock) => on_wait(holders().as_deref()),
-        Err(fs::TryLockError::Error(source)) => {
-            return Err(StorageError::Io { action: "lock", path: path.to_owned(), source });
-        }
+        Err(fs::TryLockError::Error(e)) => return Err(io_err("lock", path)(e)),
     }
     let Some(wait) = wait else {
-        return if shared { f.lock_shared() } else { f.lock() }.map_err(|source| StorageError::Io {
-            action: "lock",
-            path: path.to_owned(),
-            source,
-        });
+        return if shared { f.lock_shared() } else { f.lock() }.map_err(io_err("lock", path));
     };
     // Bounded: flock has no timeout, so it is tried again, more slowly as the wait goes on.
     let end = Instant::now() + wait;
@@ -50,9 +45,7 @@ pub(super) fn acquire(
         match try_lock() {
             Ok(()) => return Ok(()),
             Err(fs::TryLockError::WouldBlock) => {}
-            Err(fs::TryLockError::Error(source)) => {
-                return Err(StorageError::Io { action: "lock", path: path.to_owned(), source });
-            }
+            Err(fs::TryLockError::Error(e)) => return Err(io_err("lock", path)(e)),
         }
     }
 }
@@ -63,10 +56,14 @@ fn lock_holders(ino: u64) -> Option<String> {
     let locks = fs::read_to_string("/proc/locks").ok()?;
     let mut found = Vec::new();
     for line in locks.lines() {
-        // "1: FLOCK  ADVISORY  WRITE 3124 00:2a:1234 0 EOF" ("-> " before a waiter's)
-        let fields: Vec<&str> = line.split_whitespace().filter(|f| *f != "->").collect();
+        // "1: FLOCK  ADVISORY  WRITE 3124 00:2a:1234 0 EOF"; a waiter's line has "->" and
+        // holds nothing.
+        if line.contains("->") {
+            continue;
+        }
+        let fields: Vec<&str> = line.split_whitespace().collect();
         let (Some(pid), Some(id)) = (fields.get(4), fields.get(5)) else { continue };
-        if id.rsplit(':').next().and_then(|i| i.parse::<u64>().ok()) != Some(ino) || line.contains("->") {
+        if id.rsplit(':').next().and_then(|i| i.parse::<u64>().ok()) != Some(ino) {
             continue;
         }
         let comm =

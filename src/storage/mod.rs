@@ -236,8 +236,9 @@ pub trait Backend: Send + Sync {
     fn create_subdir(&self, sub: &'static str) -> Result<(), StorageError>;
 
     /// Takes the writers' lock (or, `shared`, waits for writers), calling `on_wait` once if
-    /// someone else holds it (with who, where that can be seen), and failing with [`StorageError::LockTimeout`] once it has
-    /// waited `wait` (None: as long as it takes). A bucket has none.
+    /// someone else holds it (with who, where that can be seen), and failing with
+    /// [`StorageError::LockTimeout`] once it has waited `wait` (None: as long as it takes). A
+    /// bucket has none.
     fn lock(
         &mut self,
         shared: bool,
