@@ -147,11 +147,13 @@ impl NixConfKeys {
     }
 }
 
-/// The names of the keys that sign a sample of the cache's narinfos (the first 16 listed),
-/// most used first.
-pub fn signing_key_names(cache: &crate::cache::Cache) -> Vec<String> {
+/// The names of the keys that sign a sample of the cache's narinfos, most used first: the
+/// first 16 of `known` (narinfos the caller knows are there), or of the cache's listing when
+/// it knows none.
+pub fn signing_key_names(cache: &crate::cache::Cache, known: &[String]) -> Vec<String> {
+    let listed = if known.is_empty() { cache.narinfo_files().unwrap_or_default() } else { Vec::new() };
     let mut count: std::collections::BTreeMap<String, usize> = Default::default();
-    for file in cache.narinfo_files().unwrap_or_default().iter().take(16) {
+    for file in known.iter().chain(&listed).take(16) {
         if let Ok(Some(ni)) = cache.read_narinfo(file) {
             for s in &ni.sigs {
                 *count.entry(s.key_name().to_owned()).or_default() += 1;

@@ -130,9 +130,10 @@ fn json(
 }
 
 /// A push without `-k`: says which keys sign the cache's narinfos already (its new ones will
-/// lack them), and which key files Nix's own nix.conf names (not used unasked).
-fn warn_unsigned(cache: Option<&Cache>) {
-    let names = cache.map(super::signing_key_names).unwrap_or_default();
+/// lack them; `present` are narinfos known to be there), and which key files Nix's own
+/// nix.conf names (not used unasked).
+fn warn_unsigned(cache: Option<&Cache>, present: &[String]) {
+    let names = cache.map(|c| super::signing_key_names(c, present)).unwrap_or_default();
     if !names.is_empty() {
         crate::elog!(
             "warning: no --secret-key, but this cache's narinfos are signed by {}: what this push writes is unsigned, and clients that trust only those keys will not use it; pass -k with the secret key of {}",
@@ -216,10 +217,10 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     for line in &partial.warnings {
         crate::elog!("{line}");
     }
-    if keys.is_empty() {
-        warn_unsigned(opened.as_ref());
-    }
     if args.dry_run {
+        if keys.is_empty() {
+            warn_unsigned(opened.as_ref(), &[]);
+        }
         return dry_run(args, &store, &infos, &partial, opened.as_ref());
     }
     let closure = infos;
@@ -248,12 +249,22 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     let gc_deleting = !cache.exclusive() && cache.deleting().map_or(true, |m| !m.is_empty());
     super::keep_copies(&cache, &args.dest, args.no_local_copies);
     let lookups = cache.prepare_lookups(infos.len())?;
+    // The closure's narinfos the cache has (a bucket answers from the listing just made, so a
+    // push without -k samples their signatures without listing the bucket again).
+    let present: Vec<String> = if mode != Mode::Quiet || keys.is_empty() {
+        infos.iter().map(|i| Cache::narinfo_rel(&i.path)).filter(|rel| cache.stat(rel).is_some()).collect()
+    } else {
+        Vec::new()
+    };
+    if keys.is_empty() {
+        warn_unsigned(Some(&cache), &present);
+    }
 
     let total: u64 = infos.iter().map(|i| i.nar_size).sum();
     if mode != Mode::Quiet {
         // At once, before any path is read: what this run is about, and how much of it is
         // new (a no-op nightly push reads as one).
-        let new = infos.iter().filter(|i| cache.stat(&Cache::narinfo_rel(&i.path)).is_none()).count();
+        let new = infos.len() - present.len();
         crate::elog!(
             "pushing {} ({new} not in the cache yet), {} of NAR, to {}, {}, {}",
             progress::plural(infos.len(), "path"),
@@ -284,24 +295,10 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     };
     let mut report = push(&store.location(), &cache, &infos, &opts, &progress);
     progress.finish();
-    let again = settle(&cache, &store.location(), &infos, &opts, &mut report, gc_deleting)?;
-    if again > 0 || (!cache.exclusive() && report.ok() && report.pushed + report.repaired > 0) {
-        // A server that lost nix-cache-info (an acknowledged write lost in a crash) leaves
-        // a cache no client opens: the end check looks for it too.
-        let here = cache.holds(crate::cache::CACHE_INFO, None, true).unwrap_or(false);
-        if !here {
-            cache.ensure_cache_info(
-                store.store_dir(),
-                args.want_mass_query(),
-                args.priority,
-                DEFAULT_PRIORITY,
-            )?;
-            crate::elog!(
-                "nix-cache-info was missing from {} at the end of the push: written again",
-                args.dest
-            );
-        }
-    }
+    let write_cache_info = || {
+        cache.ensure_cache_info(store.store_dir(), args.want_mass_query(), args.priority, DEFAULT_PRIORITY)
+    };
+    let again = settle(&cache, &store.location(), &infos, &opts, &mut report, gc_deleting, write_cache_info)?;
 
     if mode != Mode::Quiet {
         let ratio = if report.nar_bytes > 0 {
@@ -382,6 +379,9 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
 /// again what is not ([`crate::push::missing_now`]), at most [`crate::push::SETTLE_ROUNDS`]
 /// times; what is still missing then fails the push. Returns how many paths went again.
 ///
+/// The check looks for `nix-cache-info` too, and has `write_cache_info` write it again when
+/// the server lost it (an acknowledged write lost in a crash leaves a cache no client opens).
+///
 /// A push that wrote nothing (no write to have been lost) and found no gc deleting once its
 /// record was written (`gc_deleting`; a gc that starts later spares what the record names)
 /// needs no check: what it found stays.
@@ -392,6 +392,7 @@ fn settle(
     opts: &PushOptions,
     report: &mut crate::push::PushReport,
     gc_deleting: bool,
+    write_cache_info: impl Fn() -> Result<crate::cache::CacheInfo, crate::cache::CacheError>,
 ) -> anyhow::Result<usize> {
     if cache.exclusive() || !report.ok() {
         return Ok(0);
@@ -424,6 +425,13 @@ fn settle(
         if !report.ok() {
             break;
         }
+    }
+    if report.ok() && !cache.holds(crate::cache::CACHE_INFO, None, true).unwrap_or(false) {
+        write_cache_info()?;
+        crate::elog!(
+            "nix-cache-info was missing from {} at the end of the push: written again",
+            cache.describe()
+        );
     }
     Ok(again)
 }

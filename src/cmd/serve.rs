@@ -132,7 +132,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<bool> {
 /// The `trusted-public-keys` line for a cache served without `-k`: the keys that sign its
 /// narinfos, found by name in Nix's own configuration; a comment where one is not found.
 fn trusted_keys_line(dir: &Path) -> String {
-    let names = Cache::inspect(dir).map(|c| super::signing_key_names(&c)).unwrap_or_default();
+    let names = Cache::inspect(dir).map(|c| super::signing_key_names(&c, &[])).unwrap_or_default();
     if names.is_empty() {
         return "# trusted-public-keys: none, the narinfos are not signed (sign them: nixcache sign -k KEY)"
             .into();
