@@ -182,7 +182,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// The word for it in `--json` output and progress lines.
+    /// The word for it in `--json` output.
     pub fn name(self) -> &'static str {
         match self {
             Outcome::Pushed => "pushed",

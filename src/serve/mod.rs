@@ -289,8 +289,8 @@ async fn answer(shared: &Arc<Shared>, req: &Request<Incoming>) -> Response<Body>
         Err(e) => return unreadable(shared, &target, e),
     }
     let (Some(filler), Some(hash)) = (&shared.filler, &target.hash) else { return not_found() };
-    // A miss (not in the store, or not served from here) is answered here and now; an error
-    // is left for the fill to say.
+    // A path the store does not have is answered here and now; an error is left for the fill
+    // to say, and so is a path outside the roots (the fill reads them again).
     if let Ok(false) = filler.would_serve(hash) {
         return not_found();
     }
