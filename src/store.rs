@@ -263,6 +263,11 @@ impl Store {
     }
 
     /// A description of the metadata source, for messages.
+    /// Whether metadata comes from the database (a query), not from `nix` commands.
+    pub fn reads_database(&self) -> bool {
+        matches!(self.backend, Backend::Db { .. })
+    }
+
     pub fn source_name(&self) -> String {
         match &self.backend {
             Backend::Db { path, .. } => format!("database {}", path.display()),

@@ -134,6 +134,11 @@ impl Filler {
                 *cell = Some(Store::open(&self.config.store)?);
             }
             let store = cell.as_ref().expect("opened above");
+            // Without the database a lookup reads the store directory and runs nix-store:
+            // not on a serving thread, but on the fill's, as before.
+            if !store.reads_database() {
+                return Ok(true);
+            }
             let found = match store.path_from_hash_part(hash) {
                 Ok(found) => found,
                 Err(e) => {
