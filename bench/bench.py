@@ -88,6 +88,7 @@ def run_case(path, comp, runs, work, repush=True):
             d = os.path.join(work, f"{comp}-{name.replace(' ', '-')}-{i}")
             wall, cpu, rss = measure(cmd(d, path))
             rows[name].append((wall, cpu, rss, size(d)))
+            print(f"  run {i + 1}, {comp}, {name}: {wall:.2f} s wall, {cpu:.2f} s CPU, {rss:.0f} MiB", file=sys.stderr)
             if repush:
                 repush[name].append(measure(cmd(d, path))[0])
             shutil.rmtree(d)

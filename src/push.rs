@@ -15,6 +15,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::fs::File;
 use std::io::{self, BufWriter, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -42,21 +43,28 @@ const FILE_BUFFER: usize = 256 << 10;
 /// unnamed file in the cache.
 const SPILL_IN_MEMORY: usize = 1 << 20;
 
+/// Bytes of a block's input read back from its spool file at a time.
+const INPUT_PIECE: usize = 1 << 20;
+
 /// One thread's worth of work: a path (`block == 0`) or block `block - 1` of a path's xz
-/// stream. The derived order is the order of work: largest path first, its blocks in order.
+/// stream. The derived order is the order of work: the most bytes to compress first (the
+/// read of a path cut into blocks before anything, since it makes the work of the others),
+/// then the largest path, its blocks in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Unit {
+    bytes: Reverse<u64>,
     rank: usize,
     block: usize,
     path: usize,
 }
 
-/// Hands out units, largest path first, to `--jobs` threads.
+/// Hands out units, the largest first, to `--jobs` threads.
 ///
 /// A path of several xz blocks (24 MiB of NAR each at level 6) becomes a unit per block
-/// as its read cuts them, and those units go ahead of smaller paths: every thread compresses
-/// one block at a time with one match finder, the large path is spread over all cores, and
-/// the cores its last block leaves free go to the next paths.
+/// as its read cuts them: every thread compresses one block at a time with one match
+/// finder, and a large path is spread over all cores. Blocks and paths are taken by their
+/// bytes, largest first (a 17 MiB path before the 15 MiB last block of a larger one), so
+/// that the cores finish together: what is left at the end is small.
 struct Queue {
     state: Mutex<QueueState>,
     changed: Condvar,
@@ -455,6 +463,8 @@ pub fn push(
     progress: &Progress,
 ) -> PushReport {
     let jobs = opts.jobs.max(1);
+    // An unusable level fails each path in its encoder, with the error.
+    let xz = (opts.compression == Compression::Xz).then(|| xz::Params::new(opts.level as u32).ok()).flatten();
     let mut order: Vec<usize> = (0..infos.len()).collect();
     order.sort_by(|&a, &b| infos[b].nar_size.cmp(&infos[a].nar_size).then(a.cmp(&b)));
     let run = Run {
@@ -464,9 +474,12 @@ pub fn push(
         opts,
         progress,
         publisher: Publisher::new(cache, progress, infos, opts.index_debug_info),
-        queue: Queue::new(order.into_iter().enumerate().map(|(rank, path)| Unit { rank, block: 0, path })),
-        // An unusable level fails each path in its encoder, with the error.
-        xz: (opts.compression == Compression::Xz).then(|| xz::Params::new(opts.level as u32).ok()).flatten(),
+        queue: Queue::new(order.into_iter().enumerate().map(|(rank, path)| {
+            let blocked = xz.is_some_and(|p| p.may_store(infos[path].nar_size));
+            let bytes = if blocked { u64::MAX } else { infos[path].nar_size };
+            Unit { bytes: Reverse(bytes), rank, block: 0, path }
+        })),
+        xz,
         blocked: Mutex::new(HashMap::new()),
         finished: AtomicUsize::new(0),
         said_full: AtomicBool::new(false),
@@ -692,9 +705,12 @@ impl Run<'_> {
             outcome,
             bar: self.progress.path(info.path.as_str(), info.nar_size),
             limit: self.opts.jobs.max(1) + 1,
+            spool: scratch(self.cache).map_err(write_err)?,
             state: Mutex::new(BlockedState {
                 out: Some(out),
                 input: Vec::new(),
+                free: Vec::new(),
+                slots: 0,
                 untaken: 0,
                 held: 0,
                 waiting: Vec::new(),
@@ -717,7 +733,7 @@ impl Run<'_> {
     fn read_blocks(&self, i: usize, b: &Blocked, u: Unit) -> Option<Result<Done, PushError>> {
         let info = &self.infos[i];
         let want_listing = self.opts.nar_listing || self.opts.index_debug_info;
-        let cutter = Cutter { run: self, b, unit: u, buf: Vec::new() };
+        let cutter = Cutter { run: self, b, unit: u, slot: None, len: 0 };
         let nar = HashingWriter::new(cutter);
         let nar = BufWriter::with_capacity(NAR_BUFFER, nar);
         let read = dump_listing(&self.store.real_path(&info.path), nar, want_listing)
@@ -725,7 +741,7 @@ impl Run<'_> {
             .and_then(|(nar, listing)| {
                 let (mut cutter, nar_size, nar_hash) =
                     nar.into_inner().map_err(|e| write_err(e.into_error()))?.finish();
-                cutter.cut().map_err(write_err)?;
+                cutter.cut(false).map_err(write_err)?;
                 check_hash(&self.store.store_dir.display(&info.path), info, nar_hash, nar_size)?;
                 Ok(ReadPass { listing, nar_size, nar_hash })
             });
@@ -741,11 +757,7 @@ impl Run<'_> {
                 }
             }
         }
-        // Help with the blocks no thread has taken yet.
-        loop {
-            let Some((k, data)) = b.take_next(&mut b.lock()) else { break };
-            self.compress_block(b, k, data);
-        }
+        // The blocks no thread has taken yet are units in the queue, taken in their turn.
         let mut st = b.lock();
         st.left -= 1;
         (st.left == 0).then(|| self.finish_blocks(info, b, &mut st))
@@ -754,35 +766,40 @@ impl Run<'_> {
     /// Compresses block `k` of path `i` unless the reading thread already took it. Returns
     /// the path's result when this was its last unit to finish.
     fn block(&self, i: usize, b: &Blocked, k: usize) -> Option<Result<Done, PushError>> {
-        let data = b.lock().input[k].take();
-        if let Some(data) = data {
-            self.compress_block(b, k, data);
+        let input = b.lock().input[k].take();
+        if let Some(input) = input {
+            self.compress_block(b, k, input);
         }
         let mut st = b.lock();
         st.left -= 1;
         (st.left == 0).then(|| self.finish_blocks(&self.infos[i], b, &mut st))
     }
 
-    /// Compresses block `k` (its input `data`), or stores it as liblzma's multithreaded
-    /// encoder would, then appends every block that is next in order to the output. Skipped
-    /// once the path has failed.
-    fn compress_block(&self, b: &Blocked, k: usize, data: Vec<u8>) {
+    /// Compresses block `k` (its `input`, read back from the path's spool file), or stores
+    /// it as liblzma's multithreaded encoder would, then appends every block that is next in
+    /// order to the output. Skipped once the path has failed.
+    fn compress_block(&self, b: &Blocked, k: usize, input: Input) {
         let compressed = if b.lock().error.is_some() {
             None
         } else {
-            let encode = |stored: bool| {
+            let mut piece = vec![0u8; INPUT_PIECE.min(input.len as usize)];
+            let mut encode = |stored: bool| {
                 let spill = Spill { cache: self.cache, data: SpillData::Memory(Vec::new()) };
                 let mut enc = if stored {
-                    xz::BlockEncoder::stored(spill, data.len() as u64)
+                    xz::BlockEncoder::stored(spill, input.len)
                 } else {
                     xz::BlockEncoder::new(&b.params, spill)?
                 };
-                // Progress is what is compressed (counted once: a stored block was first
-                // compressed), which is what the push waits for.
-                for piece in data.chunks(1 << 20) {
-                    enc.write_all(piece)?;
+                let mut done = 0;
+                while done < input.len {
+                    let n = (input.len - done).min(piece.len() as u64) as usize;
+                    b.spool.read_exact_at(&mut piece[..n], input.offset(&b.params) + done).map_err(tag)?;
+                    enc.write_all(&piece[..n])?;
+                    done += n as u64;
+                    // Progress is what is compressed (counted once: a stored block was first
+                    // compressed), which is what the push waits for.
                     if !stored {
-                        b.bar.inc(piece.len() as u64);
+                        b.bar.inc(n as u64);
                     }
                 }
                 enc.finish().map(|(spill, block)| (spill.data, block))
@@ -795,9 +812,8 @@ impl Run<'_> {
                 encode(true)
             }))
         };
-        drop(data);
         let mut st = b.lock();
-        st.held -= 1;
+        st.release(input);
         b.freed.notify_all();
         match compressed {
             Some(Ok(done)) => st.waiting[k] = Some(done),
@@ -936,6 +952,10 @@ struct Blocked {
     /// so that a block is ready for each thread that finishes one while the reading thread
     /// compresses another.
     limit: usize,
+    /// An unnamed file holding the input of the blocks cut and not yet compressed, a block
+    /// size per slot: in the page cache, which the kernel can write out, not on the heap.
+    /// Slots are reused, so it grows to `limit` + 1 blocks at most.
+    spool: File,
     state: Mutex<BlockedState>,
     /// A block's input was let go.
     freed: Condvar,
@@ -947,26 +967,44 @@ impl Blocked {
     }
 
     /// Takes the input of the oldest block no thread has taken (none once the path failed).
-    fn take_next(&self, st: &mut BlockedState) -> Option<(usize, Vec<u8>)> {
+    fn take_next(&self, st: &mut BlockedState) -> Option<(usize, Input)> {
         while st.untaken < st.input.len() {
             let k = st.untaken;
             st.untaken += 1;
-            if let Some(data) = st.input[k].take() {
+            if let Some(input) = st.input[k].take() {
                 if st.error.is_some() {
-                    st.held -= 1;
+                    st.release(input);
                     continue;
                 }
-                return Some((k, data));
+                return Some((k, input));
             }
         }
         None
     }
 }
 
+/// The input of a block cut and not yet compressed: `len` bytes in slot `slot` of its path's
+/// spool file.
+#[derive(Clone, Copy, Debug)]
+struct Input {
+    slot: u64,
+    len: u64,
+}
+
+impl Input {
+    fn offset(&self, params: &xz::Params) -> u64 {
+        self.slot * params.block_size()
+    }
+}
+
 struct BlockedState {
     out: Option<CacheOut>,
     /// The input of each block cut, until a thread takes it.
-    input: Vec<Option<Vec<u8>>>,
+    input: Vec<Option<Input>>,
+    /// Slots of the spool file no block holds.
+    free: Vec<u64>,
+    /// Slots of the spool file so far.
+    slots: u64,
     /// Blocks before this one have been taken.
     untaken: usize,
     /// Blocks of input cut and not yet compressed.
@@ -985,6 +1023,20 @@ struct BlockedState {
 }
 
 impl BlockedState {
+    /// A slot of the spool file for the next block's input.
+    fn take_slot(&mut self) -> u64 {
+        self.free.pop().unwrap_or_else(|| {
+            self.slots += 1;
+            self.slots - 1
+        })
+    }
+
+    /// The input of a block is compressed (or will never be): its slot is free again.
+    fn release(&mut self, input: Input) {
+        self.held -= 1;
+        self.free.push(input.slot);
+    }
+
     /// Appends the blocks that are next in order.
     fn append_ready(&mut self, params: &xz::Params) -> io::Result<()> {
         let out = self.out.as_mut().expect("open until finished");
@@ -1000,12 +1052,15 @@ impl BlockedState {
 }
 
 /// The end of the read of a path compressed a block per unit: cuts the NAR into blocks of
-/// the block size and queues each.
+/// the block size, written to a slot of the path's spool file, and queues each.
 struct Cutter<'r, 'a> {
     run: &'r Run<'a>,
     b: &'r Blocked,
     unit: Unit,
-    buf: Vec<u8>,
+    /// The slot the block being cut is written to.
+    slot: Option<u64>,
+    /// Bytes of the block being cut.
+    len: u64,
 }
 
 /// The read stopped because a block of the path failed (that error is the path's).
@@ -1014,23 +1069,25 @@ struct Cutter<'r, 'a> {
 struct Stopped;
 
 impl Cutter<'_, '_> {
-    /// Queues the bytes read since the last cut as a block, then holds the read while
-    /// `limit` blocks are held: compresses the oldest one no thread has taken, or waits.
-    fn cut(&mut self) -> io::Result<()> {
+    /// Queues the bytes read since the last cut as a block; then, unless this was the last
+    /// cut (`more` is false), holds the read while `limit` blocks are held: compresses the
+    /// oldest one no thread has taken, or waits.
+    fn cut(&mut self, more: bool) -> io::Result<()> {
         let b = self.b;
         let mut st = b.lock();
         if st.error.is_some() {
             return Err(io::Error::other(Stopped));
         }
-        if !self.buf.is_empty() {
+        if let Some(slot) = self.slot.take() {
             let k = st.input.len();
-            st.input.push(Some(std::mem::take(&mut self.buf)));
+            let len = std::mem::take(&mut self.len);
+            st.input.push(Some(Input { slot, len }));
             st.waiting.push(None);
             st.held += 1;
             st.left += 1;
-            self.run.queue.add([Unit { block: k + 1, ..self.unit }]);
+            self.run.queue.add([Unit { bytes: Reverse(len), block: k + 1, ..self.unit }]);
         }
-        while st.held >= b.limit && st.error.is_none() {
+        while more && st.held >= b.limit && st.error.is_none() {
             match b.take_next(&mut st) {
                 Some((k, data)) => {
                     drop(st);
@@ -1049,14 +1106,20 @@ impl Cutter<'_, '_> {
 
 impl Write for Cutter<'_, '_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let size = self.b.params.block_size() as usize;
-        if self.buf.capacity() == 0 {
-            self.buf.reserve_exact(size);
+        if buf.is_empty() {
+            return Ok(0);
         }
-        let n = buf.len().min(size - self.buf.len());
-        self.buf.extend_from_slice(&buf[..n]);
-        if self.buf.len() == size {
-            self.cut()?;
+        let b = self.b;
+        let size = b.params.block_size();
+        let slot = match self.slot {
+            Some(slot) => slot,
+            None => *self.slot.insert(b.lock().take_slot()),
+        };
+        let n = buf.len().min((size - self.len) as usize);
+        b.spool.write_all_at(&buf[..n], slot * size + self.len).map_err(tag)?;
+        self.len += n as u64;
+        if self.len == size {
+            self.cut(true)?;
         }
         Ok(n)
     }
@@ -1094,10 +1157,7 @@ impl Write for Spill<'_> {
         if let SpillData::Memory(v) = &mut self.data
             && v.len() + buf.len() > SPILL_IN_MEMORY
         {
-            let mut f = self.cache.scratch().map_err(|e| match e {
-                CacheError::Storage(crate::cache::StorageError::Io { source, .. }) => tag(source),
-                e => tag(io::Error::other(e)),
-            })?;
+            let mut f = scratch(self.cache)?;
             f.write_all(v).map_err(tag)?;
             self.data = SpillData::File(f);
         }
@@ -1110,6 +1170,15 @@ impl Write for Spill<'_> {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// An unnamed file beside the cache (a directory's, or the temporary directory for a
+/// bucket), its errors tagged as the cache's.
+fn scratch(cache: &Cache) -> io::Result<File> {
+    cache.scratch().map_err(|e| match e {
+        CacheError::Storage(crate::cache::StorageError::Io { source, .. }) => tag(source),
+        e => tag(io::Error::other(e)),
+    })
 }
 
 fn listing_rel(p: &StorePath) -> String {
