@@ -4,10 +4,10 @@
 //! `dump -> (NarSize, NarHash) -> compressor -> (FileSize, FileHash) -> temp file`, so nothing
 //! is held whole in memory. An xz NAR of several blocks is read once too, and cut as it is
 //! read into blocks of the block size (24 MiB at level 6), each compressed as a unit of its
-//! own on whichever thread is free, while at most `--jobs` + 1 blocks of input are held;
-//! finished blocks are appended in order, and nothing of the path is published unless what
-//! was read hashes to the NarHash the store records. Work runs on `--jobs` threads, largest
-//! path first. A narinfo is published only after its NAR is in place and after the narinfos
+//! own on whichever thread is free, while at most `--jobs` + 1 blocks of input wait (in an
+//! unnamed file, the page cache, not the heap); finished blocks are appended in order, and
+//! nothing of the path is published unless what was read hashes to the NarHash the store
+//! records. Work runs on `--jobs` threads, the most bytes first. A narinfo is published only after its NAR is in place and after the narinfos
 //! of all its references, so a run killed at any moment leaves a cache in which every
 //! narinfo a client can fetch is complete.
 
