@@ -637,7 +637,7 @@ impl Cache {
     /// Keeps copies of a bucket's narinfos in `dir` on this machine and reads a narinfo from
     /// its copy while the bucket's listing shows it unchanged (see
     /// [`crate::storage::copies`]); nothing for a directory.
-    pub fn keep_copies(&self, dir: &Path) -> Result<(), crate::storage::copies::CopiesError> {
+    pub fn keep_copies(&self, dir: &Path) -> Result<(), crate::storage::s3::CopiesError> {
         self.backend.keep_copies(dir)
     }
 

@@ -32,3 +32,32 @@ pub const SUBDIRS: [&str; 4] = ["nar", "debuginfo", "log", "realisations"];
 pub fn is_temp(name: &str) -> bool {
     name.starts_with(TEMP_PREFIX)
 }
+
+/// The Content-Type Nix's S3 store gives a key.
+pub fn content_type(rel: &str) -> &'static str {
+    if rel == CACHE_INFO {
+        "text/x-nix-cache-info"
+    } else if rel.ends_with(".narinfo") {
+        "text/x-nix-narinfo"
+    } else if rel.starts_with("nar/") {
+        "application/x-nix-nar"
+    } else if rel.ends_with(".ls") || rel.starts_with("debuginfo/") {
+        "application/json"
+    } else {
+        "text/plain"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_types_are_nix_s() {
+        assert_eq!(content_type("nix-cache-info"), "text/x-nix-cache-info");
+        assert_eq!(content_type("abc.narinfo"), "text/x-nix-narinfo");
+        assert_eq!(content_type("nar/x.nar.xz"), "application/x-nix-nar");
+        assert_eq!(content_type("abc.ls"), "application/json");
+        assert_eq!(content_type("debuginfo/ab"), "application/json");
+    }
+}

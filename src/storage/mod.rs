@@ -14,9 +14,6 @@
 //!
 //! [`Cache`]: crate::cache::Cache
 
-pub mod answers;
-pub mod copies;
-pub mod credentials;
 pub mod dir;
 mod lock;
 pub mod s3;
@@ -404,7 +401,7 @@ pub trait Backend: Send + Sync {
     /// Keeps copies of the narinfos read and written in `dir` on this machine, and reads a
     /// narinfo from its copy while the listing shows it unchanged ([`copies`]). Storage on
     /// this machine has no use for them.
-    fn keep_copies(&self, dir: &Path) -> Result<(), copies::CopiesError> {
+    fn keep_copies(&self, dir: &Path) -> Result<(), s3::CopiesError> {
         let _ = dir;
         Ok(())
     }

@@ -22,7 +22,16 @@ use std::time::{Duration, SystemTime};
 use rusty_s3::Credentials;
 use serde::Deserialize;
 
-use super::s3::S3Error;
+use thiserror::Error;
+
+/// No credentials were found.
+#[derive(Debug, Error)]
+#[error(
+    "no S3 credentials found; looked in {looked}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or add the profile to ~/.aws/credentials"
+)]
+pub struct CredentialsError {
+    looked: String,
+}
 
 /// How long before their expiry temporary credentials are fetched again: the AWS SDKs' margin,
 /// long enough for a request signed just before to reach the server.
@@ -159,7 +168,7 @@ fn instance(endpoint: &str) -> Option<Creds> {
 }
 
 /// Finds credentials (see the module's documentation).
-pub fn find(profile: Option<&str>) -> Result<Creds, S3Error> {
+pub fn find(profile: Option<&str>) -> Result<Creds, CredentialsError> {
     if let Some(creds) = Credentials::from_env() {
         return Ok(Creds::lasting(creds, "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"));
     }
@@ -195,7 +204,7 @@ pub fn find(profile: Option<&str>) -> Result<Creds, S3Error> {
     match container() {
         Some(Ok(c)) => return Ok(c),
         // Pointed at and failing: that is the error to see.
-        Some(Err(why)) => return Err(S3Error::NoCredentials { looked: format!("{looked}, then {why}") }),
+        Some(Err(why)) => return Err(CredentialsError { looked: format!("{looked}, then {why}") }),
         None => looked.push_str(", AWS_CONTAINER_CREDENTIALS_FULL_URI/RELATIVE_URI (unset)"),
     }
     if env("AWS_EC2_METADATA_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
@@ -209,7 +218,7 @@ pub fn find(profile: Option<&str>) -> Result<Creds, S3Error> {
         }
         looked.push_str(&format!(", the instance metadata service at {endpoint}"));
     }
-    Err(S3Error::NoCredentials { looked })
+    Err(CredentialsError { looked })
 }
 
 #[cfg(test)]
