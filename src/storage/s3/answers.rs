@@ -202,6 +202,7 @@ pub fn list_page(body: &str, prefix: &str) -> Result<ListPage, String> {
         };
         objects.push(Object { key, size, modified, etag });
     }
+
     // Directories (with a delimiter) are not objects, but they count.
     let prefixes = elements(page, "CommonPrefixes")?.len();
     if let Some(n) = only(page, "KeyCount")? {

@@ -13,7 +13,7 @@ use super::answers::{error_code, printable};
 use super::copies::Copies;
 use super::credentials::{self, Creds};
 use super::error::transport;
-use super::request::{Body, with_body};
+use super::request::{Request, with_body};
 use super::tuning::Tuning;
 use super::upload::Slots;
 use super::{BucketUrl, Meta, Requests, S3Error, StorageError};
@@ -72,14 +72,17 @@ impl Client {
     pub(super) fn key(&self, rel: &str) -> String {
         format!("{}{rel}", self.prefix)
     }
+
     pub(super) fn rel<'k>(&self, key: &'k str) -> &'k str {
         key.strip_prefix(self.prefix.as_str()).unwrap_or(key)
     }
+
     /// Counts a request of `kind` now and, when the guard is dropped, the time it took.
     pub(super) fn count(&self, kind: &'static str) -> Timed<'_> {
         self.counts.lock().unwrap_or_else(|e| e.into_inner()).entry(kind).or_default().count += 1;
         Timed { client: self, kind, started: Instant::now() }
     }
+
     /// The credentials to sign with now: temporary ones are fetched again from where they
     /// came from once due ([`credentials::REFRESH_BEFORE`] their expiry). A failed refresh
     /// keeps the old ones (they may still work; the server says when not).
@@ -105,6 +108,7 @@ impl Client {
             Err(_) => current,
         }
     }
+
     /// What a server's message may say in ours: see [`answers::printable`].
     pub(super) fn printable(&self, message: &str) -> String {
         let creds = self.creds.read().unwrap_or_else(|e| e.into_inner()).clone();
@@ -114,6 +118,7 @@ impl Client {
             .unwrap_or_default();
         printable(message, &secrets)
     }
+
     /// A signed URL for `method` on `key` (None: the bucket), with `query` and the signed
     /// `headers` (lowercase names).
     pub(super) fn presign(
@@ -156,58 +161,42 @@ impl Client {
             }
         }
     }
-    /// Sends a request, retrying transport errors, 5xx and 429 with backoff; a final status
-    /// not in `ok` is an error that says what to do ([`Client::check`]). `what` names the
+
+    /// Sends `req`, retrying transport errors, 5xx and 429 with backoff; a final status not
+    /// in `req.ok` is an error that says what to do ([`Client::check`]). `what` names the
     /// request in errors.
-    // The request's parts, each a plain value: a struct of them would only be taken apart.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn send(
-        &self,
-        kind: &'static str,
-        what: &dyn Fn() -> String,
-        method: Method,
-        key: Option<&str>,
-        query: &[(&str, &str)],
-        headers: &[(&str, &str)],
-        body: Body<'_>,
-        ok: &[u16],
-    ) -> Result<Response, S3Error> {
-        self.send_with(kind, what, method, key, query, headers, body, ok, Ok)
+    pub(super) fn send(&self, req: &Request<'_>, what: &dyn Fn() -> String) -> Result<Response, S3Error> {
+        self.send_with(req, what, Ok)
     }
-    /// [`Client::send`], and `read` the answer (status in `ok`) in the same try: a body that
-    /// breaks off, stalls past the read timeout or is not what it must be
+
+    /// [`Client::send`], and `read` the answer (status in `req.ok`) in the same try: a body
+    /// that breaks off, stalls past the read timeout or is not what it must be
     /// ([`BodyError::Retry`]) is tried again like a failed request, and after the last try is
     /// an error, never a short answer.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn send_with<T>(
         &self,
-        kind: &'static str,
+        req: &Request<'_>,
         what: &dyn Fn() -> String,
-        method: Method,
-        key: Option<&str>,
-        query: &[(&str, &str)],
-        headers: &[(&str, &str)],
-        body: Body<'_>,
-        ok: &[u16],
         read: impl Fn(Response) -> Result<T, BodyError>,
     ) -> Result<T, S3Error> {
+        let (method, headers) = (req.op.method(), req.headers.as_slice());
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let timed = self.count(kind);
-            let url = self.presign(method, key, query, headers);
+            let timed = self.count(req.op.as_str());
+            let url = self.presign(method, req.key, &req.query, headers);
             let uri = url.as_str();
             let result = match method {
                 Method::Get => self.agent.get(uri).call(),
                 Method::Head => self.agent.head(uri).call(),
                 Method::Delete => self.agent.delete(uri).call(),
-                Method::Put => with_body(self.agent.put(uri), headers, body),
-                Method::Post => with_body(self.agent.post(uri), headers, body),
+                Method::Put => with_body(self.agent.put(uri), headers, req.body),
+                Method::Post => with_body(self.agent.post(uri), headers, req.body),
             };
             let last = attempt >= ATTEMPTS;
             match result {
                 Ok(r) if last || !crate::retry::retryable(r.status().as_u16()) => {
-                    match read(self.check(what, r, ok)?) {
+                    match read(self.check(what, r, req.ok)?) {
                         Ok(t) => return Ok(t),
                         Err(BodyError::Fail(e)) => return Err(e),
                         Err(BodyError::Retry(reason)) if last => {
@@ -233,6 +222,7 @@ impl Client {
             std::thread::sleep(crate::retry::pause(attempt));
         }
     }
+
     /// Turns an unexpected status into an error that says what to do.
     pub(super) fn check(
         &self,
@@ -268,12 +258,14 @@ impl Client {
             _ => S3Error::Status { what: what(), status, code, message },
         })
     }
+
     /// Reads a whole text body of at most `limit` bytes; one that breaks off or stalls is
     /// worth another try.
     pub(super) fn body_text(r: Response, limit: u64) -> Result<String, BodyError> {
         let bytes = Self::body_bytes(r, limit)?;
         String::from_utf8(bytes).map_err(|_| BodyError::Retry("the answer is not UTF-8".into()))
     }
+
     /// Reads a whole body of at most `limit` bytes, checked against its Content-Length.
     pub(super) fn body_bytes(r: Response, limit: u64) -> Result<Vec<u8>, BodyError> {
         let declared = r.body().content_length();
@@ -293,6 +285,7 @@ impl Client {
         }
         Ok(out)
     }
+
     /// The cache error for a failed `action` on `rel`.
     pub(super) fn cache_err<'a>(
         &'a self,
@@ -301,6 +294,7 @@ impl Client {
     ) -> impl Fn(S3Error) -> StorageError + 'a {
         move |e| StorageError::Io { action, path: PathBuf::from(self.url_of(rel)), source: e.into_io() }
     }
+
     pub(super) fn url_of(&self, rel: &str) -> String {
         format!("s3://{}/{}", self.url.bucket, self.key(rel))
     }

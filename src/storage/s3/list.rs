@@ -2,11 +2,9 @@
 
 use std::time::SystemTime;
 
-use rusty_s3::Method;
-
 use super::answers;
 use super::client::{BodyError, Client};
-use super::request::Body;
+use super::request::{Op, Request};
 use super::{Meta, S3Error};
 
 /// An incomplete multipart upload under the cache's prefix.
@@ -44,11 +42,10 @@ impl Client {
             if let Some(t) = &token {
                 query.push(("continuation-token", t.as_str()));
             }
-            let page =
-                self.send_with("list", &what, Method::Get, None, &query, &[], Body::None, &[200], |r| {
-                    let body = Self::body_text(r, 64 << 20)?;
-                    answers::list_page(&body, prefix).map_err(BodyError::Retry)
-                })?;
+            let page = self.send_with(&Request { query, ..Request::bucket(Op::List) }, &what, |r| {
+                let body = Self::body_text(r, 64 << 20)?;
+                answers::list_page(&body, prefix).map_err(BodyError::Retry)
+            })?;
             for o in page.objects {
                 let rel = self.rel(&o.key).to_owned();
                 if rel.ends_with('/') {
@@ -83,20 +80,11 @@ impl Client {
                 query.push(("key-marker", k.as_str()));
                 query.push(("upload-id-marker", u.as_str()));
             }
-            let page = self.send_with(
-                "list-uploads",
-                &what,
-                Method::Get,
-                None,
-                &query,
-                &[],
-                Body::None,
-                &[200],
-                |r| {
+            let page =
+                self.send_with(&Request { query, ..Request::bucket(Op::ListUploads) }, &what, |r| {
                     let body = Client::body_text(r, 64 << 20)?;
                     answers::upload_page(&body, &self.prefix).map_err(BodyError::Retry)
-                },
-            )?;
+                })?;
             for u in page.uploads {
                 found.push(PendingUpload {
                     rel: self.rel(&u.key).to_owned(),

@@ -43,7 +43,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
-use rusty_s3::{Bucket, Method, UrlStyle};
+use rusty_s3::{Bucket, UrlStyle};
 use url::Url;
 
 use super::{Backend, Leftover, Meta, NewFile, Reader, Record, Requests, Staged};
@@ -54,7 +54,7 @@ use client::Client;
 use copies::Copies;
 use credentials::Creds;
 use records::random_id;
-use request::Body;
+use request::{Op, Request};
 use tuning::Tuning;
 use upload::{Slots, Upload};
 
@@ -108,12 +108,14 @@ impl S3Backend {
         };
         Self::connect_as(url, creds, true)
     }
+
     /// Opens the bucket with the given key and secret (for a program that has them from
     /// elsewhere than the environment).
     pub fn connect_with(url: &BucketUrl, key: &str, secret: &str) -> Result<S3Backend, StorageError> {
         let creds = Creds::lasting(rusty_s3::Credentials::new(key, secret), "the caller");
         Self::connect_as(url, Some(creds), false)
     }
+
     fn connect_as(
         url: &BucketUrl,
         creds: Option<Creds>,
@@ -164,18 +166,14 @@ impl S3Backend {
         };
         // One small listing: the endpoint answers, the bucket exists, the credentials work.
         let what = || format!("opening {}", client.url);
-        client.send(
-            "list",
-            &what,
-            Method::Get,
-            None,
-            &[("list-type", "2"), ("max-keys", "1"), ("prefix", &client.prefix)],
-            &[],
-            Body::None,
-            &[200],
-        )?;
+        let probe = Request::bucket(Op::List)
+            .query("list-type", "2")
+            .query("max-keys", "1")
+            .query("prefix", &client.prefix);
+        client.send(&probe, &what)?;
         Ok(S3Backend { client: Arc::new(client) })
     }
+
     fn io<'a>(&'a self, action: &'static str, rel: &'a str) -> impl Fn(S3Error) -> StorageError + 'a {
         self.client.cache_err(action, rel)
     }
@@ -260,7 +258,7 @@ impl Backend for S3Backend {
         let what = || format!("downloading {}", self.client.url_of(rel));
         let r = self
             .client
-            .send("get", &what, Method::Get, Some(&key), &[], &[], Body::None, &[200, 404])
+            .send(&Request::object(Op::Get, &key).ok(&[200, 404]), &what)
             .map_err(|e| FileProblem::Io(e.into_io()))?;
         if r.status().as_u16() == 404 {
             return Ok(None);

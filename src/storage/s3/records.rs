@@ -84,6 +84,7 @@ impl S3Backend {
         }
         Ok(first)
     }
+
     /// What [`super::Backend::push_records`] answers.
     pub(super) fn read_push_records(
         &self,
@@ -116,6 +117,7 @@ impl S3Backend {
         }
         Ok(out)
     }
+
     /// What [`super::Backend::start_deleting`] does.
     pub(super) fn write_gc_marker(&self) -> Result<Option<String>, StorageError> {
         let name = stamped_name(GC_MARKERS).map_err(self.io("name the gc marker in", GC_MARKERS))?;
@@ -123,12 +125,14 @@ impl S3Backend {
         self.client.put(&name, body).map_err(self.io("write the gc marker", &name))?;
         Ok(Some(name))
     }
+
     /// What [`super::Backend::deleting`] answers.
     pub(super) fn gc_markers(&self) -> Result<Vec<Meta>, StorageError> {
         let dir = self.client.key(&format!("{GC_MARKERS}/"));
         let listed = self.client.list_keys(&dir, false, None).map_err(self.io("list", GC_MARKERS))?;
         Ok(listed.unwrap_or_default())
     }
+
     /// What [`super::Backend::leftovers`] answers: temporary objects and incomplete uploads
     /// of nixcache's own names.
     pub(super) fn own_leftovers(&self) -> Result<Vec<Leftover>, StorageError> {

@@ -14,6 +14,7 @@ impl Client {
         let snapshot = self.snapshot.lock().unwrap_or_else(|e| e.into_inner());
         snapshot.as_ref().filter(|_| listed_in(rel).is_some()).map(|s| s.get(rel).cloned())
     }
+
     /// Remembers that `rel` now exists, for lookups answered from the listing.
     pub(super) fn noted(&self, rel: &str, size: u64, etag: Option<String>) {
         if let Some(s) = self.snapshot.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
@@ -23,10 +24,12 @@ impl Client {
             );
         }
     }
+
     /// The copies kept on this machine, when `rel` is a narinfo and they are kept.
     pub(super) fn copies_of(&self, rel: &str) -> Option<&Copies> {
         self.copies.get().filter(|_| !rel.contains('/') && rel.ends_with(".narinfo"))
     }
+
     /// The copy of `rel` kept on this machine, if it is the object `listed` (same ETag and
     /// size) and at most `limit` bytes.
     pub(super) fn copy_of(&self, rel: &str, listed: &Meta, limit: u64) -> Option<Vec<u8>> {
@@ -70,6 +73,7 @@ impl S3Backend {
         *c.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = Some(map);
         Ok(Some(format!("listed the bucket once ({n} objects)")))
     }
+
     /// What [`super::Backend::listed_once`] answers.
     pub(super) fn listed_once_in(&self, sub: &str) -> Option<Vec<Meta>> {
         if !["", "nar"].contains(&sub) {
