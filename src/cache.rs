@@ -6,15 +6,14 @@
 //! ([`TEXT_LIMIT`]), and a narinfo must parse strictly and sit under its own name.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::SystemTime;
 
 use thiserror::Error;
 
+pub use crate::cache_info::CacheInfo;
 use crate::narinfo::{NarInfo, NarInfoError};
 pub use crate::storage::Backend;
 use crate::storage::dir::DirBackend;
@@ -67,12 +66,6 @@ pub enum CacheError {
     BadUpstreams { path: PathBuf, source: crate::upstream::UpstreamsError },
 }
 
-impl From<crate::storage::s3::S3Error> for CacheError {
-    fn from(e: crate::storage::s3::S3Error) -> Self {
-        CacheError::Storage(StorageError::Bucket(e))
-    }
-}
-
 impl CacheError {
     /// The I/O error underneath, when the storage failed on one.
     pub fn io(&self) -> Option<&io::Error> {
@@ -80,47 +73,6 @@ impl CacheError {
             CacheError::Storage(StorageError::Io { source, .. }) => Some(source),
             _ => None,
         }
-    }
-}
-
-/// The contents of `nix-cache-info`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CacheInfo {
-    pub store_dir: StoreDir,
-    /// Absent (as `nix copy` writes it) means no, to Nix.
-    pub want_mass_query: Option<bool>,
-    pub priority: Option<u32>,
-}
-
-impl fmt::Display for CacheInfo {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "StoreDir: {}", self.store_dir)?;
-        if let Some(w) = self.want_mass_query {
-            writeln!(f, "WantMassQuery: {}", u8::from(w))?;
-        }
-        if let Some(p) = self.priority {
-            writeln!(f, "Priority: {p}")?;
-        }
-        Ok(())
-    }
-}
-
-impl FromStr for CacheInfo {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (mut store_dir, mut want_mass_query, mut priority) = (None, None, None);
-        for line in s.lines().filter(|l| !l.trim().is_empty()) {
-            let (k, v) = line.split_once(':').ok_or_else(|| format!("line {line:?} is not 'Key: value'"))?;
-            let v = v.trim();
-            match k {
-                "StoreDir" => store_dir = Some(v.parse::<StoreDir>().map_err(|e| e.to_string())?),
-                "WantMassQuery" => want_mass_query = Some(v == "1"),
-                "Priority" => priority = Some(v.parse().map_err(|_| format!("bad Priority {v:?}"))?),
-                _ => {}
-            }
-        }
-        Ok(CacheInfo { store_dir: store_dir.ok_or("no StoreDir line")?, want_mass_query, priority })
     }
 }
 
@@ -241,7 +193,7 @@ impl Cache {
     /// Commits staged files, as many at once as the storage is best given; one result each,
     /// in order.
     pub fn commit_all(&self, staged: Vec<Staged>) -> Vec<Result<(), CacheError>> {
-        crate::map_in_order(
+        crate::util::map_in_order(
             staged.into_iter(),
             self.backend.commits_at_once(),
             |_| false,
@@ -677,18 +629,6 @@ mod tests {
     use std::io::Write;
 
     use super::*;
-
-    #[test]
-    fn cache_info_round_trip() {
-        let ci =
-            CacheInfo { store_dir: StoreDir::default(), want_mass_query: Some(true), priority: Some(30) };
-        assert_eq!(ci.to_string(), "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n");
-        assert_eq!(ci.to_string().parse::<CacheInfo>().unwrap(), ci);
-        // What `nix copy --to file://` writes: no newline, no other fields.
-        let nix: CacheInfo = "StoreDir: /nix/store".parse().unwrap();
-        assert_eq!(nix.priority, None);
-        assert!("Priority: 1\n".parse::<CacheInfo>().is_err());
-    }
 
     #[test]
     fn temp_files_vanish_unless_persisted() {

@@ -61,7 +61,7 @@ fn read_all(cache: &Cache, listed: &[&Meta]) -> Result<Vec<Result<Option<NarInfo
         }
     };
     let threads = if listed.len() < 2 * READERS { 1 } else { READERS };
-    crate::map_in_order(listed.iter(), threads, Result::is_err, read).into_iter().collect()
+    crate::util::map_in_order(listed.iter(), threads, Result::is_err, read).into_iter().collect()
 }
 
 impl Index {

@@ -599,7 +599,7 @@ impl Run<'_> {
                 self.progress.warn(&format!(
                     "error: {}: {}",
                     self.store.store_dir.display(&self.infos[k].path),
-                    crate::error_chain(&e)
+                    crate::util::error_chain(&e)
                 ));
             }
             self.publisher.fail(k, e);
@@ -645,7 +645,7 @@ impl Run<'_> {
     /// decompressed in full). Says what is wrong.
     fn nar_is_wrong(&self, abs: &str, ni: &NarInfo) -> bool {
         let mut wrong = Vec::new();
-        crate::verify::check_nar(self.cache, ni, true, &mut |_, m| wrong.push(m));
+        crate::nar_check::check_nar(self.cache, ni, true, &mut |_, m| wrong.push(m));
         if !wrong.is_empty() {
             self.progress.warn(&format!("warning: {abs}: {}; rewriting it", wrong.join("; ")));
         }

@@ -15,21 +15,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use thiserror::Error;
 
 use crate::hash::NixHash;
+pub use crate::path_info::PathInfo;
 use crate::signing::Signature;
 use crate::store_path::{StoreDir, StorePath, StorePathError};
-
-/// What Nix knows about a valid store path.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PathInfo {
-    pub path: StorePath,
-    pub nar_hash: NixHash,
-    pub nar_size: u64,
-    /// Sorted, self-reference included.
-    pub references: Vec<StorePath>,
-    pub deriver: Option<StorePath>,
-    pub sigs: Vec<Signature>,
-    pub ca: Option<String>,
-}
 
 /// Where metadata is read from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]

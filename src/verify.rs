@@ -8,17 +8,16 @@
 //! present and sane, and no NAR file is unused and no temporary file is left behind.
 
 use std::collections::{BTreeSet, HashSet};
-use std::io::{self, BufReader};
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::cache::{CACHE_INFO, Cache, CacheError, FileProblem, TEMP_PREFIX};
-use crate::compression::Compression;
 use crate::content_address::ca_store_path;
-use crate::hash::{HashingReader, HashingWriter};
 use crate::layout::STATE_DIR;
+use crate::nar_check::check_nar;
 use crate::narinfo::NarInfo;
 use crate::progress::Progress;
 use crate::signing::PublicKey;
@@ -76,7 +75,7 @@ pub fn verify(
             problems.push(Problem {
                 path: CACHE_INFO.into(),
                 kind: "cache-info",
-                message: crate::error_chain(&e),
+                message: crate::util::error_chain(&e),
             });
             None
         }
@@ -88,7 +87,7 @@ pub fn verify(
             problems.push(Problem {
                 path: STATE_DIR.into(),
                 kind: "upstreams",
-                message: crate::error_chain(&e),
+                message: crate::util::error_chain(&e),
             });
             Upstreams::default()
         }
@@ -253,89 +252,6 @@ fn fix(kind: &str) -> &'static str {
 
 /// A cache file that is not what its name says.
 fn file_problem(file: &str, e: &FileProblem) -> Problem {
-    let kind = match e {
-        FileProblem::NotRegular(_) => "not-regular-file",
-        FileProblem::TooLarge { .. } => "too-large",
-        FileProblem::NotText | FileProblem::Io(_) => "unreadable",
-    };
-    let message = format!(
-        "{} (not read; `nixcache push` replaces it, `nixcache gc` removes it)",
-        crate::error_chain(e)
-    );
+    let (kind, message) = crate::nar_check::file_problem(e);
     Problem { path: file.into(), kind, message }
-}
-
-/// Streams the NAR file once: FileSize and FileHash on the way in, NarSize and NarHash out
-/// of the decompressor (unless `decompress` is off: then only the file's size and hash).
-/// Reports each mismatch through `problem`; returns the NAR bytes checked.
-pub fn check_nar(
-    cache: &Cache,
-    ni: &NarInfo,
-    decompress: bool,
-    problem: &mut impl FnMut(&'static str, String),
-) -> u64 {
-    let Ok(compression) = ni.compression.parse::<Compression>() else {
-        problem("compression", format!("unknown compression {:?}", ni.compression));
-        return 0;
-    };
-    let Some(rel) = ni.nar_file() else {
-        problem("nar-url", format!("its URL {:?} does not name a file in the cache", ni.url));
-        return 0;
-    };
-    let (f, size) = match cache.open_file(&rel) {
-        Ok(Some(f)) => f,
-        Ok(None) => {
-            problem(
-                "missing-nar",
-                format!("its NAR {rel} is missing (`nixcache push` of the path repairs it)"),
-            );
-            return 0;
-        }
-        Err(e) => {
-            let p = file_problem(&rel, &e);
-            problem(p.kind, format!("its NAR {rel} {}", p.message));
-            return 0;
-        }
-    };
-    if let Some(want) = ni.file_size
-        && want != size
-    {
-        problem("file-size", format!("{rel} is {size} bytes, the narinfo says {want}"));
-        return 0;
-    }
-    let mut file = HashingReader::new(f);
-    let mut nar = HashingWriter::new(io::sink());
-    let decoded = if decompress {
-        // No more buffer than the file needs: a megabyte each for 50,000 tiny NARs is a
-        // megabyte of page faults each.
-        let buffer = size.clamp(8 << 10, 1 << 20) as usize;
-        compression.decode_to(BufReader::with_capacity(buffer, &mut file), &mut nar)
-    } else {
-        Ok(0)
-    };
-    if let Err(e) = decoded {
-        problem("nar-corrupt", format!("{rel} does not decompress as {compression}: {e}"));
-        return 0;
-    }
-    // Hash whatever the decoder left unread, so FileHash covers the whole file.
-    if let Err(e) = io::copy(&mut file, &mut io::sink()) {
-        problem("unreadable", format!("cannot read {rel}: {e}"));
-        return 0;
-    }
-    let (_, file_hash) = file.finish();
-    let (_, nar_size, nar_hash) = nar.finish();
-    if let Some(want) = ni.file_hash
-        && want != file_hash
-    {
-        problem("file-hash", format!("{rel} hashes to {file_hash}, the narinfo says {want}"));
-    }
-    if !decompress {
-        return 0;
-    }
-    if nar_size != ni.nar_size {
-        problem("nar-size", format!("its NAR is {nar_size} bytes, the narinfo says {}", ni.nar_size));
-    } else if nar_hash != ni.nar_hash {
-        problem("nar-hash", format!("its NAR hashes to {nar_hash}, the narinfo says {}", ni.nar_hash));
-    }
-    nar_size
 }

@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use crate::compression::Compression;
 use crate::storage::Dest;
 
-/// Parses `--jobs`: at least 1, at most [`crate::cmd::max_jobs`] (four per core, at most
+/// Parses `--jobs`: at least 1, at most [`max_jobs`] (four per core, at most
 /// 1024; more threads only add memory and contention).
 pub(super) fn parse_jobs(s: &str) -> Result<NonZeroUsize, String> {
     let n: usize = s.parse().map_err(|_| format!("{s:?} is not a number of threads"))?;
-    let max = crate::cmd::max_jobs();
+    let max = max_jobs();
     match NonZeroUsize::new(n) {
         None => Err("--jobs must be at least 1 (leave it out to use every core)".into()),
         Some(_) if n > max => Err(format!(
@@ -151,6 +151,11 @@ pub(super) fn parse_public_key(s: &str) -> Result<crate::signing::PublicKey, Str
             )
         })
     })
+}
+
+/// The most threads `--jobs` may ask for: four per core, at most 1024.
+pub fn max_jobs() -> usize {
+    (4 * std::thread::available_parallelism().map_or(1, usize::from)).min(1024)
 }
 
 #[cfg(test)]

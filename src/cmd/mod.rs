@@ -228,17 +228,12 @@ pub fn keep_copies(cache: &crate::cache::Cache, dest: &crate::storage::Dest, off
     }
 }
 
-/// The most threads `--jobs` may ask for: four per core, at most 1024.
-pub fn max_jobs() -> usize {
-    (4 * std::thread::available_parallelism().map_or(1, usize::from)).min(1024)
-}
-
 /// Says what requests a command made to a bucket (nothing for a directory), and how many
 /// narinfos were read from the copies kept on this machine instead.
 pub fn say_requests(cache: &crate::cache::Cache) {
     let requests = cache.requests();
     if !requests.is_empty() {
-        crate::elog!("{}", crate::progress::requests(&requests));
+        crate::elog!("{}", crate::storage::requests_summary(&requests));
     }
     if let Some((file, n)) = cache.copies_used()
         && n > 0

@@ -82,7 +82,7 @@ fn json(
     let errors: Vec<_> = report
         .failed
         .iter()
-        .map(|(p, e)| serde_json::json!({"path": store_dir.display(p), "error": crate::error_chain(e)}))
+        .map(|(p, e)| serde_json::json!({"path": store_dir.display(p), "error": crate::util::error_chain(e)}))
         .collect();
     let mut v = serde_json::json!({
         "dest": args.dest.to_string(),
@@ -339,7 +339,7 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     if !report.ok() {
         for (p, e) in &report.failed {
             if matches!(e, crate::push::PushError::Dependency { .. }) {
-                crate::elog!("error: {}: {}", store.store_dir().display(p), crate::error_chain(e));
+                crate::elog!("error: {}: {}", store.store_dir().display(p), crate::util::error_chain(e));
             }
         }
         let full = report.failed.iter().filter(|(_, e)| e.is_cache_full()).count();

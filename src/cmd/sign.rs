@@ -17,8 +17,8 @@ use rayon::prelude::*;
 use crate::cache::Cache;
 use crate::cli::SignArgs;
 use crate::index::Index;
+use crate::nar_check::check_nar;
 use crate::narinfo::NarInfo;
-use crate::verify::check_nar;
 
 /// Rewrites in flight at once: as many fsyncs (or PUTs) as push keeps in flight.
 const WRITERS: usize = 16;
@@ -56,7 +56,7 @@ pub fn run(args: &SignArgs) -> anyhow::Result<bool> {
         .filter_map(|(_, e)| match &e.narinfo {
             Ok(ni) => Some((e, ni)),
             Err(err) => {
-                crate::elog!("warning: {}: {}, not signed", e.file, crate::error_chain(err));
+                crate::elog!("warning: {}: {}, not signed", e.file, crate::util::error_chain(err));
                 unusable += 1;
                 None
             }

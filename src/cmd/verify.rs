@@ -53,7 +53,7 @@ pub fn run(args: &VerifyArgs) -> ExitCode {
     let report = match run_inner(args) {
         Ok(r) => r,
         Err(e) => {
-            crate::elog!("error: {}", crate::error_chain(e.as_ref()));
+            crate::elog!("error: {}", crate::util::error_chain(e.as_ref()));
             return ExitCode::from(2);
         }
     };

@@ -183,7 +183,7 @@ impl Filler {
                 path,
                 paths: infos.len(),
                 failed: report.failed.len(),
-                first: format!("{}: {}", store.store_dir().display(failed), crate::error_chain(e)),
+                first: format!("{}: {}", store.store_dir().display(failed), crate::util::error_chain(e)),
             });
         }
         Ok(Filled::Pushed {

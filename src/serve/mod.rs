@@ -324,7 +324,7 @@ fn unreadable(shared: &Shared, target: &Target, e: FileProblem) -> Response<Body
     if e.is_established() {
         return not_found();
     }
-    crate::elog!("error: {} {}", shared.cache.locate(&target.rel).display(), crate::error_chain(&e));
+    crate::elog!("error: {} {}", shared.cache.locate(&target.rel).display(), crate::util::error_chain(&e));
     status(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the file\n")
 }
 
@@ -362,7 +362,7 @@ async fn fill(shared: &Arc<Shared>, filler: &Arc<Filler>, hash: &str) -> FillOut
                         Ok(Filled::NotServed(_)) => (Ok(false), None),
                         Err(e) => {
                             let busy = matches!(e, fill::FillError::Busy(_));
-                            let e = crate::error_chain(&e);
+                            let e = crate::util::error_chain(&e);
                             let line = format!("error: cannot fill {hash}: {e}");
                             (Err(FillFailure { busy, message: Arc::from(e) }), Some(line))
                         }

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use super::{Backend, Leftover, Meta, NewFile, Reader, Record, Requests, Staged};
-use super::{FileProblem, StorageError};
+use super::{FileProblem, StorageError, io_err};
 use crate::layout::{LOCK_FILE, SUBDIRS, TEMP_PREFIX};
 
 /// Cache files a web server must read whatever the pusher's umask: `open` and `mkdir` take
@@ -144,13 +144,6 @@ fn bad_subdirs(dir: &Path) -> Vec<(&'static str, &'static str)> {
             _ => None,
         })
         .collect()
-}
-
-pub(super) fn io_err<'a>(
-    action: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(io::Error) -> StorageError + 'a {
-    move |source| StorageError::Io { action, path: path.to_owned(), source }
 }
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::StorageError;
-use super::dir::io_err;
+use super::io_err;
 
 /// Locks `f` (exclusive or shared), calling `on_wait` once if someone else holds it.
 pub(super) fn acquire(

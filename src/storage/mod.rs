@@ -193,6 +193,34 @@ pub struct Requests {
     pub time: Duration,
 }
 
+/// Requests made to a bucket, in words, with the time spent waiting on each kind (added up
+/// over threads, so it can exceed the wall time):
+/// `52 requests (30 put, 20 get, 2 copy); waited 2.45 s (copy 1.30 s, put 0.90 s, get 0.25 s)`.
+pub fn requests_summary(counts: &HashMap<&'static str, Requests>) -> String {
+    let mut kinds: Vec<_> = counts.iter().collect();
+    kinds.sort_by(|a, b| b.1.count.cmp(&a.1.count).then(a.0.cmp(b.0)));
+    let total: u64 = counts.values().map(|r| r.count).sum();
+    let each: Vec<String> = kinds.iter().map(|(k, r)| format!("{} {k}", r.count)).collect();
+    kinds.sort_by(|a, b| b.1.time.cmp(&a.1.time).then(a.0.cmp(b.0)));
+    let waited: std::time::Duration = counts.values().map(|r| r.time).sum();
+    let times: Vec<String> =
+        kinds.iter().map(|(k, r)| format!("{k} {:.2} s", r.time.as_secs_f64())).collect();
+    format!(
+        "{} ({}); waited {:.2} s ({})",
+        crate::progress::plural(total as usize, "request"),
+        each.join(", "),
+        waited.as_secs_f64(),
+        times.join(", ")
+    )
+}
+
+pub(crate) fn io_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> StorageError + 'a {
+    move |source| StorageError::Io { action, path: path.to_owned(), source }
+}
+
 /// An incomplete upload or temporary file some run left behind.
 #[derive(Clone, Debug)]
 pub struct Leftover {
@@ -409,5 +437,23 @@ pub trait Backend: Send + Sync {
     /// Where the copies are kept and how many reads they answered, when they are.
     fn copies_used(&self) -> Option<(PathBuf, u64)> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use super::Requests;
+
+    #[test]
+    fn requests_by_count_then_by_time() {
+        let r = |count, ms| Requests { count, time: Duration::from_millis(ms) };
+        let counts = HashMap::from([("put", r(30, 900)), ("get", r(20, 250)), ("copy", r(2, 1300))]);
+        assert_eq!(
+            super::requests_summary(&counts),
+            "52 requests (30 put, 20 get, 2 copy); waited 2.45 s (copy 1.30 s, put 0.90 s, get 0.25 s)"
+        );
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::cache::CacheInfo;
+use crate::cache_info::CacheInfo;
 use crate::narinfo::NarInfo;
 use crate::retry;
 use crate::store_path::{StoreDir, StorePath};

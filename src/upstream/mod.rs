@@ -17,8 +17,8 @@ use std::str::FromStr;
 
 use thiserror::Error;
 
+use crate::path_info::PathInfo;
 use crate::signing::{self, PublicKey};
-use crate::store::PathInfo;
 use crate::store_path::{StoreDir, StorePath};
 
 /// Why a path is not in the cache.

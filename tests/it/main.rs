@@ -10,6 +10,7 @@ mod habits;
 mod helpers;
 mod http;
 mod keys;
+mod layers;
 mod maintenance;
 mod newcomer;
 mod partial;

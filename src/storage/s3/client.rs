@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::time::{Instant, SystemTime};
 
 use rusty_s3::{Bucket, Method};
@@ -13,11 +13,32 @@ use super::answers::{error_code, printable};
 use super::copies::Copies;
 use super::credentials::{self, Creds};
 use super::error::transport;
+pub(super) use super::request::Response;
 use super::request::{Request, with_body};
 use super::tuning::Tuning;
-use super::upload::Slots;
 use super::{BucketUrl, Meta, Requests, S3Error, StorageError};
 use crate::retry::ATTEMPTS;
+
+/// A counting semaphore: uploads in flight.
+pub(super) struct Slots {
+    pub(super) free: Mutex<usize>,
+    pub(super) changed: Condvar,
+}
+
+impl Slots {
+    pub(super) fn take(&self) {
+        let mut f = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        while *f == 0 {
+            f = self.changed.wait(f).unwrap_or_else(|e| e.into_inner());
+        }
+        *f -= 1;
+    }
+
+    pub(super) fn give(&self) {
+        *self.free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.changed.notify_one();
+    }
+}
 
 /// What every request needs; shared with upload threads.
 pub(super) struct Client {
@@ -42,8 +63,6 @@ pub(super) struct Client {
     pub(super) copies: OnceLock<Copies>,
     pub(super) tuning: Tuning,
 }
-
-pub(super) type Response = ureq::http::Response<ureq::Body>;
 
 /// A request being timed: its time is added to its kind's when it ends.
 pub(super) struct Timed<'c> {

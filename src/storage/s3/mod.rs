@@ -51,12 +51,13 @@ use super::{FileProblem, StorageError};
 use crate::layout::TEMP_PREFIX;
 use answers::redact_url;
 use client::Client;
+use client::Slots;
 use copies::Copies;
 use credentials::Creds;
 use records::random_id;
 use request::{Op, Request};
 use tuning::Tuning;
-use upload::{Slots, Upload};
+use upload::Upload;
 
 pub use bucket_url::{Addressing, BucketUrl};
 pub use copies::CopiesError;

@@ -7,7 +7,8 @@ use std::io::{self, Seek};
 
 use rusty_s3::Method;
 
-use super::client::Response;
+/// An answer, its body not yet read.
+pub(super) type Response = ureq::http::Response<ureq::Body>;
 
 /// What a request does. Its name is the key of its count in `requests` (the summary line).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,32 +3,11 @@
 
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::client::Client;
 use super::{NewFile, PART_SIZE, S3Error, Staged, StorageError};
-
-/// A counting semaphore: uploads in flight.
-pub(super) struct Slots {
-    pub(super) free: Mutex<usize>,
-    pub(super) changed: Condvar,
-}
-
-impl Slots {
-    pub(super) fn take(&self) {
-        let mut f = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        while *f == 0 {
-            f = self.changed.wait(f).unwrap_or_else(|e| e.into_inner());
-        }
-        *f -= 1;
-    }
-
-    pub(super) fn give(&self) {
-        *self.free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-        self.changed.notify_one();
-    }
-}
 
 impl Client {
     /// Runs `upload` on a thread of its own once one of the `--uploads` slots is free
