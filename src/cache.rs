@@ -202,7 +202,7 @@ impl Cache {
     }
 
     pub fn narinfo_rel(p: &StorePath) -> String {
-        format!("{}.narinfo", p.hash_part())
+        crate::layout::narinfo_name(p.hash_part())
     }
 
     /// `rel` (`x.narinfo`, `nar/y.nar.xz`) if it can be in the cache: a plain name at the
@@ -600,9 +600,7 @@ impl Cache {
 }
 
 /// Whether a top-level name is a narinfo's (not a temporary file's).
-pub fn is_narinfo_name(name: &str) -> bool {
-    name.ends_with(".narinfo") && !crate::layout::is_temp(name)
-}
+pub use crate::layout::is_narinfo_name;
 
 /// A file's bytes as text.
 fn text(bytes: Option<Vec<u8>>) -> Result<Option<String>, FileProblem> {

@@ -32,6 +32,7 @@ use thiserror::Error;
 
 use crate::cache::{Cache, CacheError, FileProblem};
 use crate::index::Index;
+use crate::layout;
 
 /// Parses `90s`, `30m`, `36h`, `14d` or `2w`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -157,7 +158,7 @@ pub fn gc(
     absent.sort();
     absent.dedup();
     for r in absent {
-        let rel = format!("{r}.narinfo");
+        let rel = layout::narinfo_name(r);
         if cache.stat_fresh(&rel).map_err(unknown(&rel))?.is_some() {
             return Err(GcError::Contradicted { path: cache.locate(&rel) });
         }
@@ -242,7 +243,7 @@ pub fn gc(
         });
         layers.push(Some(layer[h]));
         report.removed_paths += 1;
-        let ls = format!("{h}.ls");
+        let ls = layout::listing_name(h);
         if cache.file_size(&ls).is_some() {
             report.removals.push(Removal {
                 file: ls.clone(),
@@ -275,7 +276,7 @@ pub fn gc(
     }
     // Debug-info links whose NAR goes.
     for name in cache.list("debuginfo", |n| !crate::layout::is_temp(n))? {
-        let rel = format!("debuginfo/{name}");
+        let rel = layout::debuginfo_name(&name);
         let text = match cache.read_text(&rel) {
             Ok(t) => t,
             Err(source) if !source.is_established() => return Err(unknown(&rel)(source)),
@@ -377,7 +378,7 @@ fn delete(
                 spared.insert(h);
             }
         }
-        let hash = r.file.strip_suffix(".narinfo").or_else(|| r.file.strip_suffix(".ls"));
+        let hash = layout::hash_of_narinfo(&r.file).or_else(|| layout::hash_of_listing(&r.file));
         if hash.is_some_and(|h| spared.contains(h)) || spared_nars.contains(&r.file) {
             kept_back[i] = true;
             continue;

@@ -7,7 +7,8 @@ use std::time::SystemTime;
 
 use thiserror::Error;
 
-use crate::cache::{BadNarInfo, Cache, CacheError, Meta, is_narinfo_name};
+use crate::cache::{BadNarInfo, Cache, CacheError, Meta};
+use crate::layout::{hash_of_narinfo, is_narinfo_name};
 use crate::narinfo::NarInfo;
 use crate::store_path::StorePath;
 
@@ -98,7 +99,7 @@ impl Index {
         let read = read_all(cache, &listed)?;
         for (meta, read) in listed.into_iter().zip(read) {
             let file = meta.name.clone();
-            let hash = file.trim_end_matches(".narinfo");
+            let hash = hash_of_narinfo(&file).unwrap_or(&file);
             let modified = recorded.get(hash).map_or(meta.modified, |&r| r.max(meta.modified));
             let narinfo = match read {
                 Ok(Some(ni)) => Ok(ni),
@@ -107,7 +108,7 @@ impl Index {
                 Ok(None) => Err(BadNarInfo::Unfetchable),
                 Err(e) => Err(e),
             };
-            let hash = file.trim_end_matches(".narinfo").to_owned();
+            let hash = hash_of_narinfo(&file).unwrap_or(&file).to_owned();
             entries.insert(hash, Entry { file, narinfo, modified });
         }
         Ok((Index { entries, records, bad_records }, top))

@@ -33,24 +33,118 @@ pub fn is_temp(name: &str) -> bool {
     name.starts_with(TEMP_PREFIX)
 }
 
-/// The Content-Type Nix's S3 store gives a key.
-pub fn content_type(rel: &str) -> &'static str {
-    if rel == CACHE_INFO {
-        "text/x-nix-cache-info"
-    } else if rel.ends_with(".narinfo") {
-        "text/x-nix-narinfo"
-    } else if rel.starts_with("nar/") {
-        "application/x-nix-nar"
-    } else if rel.ends_with(".ls") || rel.starts_with("debuginfo/") {
-        "application/json"
-    } else {
-        "text/plain"
+/// What a file of a cache is, by its cache-relative name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileKind {
+    CacheInfo,
+    NarInfo,
+    Nar,
+    Listing,
+    DebugInfo,
+    Log,
+    Realisation,
+    /// nixcache's own (`.nixcache/...`, the lock).
+    State,
+    Other,
+}
+
+impl FileKind {
+    /// The kind of `rel`, by its name alone (a temporary file is the kind it will be).
+    pub fn of(rel: &str) -> FileKind {
+        if rel == CACHE_INFO {
+            FileKind::CacheInfo
+        } else if rel.ends_with(NARINFO_SUFFIX) {
+            FileKind::NarInfo
+        } else if rel.starts_with("nar/") {
+            FileKind::Nar
+        } else if rel.ends_with(LISTING_SUFFIX) {
+            FileKind::Listing
+        } else if rel.starts_with("debuginfo/") {
+            FileKind::DebugInfo
+        } else if rel.starts_with("log/") {
+            FileKind::Log
+        } else if rel.starts_with("realisations/") {
+            FileKind::Realisation
+        } else if rel.starts_with(STATE_DIR) || rel == LOCK_FILE {
+            FileKind::State
+        } else {
+            FileKind::Other
+        }
     }
+
+    /// The Content-Type Nix's S3 store gives a file of this kind.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            FileKind::CacheInfo => "text/x-nix-cache-info",
+            FileKind::NarInfo => "text/x-nix-narinfo",
+            FileKind::Nar => "application/x-nix-nar",
+            FileKind::Listing | FileKind::DebugInfo => "application/json",
+            _ => "text/plain",
+        }
+    }
+}
+
+/// The Content-Type Nix's S3 store gives `rel`.
+pub fn content_type(rel: &str) -> &'static str {
+    FileKind::of(rel).content_type()
+}
+
+const NARINFO_SUFFIX: &str = ".narinfo";
+const LISTING_SUFFIX: &str = ".ls";
+
+/// `<hashpart>.narinfo`: a store path's narinfo.
+pub fn narinfo_name(hash_part: &str) -> String {
+    format!("{hash_part}{NARINFO_SUFFIX}")
+}
+
+/// `<hashpart>.ls`: the listing of a store path's NAR.
+pub fn listing_name(hash_part: &str) -> String {
+    format!("{hash_part}{LISTING_SUFFIX}")
+}
+
+/// `nar/<filehash><extension>` (`.nar.xz`, ...): a NAR file, named by its own hash (nix32).
+pub fn nar_name(file_hash: &str, extension: &str) -> String {
+    format!("nar/{file_hash}{extension}")
+}
+
+/// `debuginfo/<build-id>`: the link from a build id to the NAR member with its debug info.
+pub fn debuginfo_name(build_id: &str) -> String {
+    format!("debuginfo/{build_id}")
+}
+
+/// Whether a name at the top of a cache is a narinfo's (not a temporary file's).
+pub fn is_narinfo_name(name: &str) -> bool {
+    name.ends_with(NARINFO_SUFFIX) && !is_temp(name)
+}
+
+/// The hash part a narinfo's name carries: `abc` of `abc.narinfo`.
+pub fn hash_of_narinfo(name: &str) -> Option<&str> {
+    name.strip_suffix(NARINFO_SUFFIX)
+}
+
+/// The hash part a listing's name carries: `abc` of `abc.ls`.
+pub fn hash_of_listing(name: &str) -> Option<&str> {
+    name.strip_suffix(LISTING_SUFFIX)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_round_trip_to_their_kinds() {
+        let h = "0123456789abcdfghijklmnpqrsvwxyz";
+        assert_eq!(FileKind::of(&narinfo_name(h)), FileKind::NarInfo);
+        assert_eq!(hash_of_narinfo(&narinfo_name(h)), Some(h));
+        assert_eq!(hash_of_listing(&listing_name(h)), Some(h));
+        assert_eq!(FileKind::of(&listing_name(h)), FileKind::Listing);
+        assert_eq!(nar_name(h, ".nar.xz"), format!("nar/{h}.nar.xz"));
+        assert_eq!(FileKind::of(&nar_name(h, ".nar")), FileKind::Nar);
+        assert_eq!(FileKind::of(&debuginfo_name("ab12")), FileKind::DebugInfo);
+        assert_eq!(FileKind::of(".nixcache/pushes/1-2"), FileKind::State);
+        assert_eq!(FileKind::of("log/x"), FileKind::Log);
+        assert!(is_narinfo_name("a.narinfo") && !is_narinfo_name(".nixcache-tmp-1.narinfo"));
+    }
 
     #[test]
     fn content_types_are_nix_s() {

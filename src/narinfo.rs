@@ -109,7 +109,7 @@ impl NarInfo {
 
     /// The narinfo's file name in a cache: `<hashpart>.narinfo`.
     pub fn file_name(&self) -> String {
-        format!("{}.narinfo", self.store_path.hash_part())
+        crate::layout::narinfo_name(self.store_path.hash_part())
     }
 
     /// The cache-relative file the URL names, as a client reaches it: Nix appends the URL to

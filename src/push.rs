@@ -856,7 +856,7 @@ impl Run<'_> {
         listing: Option<&Entry>,
     ) -> Result<Done, PushError> {
         let (cache, opts) = (self.cache, self.opts);
-        let url = format!("nar/{}{}", file_hash.to_nix32(), opts.compression.extension());
+        let url = crate::layout::nar_name(&file_hash.to_nix32(), opts.compression.extension());
         // Made durable and put in place before its narinfo (see Publisher).
         let mut staged = vec![tmp.stage(&url)?];
         staged.extend(side_files(cache, info, &url, listing, opts)?);
@@ -1182,7 +1182,7 @@ fn scratch(cache: &Cache) -> io::Result<File> {
 }
 
 fn listing_rel(p: &StorePath) -> String {
-    format!("{}.ls", p.hash_part())
+    crate::layout::listing_name(p.hash_part())
 }
 
 /// What the cache holds for `info`: its narinfo if it says what the store says (else `warn`
@@ -1267,7 +1267,7 @@ fn side_files(
     }
     if opts.index_debug_info {
         for (key, member) in listing.debug_files() {
-            let rel = format!("debuginfo/{key}");
+            let rel = crate::layout::debuginfo_name(&key);
             // Like Nix: the first NAR that provides a build id keeps it.
             if cache.file_size(&rel).is_none() {
                 staged.push(cache.stage(&rel, &debuginfo_json(url, &member))?);

@@ -94,7 +94,7 @@ pub fn verify(
     };
     let files = cache.narinfo_files()?;
     let present: HashSet<String> =
-        files.iter().filter_map(|f| f.strip_suffix(".narinfo")).map(str::to_owned).collect();
+        files.iter().filter_map(|f| crate::layout::hash_of_narinfo(f)).map(str::to_owned).collect();
     let done = AtomicUsize::new(0);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(jobs.max(1)).build();
     let check_all = || {

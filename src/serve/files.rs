@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::layout::CACHE_INFO;
+use crate::layout::{self, CACHE_INFO};
 use crate::nixbase32;
 
 /// The kinds of file a cache serves.
@@ -70,9 +70,9 @@ pub fn target(path: &str) -> Option<Target> {
     let (kind, hash) = match parts[..] {
         [CACHE_INFO] => (Kind::CacheInfo, None),
         [name] => {
-            let (stem, kind) = if let Some(stem) = name.strip_suffix(".narinfo") {
+            let (stem, kind) = if let Some(stem) = layout::hash_of_narinfo(name) {
                 (stem, Kind::NarInfo)
-            } else if let Some(stem) = name.strip_suffix(".ls") {
+            } else if let Some(stem) = layout::hash_of_listing(name) {
                 (stem, Kind::Listing)
             } else {
                 return None;

@@ -186,7 +186,7 @@ impl Upstream {
         if self.gone.load(Ordering::Relaxed) {
             return Answer::Failed("it stopped answering earlier in this run".into());
         }
-        let answer = match self.get(&format!("{}.narinfo", p.hash_part())) {
+        let answer = match self.get(&crate::layout::narinfo_name(p.hash_part())) {
             Ok(None) => Answer::Lacks,
             Ok(Some(b)) => match String::from_utf8_lossy(&b).parse::<NarInfo>() {
                 Ok(ni) if ni.store_path == *p && ni.store_dir == *store_dir => Answer::Has,

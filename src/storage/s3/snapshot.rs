@@ -6,6 +6,7 @@ use std::time::SystemTime;
 use super::client::Client;
 use super::copies::Copies;
 use super::{Meta, S3Backend, StorageError};
+use crate::layout::FileKind;
 
 impl Client {
     /// What the listing says of `rel`: `None` when there is no listing or it did not cover
@@ -27,7 +28,7 @@ impl Client {
 
     /// The copies kept on this machine, when `rel` is a narinfo and they are kept.
     pub(super) fn copies_of(&self, rel: &str) -> Option<&Copies> {
-        self.copies.get().filter(|_| !rel.contains('/') && rel.ends_with(".narinfo"))
+        self.copies.get().filter(|_| !rel.contains('/') && FileKind::of(rel) == FileKind::NarInfo)
     }
 
     /// The copy of `rel` kept on this machine, if it is the object `listed` (same ETag and
