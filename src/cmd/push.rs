@@ -12,7 +12,7 @@ use super::partial::Partial;
 use crate::cache::Cache;
 use crate::cli::PushArgs;
 use crate::progress::{self, Mode, Progress};
-use crate::push::{PushOptions, push};
+use crate::push::{Decision, PushOptions, push};
 use crate::store::Store;
 
 /// `push --dry-run`: what a push would do, path by path on stdout and in a summary, without
@@ -35,26 +35,20 @@ fn dry_run(
             crate::outln!("{verb} {abs} ({}): {}", progress::bytes(info.nar_size), r.describe());
             continue;
         }
-        let (found, existed) = match &cache {
-            Some(c) => crate::push::existing(c, store.store_dir(), info, |_| {}),
-            None => (None, false),
+        // What the push would decide (with --repair, the NARs there are read and checked).
+        let decision = match &cache {
+            Some(c) => crate::push::decide(c, store.store_dir(), info, args.force, args.repair, &mut |_| {}),
+            None => Decision::Push,
         };
-        let complete = found.filter(|ni| cache.as_ref().is_some_and(|c| c.has_nar(ni)) && !args.force);
-        let what = match complete {
-            Some(ni) if public.iter().all(|k| ni.verified_by(std::slice::from_ref(k))) => {
-                there += 1;
-                "already there"
-            }
-            Some(_) => {
-                sign += 1;
-                "would sign"
-            }
-            None => {
+        match &decision {
+            Decision::Present(_) if decision.lacks_signatures(&public) => sign += 1,
+            Decision::Present(_) => there += 1,
+            Decision::Repair | Decision::Push => {
                 write += 1;
                 bytes += info.nar_size;
-                if existed { "would repair" } else { "would push" }
             }
-        };
+        }
+        let what = decision.dry_run_verb(&public);
         crate::outln!("{what} {abs} ({})", progress::bytes(info.nar_size));
     }
     crate::elog!(
@@ -243,10 +237,7 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     cache.ensure_cache_info(store.store_dir(), args.want_mass_query(), args.priority, DEFAULT_PRIORITY)?;
     partial.record(&mut cache)?;
     // Before looking: a gc that starts from now on keeps what this push names.
-    let hashes: Vec<&str> = infos.iter().map(|i| i.path.hash_part()).collect();
-    cache.record_push(&hashes)?;
-    // Before looking, after the record: whether a gc may be deleting what this push finds.
-    let gc_deleting = !cache.exclusive() && cache.deleting().map_or(true, |m| !m.is_empty());
+    let announced = crate::push::announce(&cache, &infos)?;
     super::keep_copies(&cache, &args.dest, args.no_local_copies);
     let lookups = cache.prepare_lookups(infos.len())?;
     // The closure's narinfos the cache has (a bucket answers from the listing just made, so a
@@ -298,7 +289,22 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     let write_cache_info = || {
         cache.ensure_cache_info(store.store_dir(), args.want_mass_query(), args.priority, DEFAULT_PRIORITY)
     };
-    let again = settle(&cache, &store.location(), &infos, &opts, &mut report, gc_deleting, write_cache_info)?;
+    let settled = crate::push::settle(
+        &cache,
+        &store.location(),
+        &infos,
+        &opts,
+        &mut report,
+        announced,
+        write_cache_info,
+    )?;
+    if settled.wrote_cache_info {
+        crate::elog!(
+            "nix-cache-info was missing from {} at the end of the push: written again",
+            cache.describe()
+        );
+    }
+    let again = settled.again;
 
     if mode != Mode::Quiet {
         let ratio = if report.nar_bytes > 0 {
@@ -373,65 +379,4 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
         );
     }
     Ok(report.ok())
-}
-
-/// On storage without a writers' lock: checks the closure is whole in the cache now and pushes
-/// again what is not ([`crate::push::missing_now`]), at most [`crate::push::SETTLE_ROUNDS`]
-/// times; what is still missing then fails the push. Returns how many paths went again.
-///
-/// The check looks for `nix-cache-info` too, and has `write_cache_info` write it again when
-/// the server lost it (an acknowledged write lost in a crash leaves a cache no client opens).
-///
-/// A push that wrote nothing (no write to have been lost) and found no gc deleting once its
-/// record was written (`gc_deleting`; a gc that starts later spares what the record names)
-/// needs no check: what it found stays.
-fn settle(
-    cache: &Cache,
-    store: &crate::store::StoreLocation,
-    infos: &[crate::store::PathInfo],
-    opts: &PushOptions,
-    report: &mut crate::push::PushReport,
-    gc_deleting: bool,
-    write_cache_info: impl Fn() -> Result<crate::cache::CacheInfo, crate::cache::CacheError>,
-) -> anyhow::Result<usize> {
-    if cache.exclusive() || !report.ok() {
-        return Ok(0);
-    }
-    if !gc_deleting && report.pushed + report.repaired + report.signed == 0 {
-        return Ok(0);
-    }
-    let mut again = 0;
-    for round in 0..=crate::push::SETTLE_ROUNDS {
-        let missing = crate::push::missing_now(cache, infos, report)?;
-        if missing.is_empty() {
-            break;
-        }
-        if round == crate::push::SETTLE_ROUNDS {
-            anyhow::bail!(
-                "{} of this push are still missing from {} after pushing them again {} times: another writer keeps removing them (a gc with a short --older-than?) or the server loses writes",
-                progress::plural(missing.len(), "path"),
-                cache.describe(),
-                crate::push::SETTLE_ROUNDS
-            );
-        }
-        again += missing.len();
-        let quiet = Progress::new(Mode::Quiet, "pushing", infos.len(), 0);
-        let r = push(store, cache, infos, opts, &quiet);
-        report.repaired += r.pushed + r.repaired;
-        report.nar_bytes += r.nar_bytes;
-        report.file_bytes += r.file_bytes;
-        report.failed.extend(r.failed);
-        report.nars.extend(r.nars);
-        if !report.ok() {
-            break;
-        }
-    }
-    if report.ok() && !cache.holds(crate::cache::CACHE_INFO, None, true).unwrap_or(false) {
-        write_cache_info()?;
-        crate::elog!(
-            "nix-cache-info was missing from {} at the end of the push: written again",
-            cache.describe()
-        );
-    }
-    Ok(again)
 }

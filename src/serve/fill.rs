@@ -172,8 +172,8 @@ impl Filler {
             CacheError::Storage(crate::storage::StorageError::LockTimeout { .. }) => FillError::Busy(e),
             e => FillError::Cache(e),
         })?;
-        let hashes: Vec<&str> = infos.iter().map(|i| i.path.hash_part()).collect();
-        cache.record_push(&hashes)?;
+        // As every push does before it looks (a no-op on a directory, which is locked).
+        crate::push::announce(&cache, &infos)?;
         cache.prepare_lookups(infos.len())?;
         let quiet = Progress::new(Mode::Quiet, "filling", infos.len(), 0);
         let report = push(&store.location(), &cache, &infos, &self.config.push, &quiet);

@@ -129,6 +129,23 @@ fn push_repair_rewrites_exactly_the_nars_verify_names() {
     // A plain push trusts what is there (size and narinfo agree) and does not read it.
     let out = nixcache().args(["push", "--dest"]).arg(&cache).arg(&f.top).output().unwrap();
     assert!(stderr(&out).contains(" 0 repaired"), "{}", stderr(&out));
+    // The dry run decides as the push does: with --repair it reads the NARs and names the
+    // one that would be rewritten; without, that one is "already there" like the rest.
+    let dry = |repair: bool| {
+        let mut c = nixcache();
+        c.args(["push", "--dry-run", "-k", SECRET, "--dest"]).arg(&cache).arg(&f.top);
+        if repair {
+            c.arg("--repair");
+        }
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let (plain, repair) = (dry(false), dry(true));
+    assert!(plain.lines().all(|l| l.starts_with("already there ")), "{plain}");
+    let would: Vec<&str> = repair.lines().filter(|l| !l.starts_with("already there ")).collect();
+    assert_eq!(would.len(), 1, "{repair}");
+    assert!(would[0].starts_with(&format!("would repair {bad} (")), "{repair}");
     // --repair reads every NAR and rewrites the one that is wrong, nothing else.
     let others: Vec<_> = f.closure.iter().filter(|p| p.as_str() != bad).map(|p| narinfo(&cache, p)).collect();
     let out = nixcache()
