@@ -218,3 +218,15 @@ fn the_check_sees_an_arrow_up_and_a_cycle() {
     let cycles = sibling_cycles(&files);
     assert_eq!(cycles, vec![vec!["client".to_owned(), "upload".to_owned(), "client".to_owned()]]);
 }
+
+#[test]
+fn no_source_file_is_over_600_lines() {
+    let long: Vec<String> = crate_files()
+        .into_iter()
+        .filter_map(|(p, _)| {
+            let n = std::fs::read_to_string(&p).unwrap().lines().count();
+            (n > 600).then(|| format!("{}: {n} lines", p.display()))
+        })
+        .collect();
+    assert!(long.is_empty(), "one concern per file; split these:\n{}", long.join("\n"));
+}

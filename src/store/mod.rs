@@ -9,12 +9,16 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io;
 use std::path::{Component, Path, PathBuf};
-use std::process::{Command, Stdio};
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use rusqlite::{Connection, OptionalExtension};
 use thiserror::Error;
 
-use crate::hash::NixHash;
+mod db;
+mod json;
+
+use db::{DbQueries, QueryError, open_db};
+use json::{JsonError, parse_path_info_json, run};
+
 pub use crate::path_info::PathInfo;
 use crate::signing::Signature;
 use crate::store_path::{StoreDir, StorePath, StorePathError};
@@ -381,202 +385,15 @@ impl Store {
     }
 }
 
-/// Opens the Nix database read-only.
-///
-/// Nix keeps it in WAL mode, where even a reader must create `db.sqlite-shm` beside it: a
-/// user who may read the database but not write its directory (nixcache under its own
-/// account, a hardened unit) cannot. Such a reader opens the main file immutable instead. It
-/// then misses only what a running Nix has not yet checkpointed: paths registered that very
-/// moment, which push then reports as not valid. A valid path's row never changes, so
-/// nothing read is wrong (and every NAR is checked against its NarHash anyway).
-fn open_db(path: &Path) -> Result<Connection, StoreError> {
-    let db = |source| StoreError::Db { db: path.to_owned(), source };
-    let open = |conn: Connection| -> rusqlite::Result<Connection> {
-        conn.busy_timeout(std::time::Duration::from_secs(60))?;
-        // Opening is lazy: make it fail now if the file is not readable or not Nix's.
-        conn.query_row("SELECT count(*) FROM ValidPaths WHERE id = 0", [], |_| Ok(()))?;
-        Ok(conn)
-    };
-    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let err = match Connection::open_with_flags(path, flags).and_then(open) {
-        Ok(conn) => return Ok(conn),
-        Err(e) => e,
-    };
-    let readonly_dir = matches!(&err, rusqlite::Error::SqliteFailure(f, _)
-        if f.code == rusqlite::ErrorCode::ReadOnly || f.code == rusqlite::ErrorCode::CannotOpen);
-    if !readonly_dir {
-        return Err(db(err));
-    }
-    let escaped = path.display().to_string().replace('%', "%25").replace('?', "%3f").replace('#', "%23");
-    let uri = format!("file:{escaped}?immutable=1");
-    Connection::open_with_flags(uri, flags | OpenFlags::SQLITE_OPEN_URI).and_then(open).map_err(db)
-}
-
-enum QueryError {
-    Sql(rusqlite::Error),
-    Store(StoreError),
-}
-
-impl From<rusqlite::Error> for QueryError {
-    fn from(e: rusqlite::Error) -> Self {
-        QueryError::Sql(e)
-    }
-}
-
-struct DbQueries<'c> {
-    info: rusqlite::Statement<'c>,
-    refs: rusqlite::Statement<'c>,
-    outputs: rusqlite::Statement<'c>,
-}
-
-impl<'c> DbQueries<'c> {
-    fn new(conn: &'c Connection) -> rusqlite::Result<Self> {
-        Ok(DbQueries {
-            info: conn
-                .prepare("SELECT id, hash, deriver, narSize, sigs, ca FROM ValidPaths WHERE path = ?1")?,
-            refs: conn.prepare(
-                "SELECT p.path FROM Refs r JOIN ValidPaths p ON r.reference = p.id WHERE r.referrer = ?1",
-            )?,
-            outputs: conn.prepare("SELECT path FROM DerivationOutputs WHERE drv = ?1")?,
-        })
-    }
-
-    fn valid(&mut self, abs: &str) -> rusqlite::Result<bool> {
-        Ok(self.info.query_row([abs], |_| Ok(())).optional()?.is_some())
-    }
-
-    fn outputs(&mut self, id: i64) -> rusqlite::Result<Vec<String>> {
-        self.outputs.query_map([id], |r| r.get(0))?.collect()
-    }
-
-    fn info(&mut self, sd: &StoreDir, p: &StorePath, abs: &str) -> Result<(PathInfo, i64), QueryError> {
-        type Row = (i64, String, Option<String>, Option<i64>, Option<String>, Option<String>);
-        let row: Option<Row> = self
-            .info
-            .query_row([abs], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
-            .optional()?;
-        let (id, hash, deriver, nar_size, sigs, ca) =
-            row.ok_or_else(|| QueryError::Store(StoreError::NotValid(abs.to_owned())))?;
-        let bad =
-            |what, value: String| QueryError::Store(StoreError::BadRow { path: abs.to_owned(), what, value });
-        let nar_hash: NixHash = hash.parse().map_err(|_| bad("hash", hash.clone()))?;
-        let mut references = Vec::new();
-        for r in self.refs.query_map([id], |r| r.get::<_, String>(0))? {
-            let r = r?;
-            references.push(sd.parse_path(&r).map_err(|_| bad("reference", r.clone()))?);
-        }
-        references.sort();
-        let info = PathInfo {
-            path: p.clone(),
-            nar_hash,
-            nar_size: nar_size.unwrap_or(0).max(0) as u64,
-            references,
-            deriver: deriver.filter(|d| !d.is_empty()).and_then(|d| sd.parse_path(&d).ok()),
-            sigs: parse_sigs(sigs.as_deref().unwrap_or("").split_ascii_whitespace()),
-            ca: ca.filter(|c| !c.is_empty()),
-        };
-        Ok((info, id))
-    }
-}
-
 /// Signatures Nix recorded; ones that do not parse are dropped, as Nix itself ignores them.
 fn parse_sigs<'a>(it: impl Iterator<Item = &'a str>) -> Vec<Signature> {
     it.filter_map(|s| s.parse().ok()).collect()
 }
 
-fn run(program: &str, args: &[String]) -> Result<String, StoreError> {
-    let command = format!("{program} {}", args.join(" "));
-    let out = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|source| StoreError::Spawn { command: command.clone(), source })?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-        return Err(StoreError::Command { command, stderr });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-enum JsonError {
-    Json(serde_json::Error),
-    Store(StoreError),
-}
-
-#[derive(serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct JsonInfo {
-    path: Option<String>,
-    nar_hash: Option<String>,
-    nar_size: Option<u64>,
-    #[serde(default)]
-    references: Vec<String>,
-    deriver: Option<String>,
-    #[serde(default)]
-    signatures: Vec<String>,
-    ca: Option<String>,
-    valid: Option<bool>,
-}
-
-/// Parses `nix path-info --json`: a list of objects with `path` (Nix up to 2.18) or an object
-/// keyed by path whose values may be `null` for invalid paths (newer Nix).
-fn parse_path_info_json(sd: &StoreDir, json: &str) -> Result<Vec<PathInfo>, JsonError> {
-    let value: serde_json::Value = serde_json::from_str(json).map_err(JsonError::Json)?;
-    let entries: Vec<(String, Option<JsonInfo>)> = match value {
-        serde_json::Value::Array(items) => items
-            .into_iter()
-            .map(|v| {
-                let i: JsonInfo = serde_json::from_value(v)?;
-                Ok((i.path.clone().unwrap_or_default(), Some(i)))
-            })
-            .collect::<Result<_, serde_json::Error>>()
-            .map_err(JsonError::Json)?,
-        serde_json::Value::Object(map) => map
-            .into_iter()
-            .map(|(k, v)| Ok((k, if v.is_null() { None } else { Some(serde_json::from_value(v)?) })))
-            .collect::<Result<_, serde_json::Error>>()
-            .map_err(JsonError::Json)?,
-        _ => {
-            return Err(JsonError::Json(serde::de::Error::custom("expected a list or an object")));
-        }
-    };
-    let path_of = |s: &str| -> Result<StorePath, StoreError> {
-        if s.contains('/') { Ok(sd.parse_path(s)?) } else { Ok(s.parse()?) }
-    };
-    let mut out = Vec::new();
-    for (abs, info) in entries {
-        let info = match info {
-            Some(i) if i.valid != Some(false) && i.nar_hash.is_some() => i,
-            _ => return Err(JsonError::Store(StoreError::NotValid(abs))),
-        };
-        let bad =
-            |what, value: String| JsonError::Store(StoreError::BadRow { path: abs.clone(), what, value });
-        let hash = info.nar_hash.unwrap_or_default();
-        let mut references: Vec<StorePath> = info
-            .references
-            .iter()
-            .map(|r| path_of(r))
-            .collect::<Result<BTreeSet<_>, _>>()
-            .map_err(JsonError::Store)?
-            .into_iter()
-            .collect();
-        references.sort();
-        out.push(PathInfo {
-            path: path_of(&abs).map_err(JsonError::Store)?,
-            nar_hash: hash.parse().map_err(|_| bad("narHash", hash.clone()))?,
-            nar_size: info.nar_size.unwrap_or(0),
-            references,
-            deriver: info.deriver.as_deref().and_then(|d| path_of(d).ok()),
-            sigs: parse_sigs(info.signatures.iter().map(String::as_str)),
-            ca: info.ca.filter(|c| !c.is_empty()),
-        });
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hash::NixHash;
 
     const A: &str = "3pv9z5wf9s1kc2lf57q9m9mqdk449j6k-fixture-a";
     const B: &str = "4nj5ph38lrc6pay32lzyngz6mphaxmmh-fixture-b";

@@ -5,13 +5,14 @@
 //! file is touched ([`Cache::resolve`]), text files are read with a size limit
 //! ([`TEXT_LIMIT`]), and a narinfo must parse strictly and sit under its own name.
 
-use std::collections::HashSet;
 use std::fs::File;
 use std::io;
-use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::path::PathBuf;
 
 use thiserror::Error;
+
+mod records;
+mod write;
 
 pub use crate::cache_info::CacheInfo;
 use crate::narinfo::{NarInfo, NarInfoError};
@@ -19,8 +20,7 @@ pub use crate::storage::Backend;
 use crate::storage::dir::DirBackend;
 use crate::storage::s3::S3Backend;
 pub use crate::storage::{Dest, FileProblem, Leftover, Meta, NewFile, Reader, Record, Staged, StorageError};
-use crate::store_path::{StoreDir, StorePath};
-use crate::upstream::Upstreams;
+use crate::store_path::StorePath;
 
 pub use crate::layout::{CACHE_INFO, LOCK_FILE, SUBDIRS, TEMP_PREFIX};
 
@@ -316,128 +316,6 @@ impl Cache {
         self.nar_present(ni, false).unwrap_or(false)
     }
 
-    /// Records that a push included the narinfo `rel` now (which `gc` reads).
-    pub fn touch(&self, rel: &str) -> Result<(), CacheError> {
-        match self.resolve(rel) {
-            Some(rel) => Ok(self.backend.touch(rel)?),
-            None => Err(StorageError::Io {
-                action: "open",
-                path: self.locate(rel),
-                source: io::ErrorKind::NotFound.into(),
-            }
-            .into()),
-        }
-    }
-
-    /// A new file in the cache subdirectory `sub` ("" or "nar"), named when staged.
-    pub fn create_file(&self, sub: &str, suffix: &str) -> Result<Box<dyn NewFile>, CacheError> {
-        Ok(self.backend.create(sub, suffix)?)
-    }
-
-    /// Scratch space for a push, gone when closed.
-    pub fn scratch(&self) -> Result<File, CacheError> {
-        Ok(self.backend.scratch()?)
-    }
-
-    /// Writes `data` to the cache-relative `rel` atomically and durably.
-    pub fn write_atomic(&self, rel: &str, data: &[u8]) -> Result<(), CacheError> {
-        let staged = self.stage(rel, data)?;
-        self.sync_data([&staged])?;
-        staged.commit()?;
-        self.sync_dir(Path::new(rel).parent().and_then(Path::to_str).unwrap_or(""))
-    }
-
-    /// Stages `data` to become the cache-relative `rel`, to be made durable with
-    /// [`Cache::sync_data`] and then [committed](Staged::commit).
-    pub fn stage(&self, rel: &str, data: &[u8]) -> Result<Staged, CacheError> {
-        Ok(self.backend.stage(rel, data, None)?)
-    }
-
-    /// Makes the contents of staged files durable, all at once.
-    pub fn sync_data<'s>(&self, files: impl IntoIterator<Item = &'s Staged>) -> Result<(), CacheError> {
-        let files: Vec<&Staged> = files.into_iter().collect();
-        Ok(self.backend.sync(&files)?)
-    }
-
-    /// Makes the names committed into the subdirectory `sub` ("" for the top) durable.
-    pub fn sync_dir(&self, sub: &str) -> Result<(), CacheError> {
-        Ok(self.backend.sync_dir(sub)?)
-    }
-
-    /// Replaces a narinfo with a rewritten one, durable before it appears, that keeps the old
-    /// one's modification time where the storage can: a change that is not a push (adding a
-    /// signature) must not make gc think a push included the path. It replaces `file`, which
-    /// must be the narinfo's own name: a misnamed narinfo never overwrites the right one. The
-    /// caller syncs the top directory ([`Cache::sync_dir`]) once all are replaced.
-    pub fn replace_narinfo(&self, file: &str, ni: &NarInfo, modified: SystemTime) -> Result<(), CacheError> {
-        assert_eq!(file, ni.file_name(), "a narinfo is rewritten only under its own name");
-        Ok(self.backend.replace(file, ni.to_string().as_bytes(), Some(modified))?)
-    }
-
-    /// Reads `nix-cache-info`, if present.
-    pub fn cache_info(&self) -> Result<Option<CacheInfo>, CacheError> {
-        let path = self.locate(CACHE_INFO);
-        match self.read_text(CACHE_INFO) {
-            Ok(Some(s)) => s.parse().map(Some).map_err(|reason| CacheError::BadCacheInfo { path, reason }),
-            Ok(None) => Ok(None),
-            Err(source) => Err(CacheError::BadFile { path, source }),
-        }
-    }
-
-    /// Makes `nix-cache-info` say `wanted`, keeping the existing priority and mass-query
-    /// settings where `wanted` leaves them open. Refuses a cache made for another store.
-    pub fn ensure_cache_info(
-        &self,
-        store_dir: &StoreDir,
-        want_mass_query: Option<bool>,
-        priority: Option<u32>,
-        default_priority: u32,
-    ) -> Result<CacheInfo, CacheError> {
-        let existing = self.cache_info()?;
-        if let Some(e) = &existing
-            && &e.store_dir != store_dir
-        {
-            return Err(CacheError::StoreDirMismatch {
-                path: PathBuf::from(self.describe()),
-                found: e.store_dir.to_string(),
-                wanted: store_dir.to_string(),
-            });
-        }
-        // An existing cache keeps what it says, absent fields included, unless a flag
-        // changes them; a new one gets the defaults.
-        let info = match &existing {
-            Some(e) => CacheInfo {
-                store_dir: store_dir.clone(),
-                want_mass_query: want_mass_query.or(e.want_mass_query),
-                priority: priority.or(e.priority),
-            },
-            None => CacheInfo {
-                store_dir: store_dir.clone(),
-                want_mass_query: Some(want_mass_query.unwrap_or(true)),
-                priority: Some(priority.unwrap_or(default_priority)),
-            },
-        };
-        if existing.as_ref() != Some(&info) {
-            self.write_atomic(CACHE_INFO, info.to_string().as_bytes())?;
-        }
-        Ok(info)
-    }
-
-    /// Removes temporary files left by killed runs, where writers exclude each other (call
-    /// with the lock held); on a bucket, other pushes may be writing theirs, and gc removes
-    /// them once stale.
-    pub fn clean_temp_files(&self) -> Result<Vec<String>, CacheError> {
-        if !self.exclusive() {
-            return Ok(Vec::new());
-        }
-        let mut removed = Vec::new();
-        for l in self.temp_files()? {
-            self.backend.remove_leftover(&l)?;
-            removed.push(l.name);
-        }
-        Ok(removed)
-    }
-
     /// The narinfo files at the top of the cache, sorted: every entry so named, links and
     /// special files included, so they can be reported and replaced.
     pub fn narinfo_files(&self) -> Result<Vec<String>, CacheError> {
@@ -479,124 +357,6 @@ impl Cache {
     pub fn temp_files(&self) -> Result<Vec<Leftover>, CacheError> {
         Ok(self.backend.leftovers()?)
     }
-
-    /// Removes a cache file (a link itself, never what it points to).
-    pub fn remove(&self, rel: &str) -> Result<(), CacheError> {
-        match self.resolve(rel) {
-            Some(rel) => Ok(self.backend.remove(rel)?),
-            None => Ok(()),
-        }
-    }
-
-    /// Removes a temporary file, or aborts an incomplete upload.
-    pub fn remove_leftover(&self, l: &Leftover) -> Result<(), CacheError> {
-        Ok(self.backend.remove_leftover(l)?)
-    }
-
-    /// Records the narinfos a push names, where modification times cannot be touched.
-    pub fn record_push(&self, hash_parts: &[&str]) -> Result<Option<String>, CacheError> {
-        Ok(self.backend.record_push(hash_parts)?)
-    }
-
-    /// Removes a push record.
-    pub fn remove_record(&self, name: &str) -> Result<(), CacheError> {
-        Ok(self.backend.remove(name)?)
-    }
-
-    /// On a bucket: says a gc is about to delete (see [`Cache::deleting`]); the marker's name.
-    pub fn start_deleting(&self) -> Result<Option<String>, CacheError> {
-        Ok(self.backend.start_deleting()?)
-    }
-
-    /// Removes the marker [`Cache::start_deleting`] wrote, once the gc's deletions have landed.
-    pub fn done_deleting(&self, marker: &str) -> Result<(), CacheError> {
-        Ok(self.backend.done_deleting(marker)?)
-    }
-
-    /// On a bucket: the markers of gcs deleting now, or killed while they deleted. A push that
-    /// finds none after writing its push record knows that whatever it then finds present
-    /// stays: a gc that starts later reads the record before it deletes and spares what it
-    /// names.
-    pub fn deleting(&self) -> Result<Vec<Meta>, CacheError> {
-        Ok(self.backend.deleting()?)
-    }
-
-    /// The push records, on a bucket, each hash part handed to `each` with its record's
-    /// time. A record that cannot be read is the error.
-    pub fn push_records(&self, each: &mut dyn FnMut(&str, SystemTime)) -> Result<Vec<Record>, CacheError> {
-        Ok(self.backend.push_records(&|_| false, each)?)
-    }
-
-    /// The hash parts named by push records not in `known` (records written since those were
-    /// listed).
-    pub fn new_push_records(&self, known: &HashSet<String>) -> Result<HashSet<String>, CacheError> {
-        let mut named = HashSet::new();
-        self.backend.push_records(&|n| known.contains(n), &mut |h, _| {
-            named.insert(h.to_owned());
-        })?;
-        Ok(named)
-    }
-
-    /// Prepares to look up `paths` store paths (a bucket may list itself once).
-    pub fn prepare_lookups(&self, paths: usize) -> Result<Option<String>, CacheError> {
-        Ok(self.backend.prepare_lookups(paths)?)
-    }
-
-    /// [`Cache::prepare_lookups`] with the top level as `top`, the caller's own listing of it
-    /// just before ([`Cache::list_entries`] of `""`, everything kept): a bucket lists only
-    /// `nar/` then.
-    pub fn prepare_lookups_after(&self, paths: usize, top: Vec<Meta>) -> Result<Option<String>, CacheError> {
-        Ok(self.backend.prepare_lookups_after(paths, top)?)
-    }
-
-    /// What this cache leaves to other caches: every upstreams record, merged. A record that
-    /// cannot be read or parsed is the error (verify and gc must not guess).
-    pub fn upstreams(&self) -> Result<Upstreams, CacheError> {
-        let mut merged = Upstreams::default();
-        let names = self.list(crate::layout::STATE_DIR, |n| {
-            let base = n.rsplit('/').next().unwrap_or_default();
-            base.starts_with(crate::layout::UPSTREAMS_PREFIX)
-        })?;
-        for rel in names {
-            let bad = |source| CacheError::BadFile { path: self.locate(&rel), source };
-            let Some(bytes) = self.backend.read(&rel, UPSTREAMS_LIMIT).map_err(bad)? else { continue };
-            let text = String::from_utf8(bytes).map_err(|_| bad(FileProblem::NotText))?;
-            let r: Upstreams = text
-                .parse()
-                .map_err(|source| CacheError::BadUpstreams { path: self.locate(&rel), source })?;
-            merged.merge(&r);
-        }
-        Ok(merged)
-    }
-
-    /// Writes `record` as a new upstreams record, durably. Returns its name.
-    pub fn add_upstreams(&mut self, record: &Upstreams) -> Result<String, CacheError> {
-        self.create_subdir(crate::layout::STATE_DIR)?;
-        let ms = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis();
-        // Unique without coordination: the time, and random bits (the pid, failing those).
-        let mut b = [0u8; 4];
-        let id = getrandom::fill(&mut b).map_or(std::process::id(), |()| u32::from_le_bytes(b));
-        let rel = format!("{}/{}{ms}-{id:08x}", crate::layout::STATE_DIR, crate::layout::UPSTREAMS_PREFIX);
-        self.write_atomic(&rel, record.to_string().as_bytes())?;
-        Ok(rel)
-    }
-
-    /// Requests made to a bucket so far, by kind.
-    pub fn requests(&self) -> std::collections::HashMap<&'static str, crate::storage::Requests> {
-        self.backend.requests()
-    }
-
-    /// Keeps copies of a bucket's narinfos in `dir` on this machine and reads a narinfo from
-    /// its copy while the bucket's listing shows it unchanged (see
-    /// [`crate::storage::copies`]); nothing for a directory.
-    pub fn keep_copies(&self, dir: &Path) -> Result<(), crate::storage::s3::CopiesError> {
-        self.backend.keep_copies(dir)
-    }
-
-    /// Where the copies are kept and how many reads they answered, when they are.
-    pub fn copies_used(&self) -> Option<(PathBuf, u64)> {
-        self.backend.copies_used()
-    }
 }
 
 /// Whether a top-level name is a narinfo's (not a temporary file's).
@@ -627,6 +387,7 @@ mod tests {
     use std::io::Write;
 
     use super::*;
+    use crate::store_path::StoreDir;
 
     #[test]
     fn temp_files_vanish_unless_persisted() {
