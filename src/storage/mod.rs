@@ -222,7 +222,7 @@ pub(crate) fn io_err<'a>(
 }
 
 /// An incomplete upload or temporary file some run left behind.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Leftover {
     /// What to call it: a cache-relative name, with the upload id for an upload.
     pub name: String,
