@@ -22,9 +22,14 @@ impl Cache {
         Ok(self.backend.remove_leftover(l)?)
     }
 
+    /// The protocol of storage without a writers' lock (a bucket), if this cache is on one.
+    fn shared(&self) -> Option<&dyn crate::storage::Shared> {
+        self.backend.shared()
+    }
+
     /// Records the narinfos a push names, where modification times cannot be touched.
     pub fn record_push(&self, hash_parts: &[&str]) -> Result<Option<String>, CacheError> {
-        Ok(self.backend.record_push(hash_parts)?)
+        Ok(self.shared().map(|s| s.record_push(hash_parts)).transpose()?.flatten())
     }
 
     /// Removes a push record.
@@ -34,12 +39,12 @@ impl Cache {
 
     /// On a bucket: says a gc is about to delete (see [`Cache::deleting`]); the marker's name.
     pub fn start_deleting(&self) -> Result<Option<String>, CacheError> {
-        Ok(self.backend.start_deleting()?)
+        Ok(self.shared().map(|s| s.start_deleting()).transpose()?.flatten())
     }
 
     /// Removes the marker [`Cache::start_deleting`] wrote, once the gc's deletions have landed.
     pub fn done_deleting(&self, marker: &str) -> Result<(), CacheError> {
-        Ok(self.backend.done_deleting(marker)?)
+        Ok(self.shared().map(|s| s.done_deleting(marker)).transpose()?.unwrap_or_default())
     }
 
     /// On a bucket: the markers of gcs deleting now, or killed while they deleted. A push that
@@ -47,35 +52,37 @@ impl Cache {
     /// stays: a gc that starts later reads the record before it deletes and spares what it
     /// names.
     pub fn deleting(&self) -> Result<Vec<Meta>, CacheError> {
-        Ok(self.backend.deleting()?)
+        Ok(self.shared().map(|s| s.deleting()).transpose()?.unwrap_or_default())
     }
 
     /// The push records, on a bucket, each hash part handed to `each` with its record's
     /// time. A record that cannot be read is the error.
     pub fn push_records(&self, each: &mut dyn FnMut(&str, SystemTime)) -> Result<Vec<Record>, CacheError> {
-        Ok(self.backend.push_records(&|_| false, each)?)
+        Ok(self.shared().map(|s| s.push_records(&|_| false, each)).transpose()?.unwrap_or_default())
     }
 
     /// The hash parts named by push records not in `known` (records written since those were
     /// listed).
     pub fn new_push_records(&self, known: &HashSet<String>) -> Result<HashSet<String>, CacheError> {
         let mut named = HashSet::new();
-        self.backend.push_records(&|n| known.contains(n), &mut |h, _| {
-            named.insert(h.to_owned());
-        })?;
+        if let Some(s) = self.shared() {
+            s.push_records(&|n| known.contains(n), &mut |h, _| {
+                named.insert(h.to_owned());
+            })?;
+        }
         Ok(named)
     }
 
     /// Prepares to look up `paths` store paths (a bucket may list itself once).
     pub fn prepare_lookups(&self, paths: usize) -> Result<Option<String>, CacheError> {
-        Ok(self.backend.prepare_lookups(paths)?)
+        Ok(self.shared().map(|s| s.prepare_lookups(paths)).transpose()?.flatten())
     }
 
     /// [`Cache::prepare_lookups`] with the top level as `top`, the caller's own listing of it
     /// just before ([`Cache::list_entries`] of `""`, everything kept): a bucket lists only
     /// `nar/` then.
     pub fn prepare_lookups_after(&self, paths: usize, top: Vec<Meta>) -> Result<Option<String>, CacheError> {
-        Ok(self.backend.prepare_lookups_after(paths, top)?)
+        Ok(self.shared().map(|s| s.prepare_lookups_after(paths, top)).transpose()?.flatten())
     }
 
     /// What this cache leaves to other caches: every upstreams record, merged. A record that
@@ -112,18 +119,18 @@ impl Cache {
 
     /// Requests made to a bucket so far, by kind.
     pub fn requests(&self) -> std::collections::HashMap<&'static str, crate::storage::Requests> {
-        self.backend.requests()
+        self.shared().map(|s| s.requests()).unwrap_or_default()
     }
 
     /// Keeps copies of a bucket's narinfos in `dir` on this machine and reads a narinfo from
     /// its copy while the bucket's listing shows it unchanged (see
-    /// [`crate::storage::copies`]); nothing for a directory.
+    /// [`crate::storage::Shared::keep_copies`]); nothing for a directory.
     pub fn keep_copies(&self, dir: &Path) -> Result<(), crate::storage::s3::CopiesError> {
-        self.backend.keep_copies(dir)
+        self.shared().map_or(Ok(()), |s| s.keep_copies(dir))
     }
 
     /// Where the copies are kept and how many reads they answered, when they are.
     pub fn copies_used(&self) -> Option<(PathBuf, u64)> {
-        self.backend.copies_used()
+        self.shared().and_then(|s| s.copies_used())
     }
 }

@@ -13,7 +13,6 @@
 //! so no client can fetch one. A batch is staged, made durable together ([`Backend::sync`]:
 //! the files' fsyncs in parallel), then renamed.
 
-use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
@@ -21,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use super::{Backend, Leftover, Meta, NewFile, Reader, Record, Requests, Staged};
+use super::{Backend, Leftover, Meta, NewFile, Reader, Staged};
 use super::{FileProblem, StorageError, io_err};
 use crate::layout::{LOCK_FILE, SUBDIRS, TEMP_PREFIX};
 
@@ -429,27 +428,6 @@ impl Backend for DirBackend {
 
     fn remove_leftover(&self, l: &Leftover) -> Result<(), StorageError> {
         self.remove(&l.name)
-    }
-
-    fn record_push(&self, _: &[&str]) -> Result<Option<String>, StorageError> {
-        // Narinfos' modification times are the record: push touches them.
-        Ok(None)
-    }
-
-    fn push_records(
-        &self,
-        _: &dyn Fn(&str) -> bool,
-        _: &mut dyn FnMut(&str, SystemTime),
-    ) -> Result<Vec<Record>, StorageError> {
-        Ok(Vec::new())
-    }
-
-    fn prepare_lookups(&self, _: usize) -> Result<Option<String>, StorageError> {
-        Ok(None)
-    }
-
-    fn requests(&self) -> HashMap<&'static str, Requests> {
-        HashMap::new()
     }
 }
 

@@ -350,7 +350,7 @@ pub trait Backend: Send + Sync {
     fn sync_dir(&self, sub: &str) -> Result<(), StorageError>;
 
     /// Records that a push included the file `rel` now (a directory keeps it as the file's
-    /// modification time; a bucket keeps push records instead, see [`Backend::record_push`]).
+    /// modification time; a bucket keeps push records instead, see [`Shared::record_push`]).
     fn touch(&self, rel: &str) -> Result<(), StorageError>;
 
     /// Removes `rel` (a link itself, never what it points to); gone already is fine.
@@ -365,6 +365,25 @@ pub trait Backend: Send + Sync {
     /// Removes a leftover (aborts an upload).
     fn remove_leftover(&self, l: &Leftover) -> Result<(), StorageError>;
 
+    /// What storage without a writers' lock adds (a bucket): `None` for a directory, whose
+    /// lock and file times make it needless.
+    fn shared(&self) -> Option<&dyn Shared> {
+        None
+    }
+
+    /// [`Shared::listed_once`] where there is such a listing, else [`Backend::list`].
+    fn list_once(&self, sub: &str) -> Result<Vec<Meta>, StorageError> {
+        match self.shared().and_then(|s| s.listed_once(sub)) {
+            Some(listed) => Ok(listed),
+            None => self.list(sub),
+        }
+    }
+}
+
+/// The protocol of storage whose writers do not exclude each other and whose files have no
+/// times a push can set (a bucket): push records stand in for narinfo times, gc says it is
+/// deleting, lookups are answered from one listing, and requests are counted.
+pub trait Shared {
     /// Records, before a push looks at the cache, the narinfo hash parts it names (where
     /// modification times cannot be touched). Returns the record's name, if one was written.
     fn record_push(&self, hash_parts: &[&str]) -> Result<Option<String>, StorageError>;
@@ -380,64 +399,37 @@ pub trait Backend: Send + Sync {
     ) -> Result<Vec<Record>, StorageError>;
 
     /// Says, where writers do not exclude each other, that a gc is about to delete: an object
-    /// under `.nixcache/gc/`, there until [`Backend::done_deleting`]. Returns its name.
-    fn start_deleting(&self) -> Result<Option<String>, StorageError> {
-        Ok(None)
-    }
+    /// under `.nixcache/gc/`, there until [`Shared::done_deleting`]. Returns its name.
+    fn start_deleting(&self) -> Result<Option<String>, StorageError>;
 
-    /// Removes the marker [`Backend::start_deleting`] wrote: the gc's deletions have landed.
-    fn done_deleting(&self, marker: &str) -> Result<(), StorageError> {
-        let _ = marker;
-        Ok(())
-    }
+    /// Removes the marker [`Shared::start_deleting`] wrote: the gc's deletions have landed.
+    fn done_deleting(&self, marker: &str) -> Result<(), StorageError>;
 
     /// The markers of gcs deleting now (or killed while they deleted).
-    fn deleting(&self) -> Result<Vec<Meta>, StorageError> {
-        Ok(Vec::new())
-    }
+    fn deleting(&self) -> Result<Vec<Meta>, StorageError>;
 
     /// Prepares to look up `paths` store paths: a bucket may list itself once instead of
     /// asking per path, when that is cheaper. Says which it chose.
     fn prepare_lookups(&self, paths: usize) -> Result<Option<String>, StorageError>;
 
-    /// [`Backend::prepare_lookups`] with the top level as the caller has just listed it: only
+    /// [`Shared::prepare_lookups`] with the top level as the caller has just listed it: only
     /// `nar/` is listed now, after it (so a NAR named by a narinfo in `top` is in the listing).
-    fn prepare_lookups_after(&self, paths: usize, top: Vec<Meta>) -> Result<Option<String>, StorageError> {
-        let _ = top;
-        self.prepare_lookups(paths)
-    }
+    fn prepare_lookups_after(&self, paths: usize, top: Vec<Meta>) -> Result<Option<String>, StorageError>;
 
-    /// What the listing [`Backend::prepare_lookups`] took found directly in `sub` (the top
+    /// What the listing [`Shared::prepare_lookups`] took found directly in `sub` (the top
     /// level or `nar`), sorted, when it took one that covers `sub`: for the rest of the run
     /// it answers for those directories, as it does for [`Backend::stat`].
-    fn listed_once(&self, sub: &str) -> Option<Vec<Meta>> {
-        let _ = sub;
-        None
-    }
-
-    /// [`Backend::listed_once`] where there is such a listing, else [`Backend::list`].
-    fn list_once(&self, sub: &str) -> Result<Vec<Meta>, StorageError> {
-        match self.listed_once(sub) {
-            Some(listed) => Ok(listed),
-            None => self.list(sub),
-        }
-    }
+    fn listed_once(&self, sub: &str) -> Option<Vec<Meta>>;
 
     /// Requests made so far, by kind, for the summary and the benchmark.
     fn requests(&self) -> HashMap<&'static str, Requests>;
 
     /// Keeps copies of the narinfos read and written in `dir` on this machine, and reads a
-    /// narinfo from its copy while the listing shows it unchanged ([`copies`]). Storage on
-    /// this machine has no use for them.
-    fn keep_copies(&self, dir: &Path) -> Result<(), s3::CopiesError> {
-        let _ = dir;
-        Ok(())
-    }
+    /// narinfo from its copy while the listing shows it unchanged ([`s3::CopiesError`]'s copies).
+    fn keep_copies(&self, dir: &Path) -> Result<(), s3::CopiesError>;
 
     /// Where the copies are kept and how many reads they answered, when they are.
-    fn copies_used(&self) -> Option<(PathBuf, u64)> {
-        None
-    }
+    fn copies_used(&self) -> Option<(PathBuf, u64)>;
 }
 
 #[cfg(test)]

@@ -46,7 +46,7 @@ use std::time::{Duration, SystemTime};
 use rusty_s3::{Bucket, UrlStyle};
 use url::Url;
 
-use super::{Backend, Leftover, Meta, NewFile, Reader, Record, Requests, Staged};
+use super::{Backend, Leftover, Meta, NewFile, Reader, Record, Requests, Shared, Staged};
 use super::{FileProblem, StorageError};
 use crate::layout::TEMP_PREFIX;
 use answers::redact_url;
@@ -181,6 +181,10 @@ impl S3Backend {
 }
 
 impl Backend for S3Backend {
+    fn shared(&self) -> Option<&dyn Shared> {
+        Some(self)
+    }
+
     fn describe(&self) -> String {
         self.client.url.to_string()
     }
@@ -335,7 +339,9 @@ impl Backend for S3Backend {
             None => self.remove(&l.name),
         }
     }
+}
 
+impl Shared for S3Backend {
     fn record_push(&self, hash_parts: &[&str]) -> Result<Option<String>, StorageError> {
         self.write_push_record(hash_parts)
     }
