@@ -44,7 +44,10 @@ impl Cache {
 
     /// Removes the marker [`Cache::start_deleting`] wrote, once the gc's deletions have landed.
     pub fn done_deleting(&self, marker: &str) -> Result<(), CacheError> {
-        Ok(self.shared().map(|s| s.done_deleting(marker)).transpose()?.unwrap_or_default())
+        match self.shared() {
+            Some(s) => Ok(s.done_deleting(marker)?),
+            None => Ok(()),
+        }
     }
 
     /// On a bucket: the markers of gcs deleting now, or killed while they deleted. A push that
