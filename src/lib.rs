@@ -26,6 +26,7 @@ pub mod nixbase32;
 pub mod path_info;
 pub mod progress;
 pub mod push;
+pub mod receive;
 pub mod retry;
 pub mod serve;
 pub mod signing;

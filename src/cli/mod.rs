@@ -301,16 +301,33 @@ pub struct ServeArgs {
     /// With --from-store: serve every valid path in the store, as nix-serve does.
     #[arg(long, requires = "from_store", conflicts_with = "roots")]
     pub whole_store: bool,
-    /// With --from-store: sign what is filled with this secret key file; repeatable.
+    /// With --from-store or --upload-token-file: sign what is filled or uploaded with this
+    /// secret key file; repeatable.
     #[arg(
         long = "secret-key",
         visible_alias = "key-file",
         short = 'k',
         value_name = "FILE",
-        requires = "from_store",
         env = "NIXCACHE_SECRET_KEY_FILE"
     )]
     pub secret_keys: Vec<PathBuf>,
+    /// Take uploads (PUTs, as `nix copy --to http://HOST` sends them) from clients that send
+    /// one of the tokens in this file (one a line) as the password of HTTP Basic
+    /// authentication (Nix's netrc-file) or as a Bearer token; each is checked before it is
+    /// published.
+    #[arg(long, value_name = "FILE")]
+    pub upload_token_file: Option<PathBuf>,
+    /// With --upload-token-file: publish a narinfo only with a valid signature by this key
+    /// (NAME:BASE64, as in trusted-public-keys; or a file holding one); repeatable.
+    #[arg(long = "trusted-public-key", value_name = "KEY", requires = "upload_token_file")]
+    pub trusted_public_keys: Vec<String>,
+    /// With --upload-token-file: publish narinfos without a trusted signature too.
+    #[arg(long, requires = "upload_token_file")]
+    pub allow_unsigned_uploads: bool,
+    /// With --upload-token-file: refuse an upload larger than this many bytes [default:
+    /// 64 GiB].
+    #[arg(long, value_name = "BYTES", requires = "upload_token_file")]
+    pub max_upload_size: Option<u64>,
     /// With --from-store: how to compress what is filled (zstd keeps a first client's wait short).
     #[arg(long, short = 'c', value_parser = CompressionParser, default_value = "zstd", value_name = "xz|bzip2|zstd|none")]
     pub compression: Compression,
@@ -340,6 +357,13 @@ impl ServeArgs {
     pub fn check(&self) -> Result<(), clap::Error> {
         let why = if matches!(self.dest, Dest::Bucket(_)) {
             "serve serves a directory; a bucket is served by its own HTTP endpoint (clients use http://ENDPOINT/BUCKET/PREFIX as the substituter)"
+        } else if !self.secret_keys.is_empty() && !self.from_store && self.upload_token_file.is_none() {
+            "--secret-key signs what --from-store fills or what --upload-token-file takes; a cache's files are served as they are (sign them with `nixcache sign`)"
+        } else if self.upload_token_file.is_some()
+            && self.trusted_public_keys.is_empty()
+            && !self.allow_unsigned_uploads
+        {
+            "--upload-token-file needs --trusted-public-key NAME:KEY (the key the pushers sign with), or --allow-unsigned-uploads"
         } else if self.from_store && self.roots.is_empty() && !self.whole_store {
             "--from-store needs --roots PATH (serve only those closures) or --whole-store (serve every valid path): a store can hold paths not meant to leave the machine"
         } else if !self.from_store

@@ -228,6 +228,17 @@ pub fn keep_copies(cache: &crate::cache::Cache, dest: &crate::storage::Dest, off
     }
 }
 
+/// A public key given on the command line: the key itself (NAME:BASE64), or a file holding one.
+pub(crate) fn parse_public_key_arg(arg: &str) -> anyhow::Result<crate::signing::PublicKey> {
+    // A key itself, or a file that holds one.
+    if let Ok(k) = arg.parse() {
+        return Ok(k);
+    }
+    let text = std::fs::read_to_string(arg)
+        .with_context(|| format!("{arg:?} is neither a public key (NAME:BASE64) nor a readable key file"))?;
+    text.parse().with_context(|| format!("{arg} does not hold a Nix public key"))
+}
+
 /// Says what requests a command made to a bucket (nothing for a directory), and how many
 /// narinfos were read from the copies kept on this machine instead.
 pub fn say_requests(cache: &crate::cache::Cache) {

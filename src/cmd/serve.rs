@@ -59,6 +59,10 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<bool> {
             lock_wait: args.lock_timeout,
         };
         Some(Filler::new(config).context("cannot read the roots' closures from the Nix store")?)
+    } else if args.upload_token_file.is_some() {
+        // Pushers may start an empty cache: Nix sends nix-cache-info first.
+        Cache::create(dir.as_path())?;
+        None
     } else {
         let cache = Cache::inspect(dir.as_path())?;
         if cache.cache_info()?.is_none() {
@@ -83,6 +87,17 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<bool> {
             ),
         },
     };
+    let uploads = match &args.upload_token_file {
+        Some(file) => Some(uploads(args, dir, file)?),
+        None => None,
+    };
+    if let Some(u) = &uploads {
+        // What clients trust: the keys uploads are signed with, and the receiver's own.
+        let config = u.receiver.config();
+        public.extend(config.keys.iter().map(|k| k.public_key().to_string()));
+        public.extend(config.trusted.iter().map(ToString::to_string));
+        public.dedup();
+    }
     // The two lines a client pastes into nix.conf come first, each on its own line.
     let substituters = format!("substituters = {}", urls.first().map_or("", String::as_str));
     let keys_line = if public.is_empty() {
@@ -97,6 +112,18 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<bool> {
         dir.display(),
         urls.join(" ")
     );
+    if let Some(file) = &args.upload_token_file {
+        crate::elog!(
+            "taking uploads from clients with a token in {} (nix copy --to {} --option netrc-file FILE)",
+            file.display(),
+            urls.first().map_or("http://HOST:PORT", String::as_str)
+        );
+        for l in listeners.iter().filter_map(|l| l.local_addr().ok()).filter(|a| !a.ip().is_loopback()) {
+            crate::elog!(
+                "warning: uploads on {l} come over plain HTTP: the token crosses the network in clear; listen on loopback behind a TLS proxy, or push over a tunnel (WireGuard, ssh -L)"
+            );
+        }
+    }
     if args.from_store && args.secret_keys.is_empty() {
         crate::elog!(
             "warning: no --secret-key: what is filled is not signed, and clients with require-sigs (Nix's default) will not use it; make a key with `nixcache keygen` and pass -k"
@@ -118,6 +145,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<bool> {
         filler,
         threads: jobs,
         index,
+        uploads,
     };
     serve(config, || {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
@@ -127,6 +155,37 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<bool> {
         crate::elog!("stopped: the responses under way were finished");
     }
     Ok(true)
+}
+
+/// What `--upload-token-file` turns on: the tokens, and a receiver that checks uploads against
+/// the trusted keys.
+fn uploads(args: &ServeArgs, dir: &Path, file: &Path) -> anyhow::Result<crate::serve::upload::Uploads> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read the upload tokens in {}", file.display()))?;
+    let tokens = crate::serve::upload::read_tokens(&text);
+    if tokens.is_empty() {
+        bail!(
+            "{} holds no token: one a line (make one with `head -c 32 /dev/urandom | base64`)",
+            file.display()
+        );
+    }
+    let trusted = args
+        .trusted_public_keys
+        .iter()
+        .map(|k| super::parse_public_key_arg(k))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let keys =
+        args.secret_keys.iter().map(|p| super::read_secret_key(p)).collect::<anyhow::Result<Vec<_>>>()?;
+    let config = crate::receive::ReceiveConfig {
+        trusted,
+        allow_unsigned: args.allow_unsigned_uploads,
+        keys,
+        max_upload: args.max_upload_size.unwrap_or(crate::receive::DEFAULT_MAX_UPLOAD),
+        lock_timeout: args.lock_timeout,
+    };
+    let receiver = crate::receive::Receiver::open(dir, config)
+        .with_context(|| format!("cannot prepare {} for uploads", dir.display()))?;
+    Ok(crate::serve::upload::Uploads { tokens, receiver })
 }
 
 /// The `trusted-public-keys` line for a cache served without `-k`: the keys that sign its

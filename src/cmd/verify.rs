@@ -3,26 +3,17 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
-
 use crate::cache::Cache;
 use crate::cli::VerifyArgs;
 use crate::progress::{Mode, Progress};
-use crate::signing::PublicKey;
 use crate::verify::{VerifyReport, verify};
 
-fn parse_key(arg: &str) -> anyhow::Result<PublicKey> {
-    // A key itself, or a file that holds one.
-    if let Ok(k) = arg.parse() {
-        return Ok(k);
-    }
-    let text = std::fs::read_to_string(arg)
-        .with_context(|| format!("{arg:?} is neither a public key (NAME:BASE64) nor a readable key file"))?;
-    text.parse().with_context(|| format!("{arg} does not hold a Nix public key"))
-}
-
 fn run_inner(args: &VerifyArgs) -> anyhow::Result<VerifyReport> {
-    let keys = args.trusted_public_keys.iter().map(|k| parse_key(k)).collect::<anyhow::Result<Vec<_>>>()?;
+    let keys = args
+        .trusted_public_keys
+        .iter()
+        .map(|k| super::parse_public_key_arg(k))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     super::check_dest(&args.dest, &[])?;
     let mut cache = Cache::inspect(&args.dest)?;
     let mode = Mode::detect(args.quiet || args.json);

@@ -20,6 +20,7 @@ mod chunks;
 pub mod files;
 pub mod fill;
 mod trim;
+pub mod upload;
 mod write_timeout;
 
 use write_timeout::WriteTimeout;
@@ -73,6 +74,8 @@ pub struct ServeConfig {
     pub threads: usize,
     /// What `GET /` answers: the lines a client puts in nix.conf.
     pub index: String,
+    /// With `--upload-token-file`.
+    pub uploads: Option<upload::Uploads>,
 }
 
 #[derive(Debug, Error)]
@@ -93,6 +96,7 @@ struct Shared {
     index: Bytes,
     /// Becomes true on SIGTERM: fill waiters are answered 503 and no fill starts.
     stopping: watch::Receiver<bool>,
+    uploads: Option<upload::Uploads>,
 }
 
 /// What a fill came to: whether the narinfo is there now, or why it failed.
@@ -126,6 +130,7 @@ pub fn run(config: ServeConfig, ready: impl FnOnce()) -> Result<(), ServeError> 
         log: config.access_log.then(Logger::start),
         index: Bytes::from(config.index),
         stopping: stop_rx.clone(),
+        uploads: config.uploads,
     });
     // A fill runs on a blocking thread of the runtime that asked for it; misses never start
     // one ([`Filler::would_serve`]), and two per worker are the most.
@@ -263,7 +268,8 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) 
         started: Instant::now(),
         status: 0,
     });
-    let mut resp = answer(shared, &req).await;
+    let mut resp =
+        if req.method() == Method::PUT { upload::put(shared, req).await } else { answer(shared, &req).await };
     if let Some(mut a) = access {
         a.status = resp.status().as_u16();
         resp.body_mut().access = Some(a);

@@ -20,7 +20,7 @@ const LAYERS: &[&[&str]] = &[
     &["cache"],
     &["nar_check", "index"],
     // Operations.
-    &["verify", "push", "gc"],
+    &["verify", "push", "gc", "receive"],
     &["serve"],
     // The command line.
     &["cli"],

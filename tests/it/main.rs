@@ -19,3 +19,4 @@ mod s3;
 mod serve;
 mod serve_hostile;
 mod trust;
+mod upload;

@@ -1,0 +1,161 @@
+//! Uploads (`serve --upload-token-file`): the PUTs Nix's `nix copy --to http://HOST` sends
+//! (`nix-cache-info`, `nar/...`, `<hash>.ls`, then `<hash>.narinfo` last), taken from a client
+//! with a token, each checked by the [`Receiver`] before anything is visible.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+
+use super::{Body, Shared, files, status};
+use crate::cache::TEXT_LIMIT;
+use crate::receive::{Receiver, Refused, Upload};
+
+/// Who may upload (the tokens of `--upload-token-file`, one a line), and where it goes.
+pub struct Uploads {
+    pub tokens: Vec<String>,
+    pub receiver: Receiver,
+}
+
+impl Uploads {
+    /// Whether the request carries one of the tokens: as the password of HTTP Basic
+    /// authentication (what Nix sends from its netrc file) or as a Bearer token. Every token
+    /// is compared, each in constant time.
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let Some(value) = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        let sent = if let Some(b) = value.strip_prefix("Basic ") {
+            let decoded = base64::engine::general_purpose::STANDARD.decode(b.trim()).unwrap_or_default();
+            match String::from_utf8(decoded).ok().and_then(|t| t.split_once(':').map(|(_, p)| p.to_owned())) {
+                Some(p) => p,
+                None => return false,
+            }
+        } else if let Some(t) = value.strip_prefix("Bearer ") {
+            t.trim().to_owned()
+        } else {
+            return false;
+        };
+        self.tokens.iter().fold(false, |found, t| found | same(t.as_bytes(), sent.as_bytes()))
+    }
+}
+
+/// Whether `a` and `b` are equal, in time that does not depend on where they differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Reads the lines of a token file: one token a line, blank lines and `#` comments passed over.
+pub fn read_tokens(text: &str) -> Vec<String> {
+    text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned).collect()
+}
+
+fn refused(e: &Refused) -> Response<Body> {
+    let code = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+    status(code, &format!("{}\n", crate::util::error_chain(e)))
+}
+
+/// Answers a PUT.
+pub(super) async fn put(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let Some(uploads) = &shared.uploads else {
+        let mut r =
+            status(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD: this server takes no uploads\n");
+        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    };
+    if !uploads.authorized(&req) {
+        let mut r = status(
+            StatusCode::UNAUTHORIZED,
+            "uploads need a token: the password of HTTP Basic authentication (Nix's netrc-file) or a Bearer token\n",
+        );
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"nixcache\""));
+        return r;
+    }
+    let path = req.uri().path().to_owned();
+    let Some(upload) = files::target(&path).and_then(|t| Upload::of(&t.rel)) else {
+        return refused(&Refused::NotAnUpload(path));
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut body = req.into_body();
+    let result = match upload {
+        Upload::Nar { name, file_hash } => {
+            let mut nar = match uploads.receiver.begin_nar(&name, &file_hash, declared) {
+                Ok(n) => n,
+                Err(e) => return refused(&e),
+            };
+            let mut got = 0u64;
+            loop {
+                match body.frame().await {
+                    None => break,
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data() {
+                            got += data.len() as u64;
+                            if let Err(e) = nar.write(&data) {
+                                return refused(&e);
+                            }
+                        }
+                    }
+                    Some(Err(_)) => {
+                        return refused(&Refused::CutShort { got, declared: declared.unwrap_or(got) });
+                    }
+                }
+            }
+            tokio::task::spawn_blocking(move || nar.finish().map(|()| String::new())).await
+        }
+        small => {
+            let mut buf = Vec::new();
+            loop {
+                match body.frame().await {
+                    None => break,
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data() {
+                            buf.extend_from_slice(&data);
+                            if buf.len() as u64 > TEXT_LIMIT {
+                                return refused(&Refused::TooLarge { limit: TEXT_LIMIT });
+                            }
+                        }
+                    }
+                    Some(Err(_)) => {
+                        let got = buf.len() as u64;
+                        return refused(&Refused::CutShort { got, declared: declared.unwrap_or(got) });
+                    }
+                }
+            }
+            let shared = shared.clone();
+            tokio::task::spawn_blocking(move || {
+                let Some(uploads) = &shared.uploads else { unreachable!("uploads are on") };
+                let r = &uploads.receiver;
+                match small {
+                    Upload::CacheInfo => r.put_cache_info(&buf).map(|()| String::new()),
+                    Upload::Listing { hash } => r.put_listing(&hash, &buf).map(|()| String::new()),
+                    Upload::NarInfo { hash } => r.put_narinfo(&hash, &buf),
+                    Upload::Nar { .. } => unreachable!("taken above"),
+                }
+            })
+            .await
+        }
+    };
+    match result {
+        Ok(Ok(published)) => {
+            if !published.is_empty() {
+                crate::elog!("received {published}");
+            }
+            status(StatusCode::CREATED, "")
+        }
+        Ok(Err(e)) => {
+            if e.status() >= 500 {
+                crate::elog!("error: an upload to {path} failed: {}", crate::util::error_chain(&e));
+            }
+            refused(&e)
+        }
+        Err(_) => status(StatusCode::INTERNAL_SERVER_ERROR, "the upload's check failed\n"),
+    }
+}
