@@ -154,6 +154,10 @@ fn man_extra(sub: Option<&str>) -> String {
                 "nixcache serve --dest /var/cache/nixcache --from-store --whole-store -k cache.sec",
                 "Serve every valid store path, as nix-serve does, compressing each once.",
             ),
+            (
+                "nixcache serve --dest /var/lib/static-nix-cache --upload-token-file /etc/nixcache/upload.tokens --trusted-public-key ci-1:BASE64",
+                "Take pushes from another machine: nix copy --to 'http://HOST:5000?secret-key=ci.sec' --option netrc-file FILE, the token as the netrc password. Each upload is checked (NAR hashes, signature, references) before it is published; a bad one is a 4xx and leaves nothing.",
+            ),
         ],
         Some("keygen") => &[(
             "nixcache keygen cache.example.org-1 /etc/nixcache/cache.sec /etc/nixcache/cache.pub",
