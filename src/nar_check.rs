@@ -1,12 +1,24 @@
 //! Whether a NAR file in the cache is what its narinfo says: used by verify, by push's
 //! `--repair` and by sign, which must not vouch for a NAR they have not checked.
 
-use std::io::{self, BufReader};
+use std::io::{self, BufReader, Read};
 
 use crate::cache::{Cache, FileProblem};
 use crate::compression::Compression;
-use crate::hash::{HashingReader, HashingWriter};
+use crate::hash::{HashingReader, HashingWriter, NixHash};
 use crate::narinfo::NarInfo;
+
+/// The NAR a compressed file of `file_size` bytes holds: its size and hash, read through
+/// `file` once.
+pub fn decoded_nar(compression: Compression, file: impl Read, file_size: u64) -> io::Result<(u64, NixHash)> {
+    // No more buffer than the file needs: a megabyte each for 50,000 tiny NARs is a megabyte
+    // of page faults each.
+    let buffer = file_size.clamp(8 << 10, 1 << 20) as usize;
+    let mut nar = HashingWriter::new(io::sink());
+    compression.decode_to(BufReader::with_capacity(buffer, file), &mut nar)?;
+    let (_, nar_size, nar_hash) = nar.finish();
+    Ok((nar_size, nar_hash))
+}
 
 /// A file that could not be read as it is: its kind of problem and what to do.
 pub fn file_problem(e: &FileProblem) -> (&'static str, String) {
@@ -61,34 +73,26 @@ pub fn check_nar(
         return 0;
     }
     let mut file = HashingReader::new(f);
-    let mut nar = HashingWriter::new(io::sink());
-    let decoded = if decompress {
-        // No more buffer than the file needs: a megabyte each for 50,000 tiny NARs is a
-        // megabyte of page faults each.
-        let buffer = size.clamp(8 << 10, 1 << 20) as usize;
-        compression.decode_to(BufReader::with_capacity(buffer, &mut file), &mut nar)
-    } else {
-        Ok(0)
+    let decoded = if decompress { decoded_nar(compression, &mut file, size).map(Some) } else { Ok(None) };
+    let decoded = match decoded {
+        Ok(d) => d,
+        Err(e) => {
+            problem("nar-corrupt", format!("{rel} does not decompress as {compression}: {e}"));
+            return 0;
+        }
     };
-    if let Err(e) = decoded {
-        problem("nar-corrupt", format!("{rel} does not decompress as {compression}: {e}"));
-        return 0;
-    }
     // Hash whatever the decoder left unread, so FileHash covers the whole file.
     if let Err(e) = io::copy(&mut file, &mut io::sink()) {
         problem("unreadable", format!("cannot read {rel}: {e}"));
         return 0;
     }
     let (_, file_hash) = file.finish();
-    let (_, nar_size, nar_hash) = nar.finish();
     if let Some(want) = ni.file_hash
         && want != file_hash
     {
         problem("file-hash", format!("{rel} hashes to {file_hash}, the narinfo says {want}"));
     }
-    if !decompress {
-        return 0;
-    }
+    let Some((nar_size, nar_hash)) = decoded else { return 0 };
     if nar_size != ni.nar_size {
         problem("nar-size", format!("its NAR is {nar_size} bytes, the narinfo says {}", ni.nar_size));
     } else if nar_hash != ni.nar_hash {

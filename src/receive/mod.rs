@@ -15,7 +15,7 @@
 //! leaves in `incoming/` is removed when the receiver starts again.
 
 use std::fs::{self, File};
-use std::io::{self, BufReader, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -24,7 +24,7 @@ use thiserror::Error;
 
 use crate::cache::{CACHE_INFO, Cache, CacheError, CacheInfo};
 use crate::compression::Compression;
-use crate::hash::{HashingWriter, NixHash};
+use crate::hash::NixHash;
 use crate::layout::{self, FileKind};
 use crate::narinfo::NarInfo;
 use crate::signing::{PublicKey, SecretKey};
@@ -295,11 +295,8 @@ impl Receiver {
         }
         // The NAR the sender made: decompressed, hashed.
         let f = File::open(&nar_at).map_err(io_refused)?;
-        let mut nar = HashingWriter::new(io::sink());
-        compression
-            .decode_to(BufReader::with_capacity(1 << 20, f), &mut nar)
+        let (nar_size, nar_hash) = crate::nar_check::decoded_nar(compression, f, size)
             .map_err(|e| reject(format!("its NAR does not decompress as {compression}: {e}")))?;
-        let (_, nar_size, nar_hash) = nar.finish();
         if nar_size != ni.nar_size || nar_hash != ni.nar_hash {
             return Err(reject(format!(
                 "its NAR is {nar_size} bytes hashing to {nar_hash}; the narinfo says {} bytes, {}",
