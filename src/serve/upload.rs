@@ -58,6 +58,26 @@ fn refused(e: &Refused) -> Response<Body> {
     status(code, &format!("{}\n", crate::util::error_chain(e)))
 }
 
+/// Hands each piece of a request's body to `take`, in order; a body that breaks off is
+/// [`Refused::CutShort`].
+async fn each_piece(
+    body: &mut Incoming,
+    declared: Option<u64>,
+    mut take: impl FnMut(&[u8]) -> Result<(), Refused>,
+) -> Result<(), Refused> {
+    let mut got = 0u64;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return Err(Refused::CutShort { got, declared: declared.unwrap_or(got) });
+        };
+        if let Ok(data) = frame.into_data() {
+            got += data.len() as u64;
+            take(&data)?;
+        }
+    }
+    Ok(())
+}
+
 /// Answers a PUT.
 pub(super) async fn put(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let Some(uploads) = &shared.uploads else {
@@ -91,43 +111,20 @@ pub(super) async fn put(shared: &Arc<Shared>, req: Request<Incoming>) -> Respons
                 Ok(n) => n,
                 Err(e) => return refused(&e),
             };
-            let mut got = 0u64;
-            loop {
-                match body.frame().await {
-                    None => break,
-                    Some(Ok(frame)) => {
-                        if let Ok(data) = frame.into_data() {
-                            got += data.len() as u64;
-                            if let Err(e) = nar.write(&data) {
-                                return refused(&e);
-                            }
-                        }
-                    }
-                    Some(Err(_)) => {
-                        return refused(&Refused::CutShort { got, declared: declared.unwrap_or(got) });
-                    }
-                }
+            if let Err(e) = each_piece(&mut body, declared, |piece| nar.write(piece)).await {
+                return refused(&e);
             }
             tokio::task::spawn_blocking(move || nar.finish().map(|()| String::new())).await
         }
         small => {
             let mut buf = Vec::new();
-            loop {
-                match body.frame().await {
-                    None => break,
-                    Some(Ok(frame)) => {
-                        if let Ok(data) = frame.into_data() {
-                            buf.extend_from_slice(&data);
-                            if buf.len() as u64 > TEXT_LIMIT {
-                                return refused(&Refused::TooLarge { limit: TEXT_LIMIT });
-                            }
-                        }
-                    }
-                    Some(Err(_)) => {
-                        let got = buf.len() as u64;
-                        return refused(&Refused::CutShort { got, declared: declared.unwrap_or(got) });
-                    }
-                }
+            let read = each_piece(&mut body, declared, |piece| {
+                buf.extend_from_slice(piece);
+                let too_large = buf.len() as u64 > TEXT_LIMIT;
+                if too_large { Err(Refused::TooLarge { limit: TEXT_LIMIT }) } else { Ok(()) }
+            });
+            if let Err(e) = read.await {
+                return refused(&e);
             }
             let shared = shared.clone();
             tokio::task::spawn_blocking(move || {
