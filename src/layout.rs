@@ -65,7 +65,7 @@ impl FileKind {
             FileKind::Log
         } else if rel.starts_with("realisations/") {
             FileKind::Realisation
-        } else if rel.starts_with(STATE_DIR) || rel == LOCK_FILE {
+        } else if rel.split('/').next() == Some(STATE_DIR) || rel == LOCK_FILE {
             FileKind::State
         } else {
             FileKind::Other
@@ -142,6 +142,8 @@ mod tests {
         assert_eq!(FileKind::of(&nar_name(h, ".nar")), FileKind::Nar);
         assert_eq!(FileKind::of(&debuginfo_name("ab12")), FileKind::DebugInfo);
         assert_eq!(FileKind::of(".nixcache/pushes/1-2"), FileKind::State);
+        // A temporary file is the kind it will be, not nixcache's state.
+        assert_eq!(FileKind::of(".nixcache-tmp-1"), FileKind::Other);
         assert_eq!(FileKind::of("log/x"), FileKind::Log);
         assert!(is_narinfo_name("a.narinfo") && !is_narinfo_name(".nixcache-tmp-1.narinfo"));
     }
