@@ -208,7 +208,8 @@ impl Receiver {
             .ok()
             .and_then(|t| t.parse().ok())
             .ok_or_else(|| Refused::BadNarInfo("nix-cache-info does not parse".into()))?;
-        let cache = Cache::open(self.dir.as_path())?;
+        // Under the lock: a push writing it at the same time writes its own settings.
+        let cache = self.locked()?;
         match cache.cache_info()? {
             Some(have) if have.store_dir == sent.store_dir => Ok(()),
             Some(have) => Err(Refused::Rejected {
