@@ -22,6 +22,7 @@ pub mod layout;
 pub mod nar;
 pub mod nar_check;
 pub mod narinfo;
+pub mod netrc;
 pub mod nixbase32;
 pub mod path_info;
 pub mod progress;

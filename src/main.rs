@@ -26,6 +26,7 @@ fn main() -> ExitCode {
             Err(e) => e.exit(),
         },
         Command::Verify(a) => return cmd::verify::run(a),
+        Command::Receive(a) => cmd::receive::run(a),
         Command::Completions(a) => {
             // Rendered into memory: clap_complete panics when its writer fails.
             let mut script = Vec::new();

@@ -18,6 +18,7 @@ pub use crate::cache_info::CacheInfo;
 use crate::narinfo::{NarInfo, NarInfoError};
 pub use crate::storage::Backend;
 use crate::storage::dir::DirBackend;
+use crate::storage::remote::RemoteBackend;
 use crate::storage::s3::S3Backend;
 pub use crate::storage::{Dest, FileProblem, Leftover, Meta, NewFile, Reader, Record, Staged, StorageError};
 use crate::store_path::StorePath;
@@ -108,6 +109,7 @@ impl Cache {
         match dest.into() {
             Dest::Dir(dir) => Self::writable(Self::new(Box::new(DirBackend::create(&dir)?))),
             Dest::Bucket(b) => Ok(Self::new(Box::new(S3Backend::connect(&b, false)?))),
+            Dest::Remote(r) => Ok(Self::new(Box::new(RemoteBackend::connect(&r)?))),
         }
     }
 
@@ -117,6 +119,7 @@ impl Cache {
         match dest.into() {
             Dest::Dir(dir) => Self::writable(Self::new(Box::new(DirBackend::open(&dir)?))),
             Dest::Bucket(b) => Ok(Self::new(Box::new(S3Backend::connect(&b, false)?))),
+            Dest::Remote(r) => Ok(Self::new(Box::new(RemoteBackend::connect(&r)?))),
         }
     }
 
@@ -134,6 +137,7 @@ impl Cache {
             Dest::Dir(dir) => Ok(Self::new(Box::new(DirBackend::open(&dir)?))),
             // Reading a public bucket needs no credentials.
             Dest::Bucket(b) => Ok(Self::new(Box::new(S3Backend::connect(&b, true)?))),
+            Dest::Remote(r) => Ok(Self::new(Box::new(RemoteBackend::connect(&r)?))),
         }
     }
 

@@ -120,6 +120,14 @@ impl Cache {
         Ok(rel)
     }
 
+    /// Learns at once what the cache holds of these paths, recording nothing ([`crate::storage::Shared::look_ahead`]).
+    pub fn look_ahead(&self, hash_parts: &[&str]) -> Result<(), CacheError> {
+        if let Some(s) = self.shared() {
+            s.look_ahead(hash_parts)?;
+        }
+        Ok(())
+    }
+
     /// Requests made to a bucket so far, by kind.
     pub fn requests(&self) -> std::collections::HashMap<&'static str, crate::storage::Requests> {
         self.shared().map(|s| s.requests()).unwrap_or_default()

@@ -119,6 +119,24 @@ fn man_extra(sub: Option<&str>) -> String {
                 "nixcache push --dest /var/lib/static-nix-cache --exclude '-secrets$' --allow-incomplete ./result",
                 "Never push paths named *-secrets, and push what references them anyway.",
             ),
+            (
+                "nixcache push --dest ssh://root@pi/var/lib/static-nix-cache -k ci.sec ./result",
+                "Push to a cache on another machine over ssh (root@pi:/var/lib/static-nix-cache is the same): nixcache receive runs there, checks every upload and publishes it; nothing listens on the Pi. NIX_SSHOPTS adds ssh options; --remote-program names nixcache there. verify, gc and sign run where the cache is: ssh pi nixcache gc ...",
+            ),
+            (
+                "nixcache push --dest http://pi:5000 --upload-token-file ci.token -k ci.sec ./result",
+                "Push into a nixcache serve --upload-token-file (or any server that takes Nix's uploads); without --upload-token-file, the password for the host in Nix's netrc file is sent.",
+            ),
+        ],
+        Some("receive") => &[
+            (
+                "nixcache receive --dest /var/lib/static-nix-cache",
+                "What push --dest ssh://HOST/var/lib/static-nix-cache runs on HOST: takes the push on standard input and output. Each upload is checked (NAR hashes, references) and published under the cache's lock, as serve --upload-token-file does.",
+            ),
+            (
+                "command=\"nixcache receive --dest /var/lib/static-nix-cache --trusted-public-key ci-1:BASE64\",restrict ssh-ed25519 AAAA... ci",
+                "A line of the cache owner's ~/.ssh/authorized_keys: this key may only push, only into that cache, and only narinfos signed by ci-1.",
+            ),
         ],
         Some("verify") => &[
             (
@@ -355,6 +373,7 @@ mod tests {
                 "nixcache-gc.1",
                 "nixcache-keygen.1",
                 "nixcache-push.1",
+                "nixcache-receive.1",
                 "nixcache-serve.1",
                 "nixcache-sign.1",
                 "nixcache-verify.1",

@@ -35,6 +35,8 @@ pub enum Command {
     Gc(GcArgs),
     /// Serve a cache directory over HTTP, optionally filling it from the local store on demand.
     Serve(ServeArgs),
+    /// Take a push over standard input and output: what `push --dest ssh://HOST/DIR` runs on HOST.
+    Receive(ReceiveArgs),
     /// Print a shell completion script: nixcache completions bash > /etc/bash_completion.d/nixcache
     Completions(CompletionsArgs),
 }
@@ -104,9 +106,11 @@ impl StoreArgs {
 
 #[derive(Debug, Args)]
 pub struct PushArgs {
-    /// The cache: a directory (or file:///DIR), created if missing, or an S3 bucket,
+    /// The cache: a directory (or file:///DIR), created if missing; an S3 bucket,
     /// s3://BUCKET/PREFIX?endpoint=URL&region=REGION&profile=NAME (see BUCKETS in
-    /// nixcache-push(1)).
+    /// nixcache-push(1)); or a cache on another machine: ssh://[USER@]HOST[:PORT]/DIR or
+    /// [USER@]HOST:DIR (runs `nixcache receive` there over ssh), or http(s)://HOST[:PORT] (a
+    /// `nixcache serve --upload-token-file`, or any server that takes Nix's uploads).
     #[arg(long, short = 'd', value_name = "DIR|URL", value_parser = parse_dest, required = false, required_unless_present = "to", default_value_if("to", clap::builder::ArgPredicate::IsPresent, "/"), env = "NIXCACHE_DEST")]
     pub dest: Dest,
     /// Store paths, or symlinks into the store such as ./result. Their closures are pushed.
@@ -157,6 +161,16 @@ pub struct PushArgs {
     /// MiB at first, held in memory while it goes up).
     #[arg(long, value_name = "N", default_value = "8", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub uploads: u16,
+    /// With an http(s):// --dest: the token to send (the file's first line, as a Bearer
+    /// token) [default: the password for the host in the netrc file Nix reads: NETRC,
+    /// netrc-file in nix.conf, /etc/nix/netrc, ~/.netrc].
+    #[arg(long, value_name = "FILE", env = "NIXCACHE_UPLOAD_TOKEN_FILE")]
+    pub upload_token_file: Option<PathBuf>,
+    /// With an ssh:// or HOST:DIR --dest: the command that runs nixcache on the remote
+    /// machine, as rsync's --rsync-path (a path, or a command line such as `sudo -u cache
+    /// nixcache`).
+    #[arg(long, value_name = "PROGRAM", default_value = "nixcache", env = "NIXCACHE_REMOTE_PROGRAM")]
+    pub remote_program: String,
     /// With an s3:// --dest: do not keep copies of the bucket's narinfos on this machine
     /// ($XDG_CACHE_HOME/nixcache/buckets), so every narinfo is downloaded on each push. A
     /// copy is used only while the bucket lists the object with the same ETag and size.
@@ -259,12 +273,16 @@ impl PushArgs {
         Err(usage_error("push", clap::error::ErrorKind::ArgumentConflict, why))
     }
 
-    /// `--dest`, with `--uploads` applied to a bucket.
+    /// `--dest`, with `--uploads` applied to a bucket and `--remote-program` to a remote.
     pub fn dest_with_uploads(&self) -> Dest {
         match &self.dest {
             Dest::Bucket(b) => Dest::Bucket(crate::storage::s3::BucketUrl {
                 uploads: usize::from(self.uploads),
                 ..b.clone()
+            }),
+            Dest::Remote(r) => Dest::Remote(crate::storage::remote::RemoteDest {
+                program: self.remote_program.clone(),
+                ..r.clone()
             }),
             d => d.clone(),
         }
@@ -377,6 +395,29 @@ impl ServeArgs {
         };
         Err(usage_error("serve", clap::error::ErrorKind::MissingRequiredArgument, why))
     }
+}
+
+#[derive(Debug, Args)]
+pub struct ReceiveArgs {
+    /// The cache directory to receive into, created if missing. In a forced command
+    /// (authorized_keys `command="..."`), this one is used whatever the pusher asked for.
+    #[arg(long, short = 'd', value_name = "DIR", value_parser = parse_dest)]
+    pub dest: Dest,
+    /// Publish a narinfo only with a valid signature by this key (NAME:BASE64, or a file
+    /// holding one); repeatable. Without it, what the SSH login sends is taken, each upload
+    /// still checked against its hashes and references.
+    #[arg(long = "trusted-public-key", value_name = "KEY")]
+    pub trusted_public_keys: Vec<String>,
+    /// Sign what is received with this secret key file too; repeatable.
+    #[arg(long = "secret-key", visible_alias = "key-file", short = 'k', value_name = "FILE")]
+    pub secret_keys: Vec<PathBuf>,
+    /// Refuse an upload larger than this many bytes [default: 64 GiB].
+    #[arg(long, value_name = "BYTES")]
+    pub max_upload_size: Option<u64>,
+    /// How long a publish waits for another writer's lock (a gc, a local push) before it is
+    /// refused, and the pusher fails that path (90s, 30m).
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = crate::gc::parse_duration)]
+    pub lock_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Args)]

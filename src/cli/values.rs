@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use crate::compression::Compression;
 use crate::storage::Dest;
+use crate::storage::remote::{RemoteDest, RemoteUrl};
 
 /// Parses `--jobs`: at least 1, at most [`max_jobs`] (four per core, at most
 /// 1024; more threads only add memory and contention).
@@ -21,9 +22,10 @@ pub(super) fn parse_jobs(s: &str) -> Result<NonZeroUsize, String> {
     }
 }
 
-/// Parses `--dest`: a directory, a `file://` URL of one (the `nix copy --to` habit), or an
-/// `s3://bucket/prefix?...` URL. Other schemes, settings in a file:// URL, a host in one, and
-/// the scp form `HOST:DIR` get a sentence.
+/// Parses `--dest`: a directory, a `file://` URL of one (the `nix copy --to` habit), an
+/// `s3://bucket/prefix?...` URL, or a cache on another machine: `ssh://[USER@]HOST[:PORT]/DIR`,
+/// the scp form `[USER@]HOST:DIR`, or `http(s)://HOST[:PORT][/PREFIX]`. Other schemes,
+/// settings in a file:// URL and a host in one get a sentence.
 pub fn parse_dest(s: &str) -> Result<Dest, String> {
     if s.is_empty() {
         return Err(
@@ -31,10 +33,11 @@ pub fn parse_dest(s: &str) -> Result<Dest, String> {
         );
     }
     let Some((scheme, rest)) = s.split_once("://") else {
+        // `[USER@]HOST:DIR`, as scp and rsync take it: pushed over ssh.
         if let Some((host, dir)) = scp_form(s) {
-            return Err(format!(
-                "{s:?} looks like an scp or rsync destination (HOST:DIR), and nixcache writes only to this machine or to an s3:// bucket: push into a local directory and copy it to {host} (examples/rsync-cache.sh does it safely), or mount {host}'s {dir} here; for a local directory with a colon in its name, write ./{s}"
-            ));
+            return RemoteUrl::scp(host, dir)
+                .map(|u| Dest::Remote(RemoteDest::new(u)))
+                .map_err(|e| format!("{e}; for a local directory with a colon in its name, write ./{s}"));
         }
         return Ok(Dest::Dir(PathBuf::from(s)));
     };
@@ -55,11 +58,13 @@ pub fn parse_dest(s: &str) -> Result<Dest, String> {
             }
         }
         "s3" => s.parse().map(Dest::Bucket),
-        "http" | "https" => Err(format!(
-            "{s:?} is a URL to read a cache from; nixcache writes the directory a web server serves (give that directory) or the bucket one serves (s3://bucket/prefix?endpoint=...)"
+        "http" | "https" => RemoteUrl::http(s).map(|u| Dest::Remote(RemoteDest::new(u))),
+        "ssh" => RemoteUrl::ssh(s).map(|u| Dest::Remote(RemoteDest::new(u))),
+        "ssh-ng" => Err(format!(
+            "{s:?}: nixcache pushes over ssh://HOST/DIR (it runs nixcache receive there); ssh-ng:// is Nix's store protocol"
         )),
         _ => Err(format!(
-            "{s:?}: nixcache writes a cache directory (or file:///dir) or an S3 bucket (s3://bucket/prefix); {scheme}:// is not supported"
+            "{s:?}: nixcache writes a cache directory (or file:///dir), an S3 bucket (s3://bucket/prefix), or a cache on another machine (ssh://HOST/DIR, HOST:DIR, http://HOST:PORT); {scheme}:// is not supported"
         )),
     }
 }
@@ -163,7 +168,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dest_takes_directories_and_file_urls_and_refuses_hosts_and_the_scp_form() {
+    fn dest_takes_directories_file_urls_and_remote_caches() {
         let dir = |s: &str| match parse_dest(s) {
             Ok(Dest::Dir(d)) => d,
             other => panic!("{s}: {other:?}"),
@@ -173,9 +178,43 @@ mod tests {
         assert_eq!(dir("file://localhost/var/cache"), PathBuf::from("/var/cache"));
         assert_eq!(dir("./a:b"), PathBuf::from("./a:b"));
         assert_eq!(dir("cache"), PathBuf::from("cache"));
-        for bad in
-            ["root@pi:/var/cache", "pi:cache", "file://tmp/x", "file://host", "", "http://x/", "ssh://pi/x"]
-        {
+        let remote = |s: &str| match parse_dest(s) {
+            Ok(Dest::Remote(r)) => r.url,
+            other => panic!("{s}: {other:?}"),
+        };
+        let ssh = |target: &str, port, path: &str, scp| RemoteUrl::Ssh {
+            target: target.into(),
+            port,
+            path: path.into(),
+            scp,
+        };
+        assert_eq!(remote("root@pi:/var/cache"), ssh("root@pi", None, "/var/cache", true));
+        assert_eq!(remote("pi:cache"), ssh("pi", None, "cache", true));
+        assert_eq!(
+            remote("ssh://root@pi:2222/var/my%20cache"),
+            ssh("root@pi", Some(2222), "/var/my cache", false)
+        );
+        assert_eq!(remote("ssh://[::1]:22/c"), ssh("::1", Some(22), "/c", false));
+        assert_eq!(remote("http://pi:5000/"), RemoteUrl::Http("http://pi:5000".into()));
+        assert_eq!(
+            remote("https://cache.example/prefix"),
+            RemoteUrl::Http("https://cache.example/prefix".into())
+        );
+        // Said back as given.
+        for s in ["root@pi:/var/cache", "ssh://root@pi:2222/var/c", "http://pi:5000"] {
+            assert_eq!(remote(s).to_string(), s);
+        }
+        for bad in [
+            "file://tmp/x",
+            "file://host",
+            "",
+            "pi:",
+            "ssh://pi",
+            "ssh://pi/",
+            "http://x/?secret-key=k",
+            "ssh-ng://pi",
+            "ftp://x/y",
+        ] {
             assert!(parse_dest(bad).is_err(), "{bad}");
         }
         assert!(parse_dest("file://tmp/x").unwrap_err().contains("file:///tmp/x"));

@@ -8,6 +8,7 @@ use crate::gc::{Reason, gc};
 use crate::progress::bytes;
 
 pub fn run(args: &GcArgs) -> anyhow::Result<bool> {
+    super::remote::refuse(&args.dest, "gc")?;
     super::check_dest(&args.dest, &[])?;
     let mut cache = Cache::open(&args.dest)?;
     super::require_cache_info(&cache)?;

@@ -4,6 +4,8 @@ pub mod gc;
 pub mod keygen;
 pub mod partial;
 pub mod push;
+pub mod receive;
+pub mod remote;
 pub mod serve;
 pub mod sign;
 pub mod verify;
@@ -96,6 +98,8 @@ pub fn require_cache_info(cache: &crate::cache::Cache) -> anyhow::Result<()> {
 pub struct NixConfKeys {
     pub trusted: Vec<crate::signing::PublicKey>,
     pub secret_key_files: Vec<PathBuf>,
+    /// `netrc-file`, if set.
+    pub netrc_file: Option<PathBuf>,
 }
 
 impl NixConfKeys {
@@ -123,6 +127,7 @@ impl NixConfKeys {
                     }
                     keys.trusted.extend(values.filter_map(|v| v.parse().ok()));
                 }
+                "netrc-file" => keys.netrc_file = values.last().map(PathBuf::from),
                 "secret-key-files" => {
                     if !name.starts_with("extra-") {
                         keys.secret_key_files.clear();

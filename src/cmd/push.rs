@@ -173,6 +173,7 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
 
     super::check_dest(&args.dest, &[args.store.real_store_dir(), args.store.store_dir.as_str().into()])?;
+    let dest = super::remote::resolve(args)?;
     let store = Store::open(&args.store.config()).context("cannot open the Nix store")?;
     let mut args_paths = args.paths.clone();
     // `nix-build | nixcache push --dest X`: with no paths given, a pipe is read as --stdin.
@@ -194,9 +195,11 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     // The cache as it is, for its records (and the dry run), before anything is written. A
     // bucket a push will write is opened with the push's credentials: what is wrong with them
     // is the first thing said.
-    let opened = match &args.dest {
+    let opened = match &dest {
         crate::storage::Dest::Dir(d) if !d.exists() => None,
-        crate::storage::Dest::Bucket(_) if !args.dry_run => Some(Cache::create(args.dest_with_uploads())?),
+        crate::storage::Dest::Bucket(_) if !args.dry_run => Some(Cache::create(&dest)?),
+        // Connected once (over ssh, the receiver runs from here to the end).
+        crate::storage::Dest::Remote(_) => Some(Cache::create(&dest)?),
         dest => Some(Cache::inspect(dest)?),
     };
     let recorded = Partial::recorded(args, opened.as_ref())?;
@@ -212,6 +215,11 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
         crate::elog!("{line}");
     }
     if args.dry_run {
+        if let Some(c) = &opened {
+            // A remote cache says in one answer which paths it has (nothing is recorded).
+            let hashes: Vec<&str> = infos.iter().map(|i| i.path.hash_part()).collect();
+            c.look_ahead(&hashes)?;
+        }
         if keys.is_empty() {
             warn_unsigned(opened.as_ref(), &[]);
         }
@@ -220,9 +228,9 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
     let closure = infos;
     let infos = partial.kept(&closure);
 
-    let mut cache = match (&args.dest, opened) {
-        (crate::storage::Dest::Bucket(_), Some(c)) => c,
-        _ => Cache::create(args.dest_with_uploads())?,
+    let mut cache = match (&dest, opened) {
+        (crate::storage::Dest::Bucket(_) | crate::storage::Dest::Remote(_), Some(c)) => c,
+        _ => Cache::create(&dest)?,
     };
     cache.lock_within(args.lock_timeout, |who| {
         if mode != Mode::Quiet {

@@ -19,6 +19,7 @@ use crate::store::Store;
 const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
 
 pub fn run(args: &ServeArgs) -> anyhow::Result<bool> {
+    super::remote::refuse(&args.dest, "serve")?;
     let Dest::Dir(dir) = &args.dest else { bail!("serve serves a directory") };
     super::check_dest(&args.dest, &[args.store.real_store_dir(), args.store.store_dir.as_str().into()])?;
     let jobs = args

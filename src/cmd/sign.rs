@@ -26,6 +26,7 @@ const WRITERS: usize = 16;
 pub fn run(args: &SignArgs) -> anyhow::Result<bool> {
     let key = super::read_secret_key(&args.secret_key)?;
     let public = [key.public_key()];
+    super::remote::refuse(&args.dest, "sign")?;
     super::check_dest(&args.dest, &[])?;
     let mut cache = Cache::open(&args.dest)?;
     super::require_cache_info(&cache)?;

@@ -14,6 +14,7 @@ fn run_inner(args: &VerifyArgs) -> anyhow::Result<VerifyReport> {
         .iter()
         .map(|k| super::parse_public_key_arg(k))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    super::remote::refuse(&args.dest, "verify")?;
     super::check_dest(&args.dest, &[])?;
     let mut cache = Cache::inspect(&args.dest)?;
     let mode = Mode::detect(args.quiet || args.json);

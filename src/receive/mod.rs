@@ -11,9 +11,16 @@
 //! takes it, the NAR is renamed into `nar/` and made durable, and the narinfo written
 //! atomically after it: a client never sees a narinfo whose NAR or references are missing,
 //! and a gc (which takes the same lock) never runs between the check and the publish. A
-//! refused upload leaves nothing a client can see; what a cut-off upload or a killed receiver
-//! leaves in `incoming/` is removed when the receiver starts again.
+//! refused upload leaves nothing a client can see.
+//!
+//! Each receiver (a `serve`, or one `nixcache receive` per SSH push) keeps its NARs in a
+//! directory of its own under `incoming/`, beside a lock file it holds while it runs; a
+//! receiver that starts removes the directories whose lock nobody holds (left by a killed
+//! receiver or a cut-off upload), never another running receiver's.
 
+pub mod stdio;
+
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -28,6 +35,7 @@ use crate::hash::NixHash;
 use crate::layout::{self, FileKind};
 use crate::narinfo::NarInfo;
 use crate::signing::{PublicKey, SecretKey};
+use crate::storage::remote::wire::{HAVE_BATCH, HaveAnswer, HaveRequest, Held};
 
 /// Where NARs wait for their narinfo, under the cache.
 pub const INCOMING: &str = ".nixcache/incoming";
@@ -154,24 +162,63 @@ impl Upload {
 /// Receives uploads into the cache directory `dir`.
 pub struct Receiver {
     dir: PathBuf,
+    /// This receiver's own directory under [`INCOMING`].
     incoming: PathBuf,
     config: ReceiveConfig,
+    /// Held (locked) while the receiver runs: its `incoming` directory is in use.
+    _alive: File,
 }
 
 impl Receiver {
-    /// Opens the cache to receive into; removes what a killed receiver left in `incoming/`.
+    /// Opens the cache to receive into, with a directory of its own under `incoming/`; removes
+    /// what receivers no longer running left there.
     pub fn open(dir: &Path, config: ReceiveConfig) -> Result<Receiver, Refused> {
-        let incoming = dir.join(INCOMING);
-        fs::create_dir_all(&incoming).map_err(io_refused)?;
-        for e in fs::read_dir(&incoming).map_err(io_refused)? {
-            let e = e.map_err(io_refused)?;
-            let _ = fs::remove_file(e.path());
-        }
-        Ok(Receiver { dir: dir.to_owned(), incoming, config })
+        let parent = dir.join(INCOMING);
+        fs::create_dir_all(&parent).map_err(io_refused)?;
+        let mut b = [0u8; 8];
+        getrandom::fill(&mut b).map_err(|e| Refused::Io(io::Error::other(e.to_string())))?;
+        let id = format!("{}-{:016x}", std::process::id(), u64::from_le_bytes(b));
+        let alive = File::create(parent.join(format!("{id}.lock"))).map_err(io_refused)?;
+        alive.try_lock().map_err(|e| Refused::Io(io::Error::other(e.to_string())))?;
+        let incoming = parent.join(&id);
+        fs::create_dir(&incoming).map_err(io_refused)?;
+        remove_abandoned(&parent, &id);
+        Ok(Receiver { dir: dir.to_owned(), incoming, config, _alive: alive })
     }
 
     pub fn config(&self) -> &ReceiveConfig {
         &self.config
+    }
+
+    /// The cache directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Which of the hash parts asked about the cache has a narinfo for, with the narinfo and
+    /// the size of its NAR. With `record`, under the cache's lock, each one found counts as
+    /// pushed now (its narinfo's time is touched, as a push touches it), so a gc that starts
+    /// afterwards keeps it for its window.
+    pub fn have(&self, req: &HaveRequest) -> Result<HaveAnswer, Refused> {
+        if req.hashes.len() > HAVE_BATCH {
+            return Err(Refused::BadNarInfo(format!("more than {HAVE_BATCH} hash parts in one question")));
+        }
+        if let Some(h) = req.hashes.iter().find(|h| h.len() != 32 || !crate::nixbase32::is_nix32(h)) {
+            return Err(Refused::BadNarInfo(format!("{h:?} is not the hash part of a store path")));
+        }
+        let cache = if req.record { self.locked()? } else { Cache::open(self.dir.as_path())? };
+        let mut present = BTreeMap::new();
+        for h in &req.hashes {
+            let rel = layout::narinfo_name(h);
+            let Ok(Some(text)) = cache.read_text(&rel) else { continue };
+            let nar = text.parse::<NarInfo>().ok().and_then(|ni| ni.nar_file());
+            let nar_size = nar.and_then(|n| cache.stat(&n)).map(|m| m.size);
+            if req.record {
+                cache.touch(&rel)?;
+            }
+            present.insert(h.clone(), Held { narinfo: text, nar_size });
+        }
+        Ok(HaveAnswer { version: 1, present })
     }
 
     /// Starts receiving the NAR `name` (`<filehash>.nar[.ext]`), `declared` bytes long if the
@@ -344,6 +391,41 @@ impl Receiver {
             e => Refused::Cache(e),
         })?;
         Ok(cache)
+    }
+}
+
+impl Drop for Receiver {
+    /// What never got its narinfo goes with the receiver.
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.incoming);
+        let _ = fs::remove_file(self.incoming.with_extension("lock"));
+    }
+}
+
+/// Removes the directories under `parent` (`incoming/`) of receivers no longer running: those
+/// whose lock file nobody holds. `own` is this receiver's.
+fn remove_abandoned(parent: &Path, own: &str) {
+    let Ok(entries) = fs::read_dir(parent) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_suffix(".lock") else { continue };
+        if id == own {
+            continue;
+        }
+        let Ok(f) = File::options().write(true).open(e.path()) else { continue };
+        if f.try_lock().is_ok() {
+            let _ = fs::remove_dir_all(parent.join(id));
+            let _ = fs::remove_file(e.path());
+        }
+    }
+    // What older receivers left directly in incoming/ (one directory for all).
+    if let Ok(entries) = fs::read_dir(parent) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_file()) && !e.file_name().to_string_lossy().ends_with(".lock")
+            {
+                let _ = fs::remove_file(e.path());
+            }
+        }
     }
 }
 

@@ -268,8 +268,13 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) 
         started: Instant::now(),
         status: 0,
     });
-    let mut resp =
-        if req.method() == Method::PUT { upload::put(shared, req).await } else { answer(shared, &req).await };
+    let mut resp = if req.method() == Method::PUT {
+        upload::put(shared, req).await
+    } else if req.method() == Method::POST && req.uri().path() == crate::storage::remote::wire::HAVE_PATH {
+        upload::have(shared, req).await
+    } else {
+        answer(shared, &req).await
+    };
     if let Some(mut a) = access {
         a.status = resp.status().as_u16();
         resp.body_mut().access = Some(a);

@@ -13,6 +13,10 @@ use hyper::{Request, Response, StatusCode};
 use super::{Body, Shared, files, status};
 use crate::cache::TEXT_LIMIT;
 use crate::receive::{Receiver, Refused, Upload};
+use crate::storage::remote::wire::HaveRequest;
+
+/// The largest "have" question read.
+const HAVE_LIMIT: u64 = 64 << 20;
 
 /// Who may upload (the tokens of `--upload-token-file`, one a line), and where it goes.
 pub struct Uploads {
@@ -78,23 +82,69 @@ async fn each_piece(
     Ok(())
 }
 
-/// Answers a PUT.
-pub(super) async fn put(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+/// The answer to a request that may not write: uploads are off (405) or it has no token (401).
+fn not_allowed(shared: &Shared, req: &Request<Incoming>) -> Option<Response<Body>> {
     let Some(uploads) = &shared.uploads else {
         let mut r =
             status(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD: this server takes no uploads\n");
         r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-        return r;
+        return Some(r);
     };
-    if !uploads.authorized(&req) {
+    if !uploads.authorized(req) {
         let mut r = status(
             StatusCode::UNAUTHORIZED,
             "uploads need a token: the password of HTTP Basic authentication (Nix's netrc-file) or a Bearer token\n",
         );
         r.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"nixcache\""));
+        return Some(r);
+    }
+    None
+}
+
+/// Answers nixcache's "which of these do you have" (POST [`crate::storage::remote::wire::HAVE_PATH`], JSON), asked
+/// by a pusher with a token: with `record`, the paths found count as pushed now.
+pub(super) async fn have(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    if let Some(r) = not_allowed(shared, &req) {
         return r;
     }
+    let mut body = req.into_body();
+    let mut buf = Vec::new();
+    let read = each_piece(&mut body, None, |piece| {
+        buf.extend_from_slice(piece);
+        if buf.len() as u64 > HAVE_LIMIT { Err(Refused::TooLarge { limit: HAVE_LIMIT }) } else { Ok(()) }
+    });
+    if let Err(e) = read.await {
+        return refused(&e);
+    }
+    let question: HaveRequest = match serde_json::from_slice(&buf) {
+        Ok(q) => q,
+        Err(e) => return refused(&Refused::BadNarInfo(format!("the question does not parse: {e}"))),
+    };
+    let shared = shared.clone();
+    let answered = tokio::task::spawn_blocking(move || {
+        let Some(uploads) = &shared.uploads else { unreachable!("uploads are on") };
+        uploads.receiver.have(&question)
+    })
+    .await;
+    match answered {
+        Ok(Ok(a)) => {
+            let mut r = status(StatusCode::OK, "");
+            *r.body_mut() = Body::bytes(serde_json::to_vec(&a).expect("serializable").into());
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r
+        }
+        Ok(Err(e)) => refused(&e),
+        Err(_) => status(StatusCode::INTERNAL_SERVER_ERROR, "the question's answer failed\n"),
+    }
+}
+
+/// Answers a PUT.
+pub(super) async fn put(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    if let Some(r) = not_allowed(shared, &req) {
+        return r;
+    }
+    let Some(uploads) = &shared.uploads else { unreachable!("uploads are on") };
     let path = req.uri().path().to_owned();
     let Some(upload) = files::target(&path).and_then(|t| Upload::of(&t.rel)) else {
         return refused(&Refused::NotAnUpload(path));

@@ -16,6 +16,7 @@
 
 pub mod dir;
 mod lock;
+pub mod remote;
 pub mod s3;
 
 use std::collections::HashMap;
@@ -36,6 +37,8 @@ use crate::layout::SUBDIRS;
 pub enum Dest {
     Dir(PathBuf),
     Bucket(s3::BucketUrl),
+    /// Another machine's directory, through a receiver there (ssh://, http://).
+    Remote(remote::RemoteDest),
 }
 
 impl fmt::Display for Dest {
@@ -43,6 +46,7 @@ impl fmt::Display for Dest {
         match self {
             Dest::Dir(p) => write!(f, "{}", p.display()),
             Dest::Bucket(b) => write!(f, "{b}"),
+            Dest::Remote(r) => write!(f, "{}", r.url),
         }
     }
 }
@@ -117,6 +121,8 @@ pub enum StorageError {
     NotARealDirectory { path: PathBuf, kind: &'static str },
     #[error(transparent)]
     Bucket(s3::S3Error),
+    #[error(transparent)]
+    Remote(remote::RemoteError),
 }
 
 impl From<s3::S3Error> for StorageError {
@@ -430,6 +436,13 @@ pub trait Shared {
 
     /// Where the copies are kept and how many reads they answered, when they are.
     fn copies_used(&self) -> Option<(PathBuf, u64)>;
+
+    /// Learns at once what the cache holds of these store paths, without recording a push
+    /// (a dry run): a remote cache answers in one request what would take one per path.
+    fn look_ahead(&self, hash_parts: &[&str]) -> Result<(), StorageError> {
+        let _ = hash_parts;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 /// From the bottom up. A module may import only modules of lower layers.
 const LAYERS: &[&[&str]] = &[
     // Leaves: no crate imports.
-    &["nixbase32", "util", "retry", "interrupt", "progress", "layout", "nar"],
+    &["nixbase32", "util", "retry", "interrupt", "progress", "layout", "nar", "netrc"],
     // Pure formats.
     &["hash", "store_path", "xz"],
     &["signing", "content_address", "compression"],

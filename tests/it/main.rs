@@ -15,6 +15,7 @@ mod maintenance;
 mod newcomer;
 mod partial;
 mod push;
+mod remote;
 mod s3;
 mod serve;
 mod serve_hostile;
