@@ -335,6 +335,18 @@ pub struct ServeArgs {
     /// published.
     #[arg(long, value_name = "FILE")]
     pub upload_token_file: Option<PathBuf>,
+    /// Answer reads (GET, HEAD) only to clients that send one of the tokens in this file (or
+    /// an upload token), as the password of HTTP Basic authentication (Nix's netrc-file) or
+    /// as a Bearer token: a private cache.
+    #[arg(long, value_name = "FILE")]
+    pub read_token_file: Option<PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM), so tokens never cross a network in
+    /// clear; with --tls-key.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// With --upload-token-file: publish a narinfo only with a valid signature by this key
     /// (NAME:BASE64, as in trusted-public-keys; or a file holding one); repeatable.
     #[arg(long = "trusted-public-key", value_name = "KEY", requires = "upload_token_file")]

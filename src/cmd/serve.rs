@@ -75,7 +75,9 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<bool> {
         None
     };
 
-    let urls: Vec<String> = listeners.iter().filter_map(|l| l.local_addr().ok()).map(url).collect();
+    let https = args.tls_cert.is_some();
+    let urls: Vec<String> =
+        listeners.iter().filter_map(|l| l.local_addr().ok()).map(|a| url(a, https)).collect();
     let what = match &filler {
         None => String::new(),
         Some(f) => match f.allowed_paths() {
@@ -119,9 +121,10 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<bool> {
             file.display(),
             urls.first().map_or("http://HOST:PORT", String::as_str)
         );
-        for l in listeners.iter().filter_map(|l| l.local_addr().ok()).filter(|a| !a.ip().is_loopback()) {
+        let exposed = listeners.iter().filter_map(|l| l.local_addr().ok()).filter(|a| !a.ip().is_loopback());
+        for l in exposed.filter(|_| !https) {
             crate::elog!(
-                "warning: uploads on {l} come over plain HTTP: the token crosses the network in clear; listen on loopback behind a TLS proxy, or push over a tunnel (WireGuard, ssh -L)"
+                "warning: uploads on {l} come over plain HTTP: the token crosses the network in clear; give --tls-cert and --tls-key, or push over a tunnel (WireGuard, ssh -L), or over ssh (push --dest ssh://HOST/DIR)"
             );
         }
     }
@@ -135,9 +138,17 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<bool> {
         env!("CARGO_PKG_VERSION")
     );
 
+    let readers = match &args.read_token_file {
+        Some(file) => Some(crate::serve::upload::Tokens(read_token_file(file)?)),
+        None => None,
+    };
     // From here on no thread but the log's waits for stderr: a log reader that is stuck
     // holds up neither a client nor shutdown.
     crate::progress::write_in_background();
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::serve::tls::acceptor(cert, key)?),
+        _ => None,
+    };
     let config = ServeConfig {
         dest: dir.clone(),
         listeners,
@@ -147,6 +158,8 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<bool> {
         threads: jobs,
         index,
         uploads,
+        tls,
+        readers,
     };
     serve(config, || {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
@@ -161,15 +174,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<bool> {
 /// What `--upload-token-file` turns on: the tokens, and a receiver that checks uploads against
 /// the trusted keys.
 fn uploads(args: &ServeArgs, dir: &Path, file: &Path) -> anyhow::Result<crate::serve::upload::Uploads> {
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("cannot read the upload tokens in {}", file.display()))?;
-    let tokens = crate::serve::upload::read_tokens(&text);
-    if tokens.is_empty() {
-        bail!(
-            "{} holds no token: one a line (make one with `head -c 32 /dev/urandom | base64`)",
-            file.display()
-        );
-    }
+    let tokens = read_token_file(file)?;
     let trusted = args
         .trusted_public_keys
         .iter()
@@ -186,7 +191,21 @@ fn uploads(args: &ServeArgs, dir: &Path, file: &Path) -> anyhow::Result<crate::s
     };
     let receiver = crate::receive::Receiver::open(dir, config)
         .with_context(|| format!("cannot prepare {} for uploads", dir.display()))?;
-    Ok(crate::serve::upload::Uploads { tokens, receiver })
+    Ok(crate::serve::upload::Uploads { tokens: crate::serve::upload::Tokens(tokens), receiver })
+}
+
+/// The tokens of a token file: one a line, at least one.
+fn read_token_file(file: &Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read the tokens in {}", file.display()))?;
+    let tokens = crate::serve::upload::read_tokens(&text);
+    if tokens.is_empty() {
+        bail!(
+            "{} holds no token: one a line (make one with `head -c 32 /dev/urandom | base64`)",
+            file.display()
+        );
+    }
+    Ok(tokens)
 }
 
 /// The `trusted-public-keys` line for a cache served without `-k`: the keys that sign its
@@ -280,12 +299,13 @@ fn bind(addr: &SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// How a client reaches `addr`: by this host's name when it listens on every address.
-fn url(addr: SocketAddr) -> String {
+fn url(addr: SocketAddr, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
     if addr.ip().is_unspecified() {
         let host = rustix::system::uname().nodename().to_string_lossy().into_owned();
-        format!("http://{host}:{}", addr.port())
+        format!("{scheme}://{host}:{}", addr.port())
     } else {
-        format!("http://{addr}")
+        format!("{scheme}://{addr}")
     }
 }
 

@@ -15,20 +15,19 @@
 //! timeout. On SIGTERM or SIGINT the listeners close, responses under way finish (fills
 //! included), idle connections are closed, and [`run`] returns.
 
+mod accept;
 mod access_log;
 mod chunks;
 pub mod files;
 pub mod fill;
+pub mod tls;
 mod trim;
 pub mod upload;
 mod write_timeout;
 
-use write_timeout::WriteTimeout;
-
 use access_log::Logger;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
@@ -42,7 +41,6 @@ use bytes::Bytes;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use thiserror::Error;
 use tokio::sync::watch;
 
@@ -76,6 +74,10 @@ pub struct ServeConfig {
     pub index: String,
     /// With `--upload-token-file`.
     pub uploads: Option<upload::Uploads>,
+    /// With `--tls-cert` and `--tls-key`.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// With `--read-token-file`: reads need one of these (or an upload token).
+    pub readers: Option<upload::Tokens>,
 }
 
 #[derive(Debug, Error)]
@@ -97,6 +99,7 @@ struct Shared {
     /// Becomes true on SIGTERM: fill waiters are answered 503 and no fill starts.
     stopping: watch::Receiver<bool>,
     uploads: Option<upload::Uploads>,
+    readers: Option<upload::Tokens>,
 }
 
 /// What a fill came to: whether the narinfo is there now, or why it failed.
@@ -131,6 +134,7 @@ pub fn run(config: ServeConfig, ready: impl FnOnce()) -> Result<(), ServeError> 
         index: Bytes::from(config.index),
         stopping: stop_rx.clone(),
         uploads: config.uploads,
+        readers: config.readers,
     });
     // A fill runs on a blocking thread of the runtime that asked for it; misses never start
     // one ([`Filler::would_serve`]), and two per worker are the most.
@@ -154,7 +158,7 @@ pub fn run(config: ServeConfig, ready: impl FnOnce()) -> Result<(), ServeError> 
         let listeners = config.listeners.iter().map(|l| l.try_clone()).collect::<Result<Vec<_>, _>>();
         let listeners = listeners.map_err(ServeError::Start)?;
         let (rt, shared, stop) = (runtime()?, shared.clone(), stop_rx.clone());
-        let timeout = config.timeout;
+        let (timeout, tls) = (config.timeout, config.tls.clone());
         let worker = std::thread::Builder::new().name(format!("nixcache-serve-{i}")).spawn(move || {
             let served = rt.block_on(async move {
                 let graceful = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
@@ -163,7 +167,8 @@ pub fn run(config: ServeConfig, ready: impl FnOnce()) -> Result<(), ServeError> 
                     l.set_nonblocking(true)?;
                     let l = tokio::net::TcpListener::from_std(l)?;
                     let (shared, stop, graceful) = (shared.clone(), stop.clone(), graceful.clone());
-                    accepting.push(tokio::spawn(accept(l, shared, stop, graceful, timeout)));
+                    let tls = tls.clone();
+                    accepting.push(tokio::spawn(accept::accept(l, shared, stop, graceful, timeout, tls)));
                 }
                 for a in accepting {
                     let _ = a.await;
@@ -210,54 +215,6 @@ pub fn run(config: ServeConfig, ready: impl FnOnce()) -> Result<(), ServeError> 
     result
 }
 
-/// Accepts connections until told to stop.
-async fn accept(
-    listener: tokio::net::TcpListener,
-    shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
-    graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
-    timeout: Duration,
-) {
-    let mut said_full = false;
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.changed() => return,
-        };
-        let (stream, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of file descriptors (or another passing trouble): say it once, back off
-                // instead of spinning, and go on serving the connections there are.
-                if !said_full {
-                    crate::elog!("warning: cannot accept a connection: {e}");
-                    said_full = true;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        said_full = false;
-        let _ = stream.set_nodelay(true);
-        let shared = shared.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let shared = shared.clone();
-            async move { Ok::<_, Infallible>(handle(&shared, req, peer).await) }
-        });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(timeout)
-            .max_buf_size(MAX_HEAD)
-            .serve_connection(TokioIo::new(WriteTimeout::new(stream, timeout)), service);
-        let conn = graceful.watch(conn);
-        let open = trim::Connection::opened();
-        tokio::spawn(async move {
-            let _ = conn.await;
-            drop(open);
-        });
-    }
-}
-
 /// Answers one request.
 async fn handle(shared: &Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let access = shared.log.as_ref().map(|log| Access {
@@ -272,6 +229,8 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) 
         upload::put(shared, req).await
     } else if req.method() == Method::POST && req.uri().path() == crate::storage::remote::wire::HAVE_PATH {
         upload::have(shared, req).await
+    } else if !may_read(shared, &req) {
+        upload::unauthorized("reads")
     } else {
         answer(shared, &req).await
     };
@@ -280,6 +239,17 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) 
         resp.body_mut().access = Some(a);
     }
     resp
+}
+
+/// Whether a read may be answered: always, unless `--read-token-file` asks for a token (an
+/// upload token will do too).
+fn may_read(shared: &Shared, req: &Request<Incoming>) -> bool {
+    match &shared.readers {
+        None => true,
+        Some(readers) => {
+            readers.authorized(req) || shared.uploads.as_ref().is_some_and(|u| u.tokens.authorized(req))
+        }
+    }
 }
 
 async fn answer(shared: &Arc<Shared>, req: &Request<Incoming>) -> Response<Body> {

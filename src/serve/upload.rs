@@ -20,15 +20,18 @@ const HAVE_LIMIT: u64 = 64 << 20;
 
 /// Who may upload (the tokens of `--upload-token-file`, one a line), and where it goes.
 pub struct Uploads {
-    pub tokens: Vec<String>,
+    pub tokens: Tokens,
     pub receiver: Receiver,
 }
 
-impl Uploads {
+/// Tokens a request may carry (`--upload-token-file`, `--read-token-file`).
+pub struct Tokens(pub Vec<String>);
+
+impl Tokens {
     /// Whether the request carries one of the tokens: as the password of HTTP Basic
     /// authentication (what Nix sends from its netrc file) or as a Bearer token. Every token
     /// is compared, each in constant time.
-    fn authorized(&self, req: &Request<Incoming>) -> bool {
+    pub fn authorized<B>(&self, req: &Request<B>) -> bool {
         let Some(value) = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
             return false;
         };
@@ -43,8 +46,21 @@ impl Uploads {
         } else {
             return false;
         };
-        self.tokens.iter().fold(false, |found, t| found | same(t.as_bytes(), sent.as_bytes()))
+        self.0.iter().fold(false, |found, t| found | same(t.as_bytes(), sent.as_bytes()))
     }
+}
+
+/// The answer to a request without a token that is wanted: 401, asking for Basic
+/// authentication (Nix then sends its netrc file's password).
+pub(super) fn unauthorized(what: &str) -> Response<Body> {
+    let mut r = status(
+        StatusCode::UNAUTHORIZED,
+        &format!(
+            "{what} need a token: the password of HTTP Basic authentication (Nix's netrc-file) or a Bearer token\n"
+        ),
+    );
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"nixcache\""));
+    r
 }
 
 /// Whether `a` and `b` are equal, in time that does not depend on where they differ.
@@ -90,14 +106,8 @@ fn not_allowed(shared: &Shared, req: &Request<Incoming>) -> Option<Response<Body
         r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return Some(r);
     };
-    if !uploads.authorized(req) {
-        let mut r = status(
-            StatusCode::UNAUTHORIZED,
-            "uploads need a token: the password of HTTP Basic authentication (Nix's netrc-file) or a Bearer token\n",
-        );
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"nixcache\""));
-        return Some(r);
+    if !uploads.tokens.authorized(req) {
+        return Some(unauthorized("uploads"));
     }
     None
 }

@@ -422,3 +422,95 @@ fn receive_speaks_the_framed_protocol_and_refuses_what_is_not_an_upload() {
     assert!(child.wait().unwrap().success());
     assert_eq!(narinfos(&cache), 0);
 }
+
+/// A certificate authority and a certificate it signed for 127.0.0.1: (ca.pem, cert.pem,
+/// key.pem).
+fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let p = |n: &str| dir.join(n);
+    ok(Command::new("openssl")
+        .args(["req", "-x509"])
+        .args(ec)
+        .arg("-keyout")
+        .arg(p("ca.key"))
+        .arg("-out")
+        .arg(p("ca.pem"))
+        .args(["-days", "2", "-subj", "/CN=nixcache test CA"]));
+    ok(Command::new("openssl")
+        .arg("req")
+        .args(ec)
+        .arg("-keyout")
+        .arg(p("key.pem"))
+        .arg("-out")
+        .arg(p("leaf.csr"))
+        .args(["-subj", "/CN=127.0.0.1"]));
+    std::fs::write(p("ext"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+    ok(Command::new("openssl")
+        .args(["x509", "-req", "-in"])
+        .arg(p("leaf.csr"))
+        .arg("-CA")
+        .arg(p("ca.pem"))
+        .arg("-CAkey")
+        .arg(p("ca.key"))
+        .args(["-CAcreateserial", "-days", "2", "-out"])
+        .arg(p("cert.pem"))
+        .arg("-extfile")
+        .arg(p("ext")));
+    (p("ca.pem"), p("cert.pem"), p("key.pem"))
+}
+
+#[test]
+fn https_with_tokens_for_uploads_and_reads() {
+    let f = fixtures();
+    let t = tmp();
+    let (ca, cert, key) = certificates(t.path());
+    let cache = t.path().join("cache");
+    let readers = t.path().join("readers");
+    std::fs::write(&readers, "reader-token-42\n").unwrap();
+    let (c, k, r) = (cert.display().to_string(), key.display().to_string(), readers.display().to_string());
+    let server = receiving_server(
+        &cache,
+        t.path(),
+        &["--trusted-public-key", PUBLIC, "--tls-cert", &c, "--tls-key", &k, "--read-token-file", &r],
+    );
+    assert!(server.url.starts_with("https://127.0.0.1:"), "{}", server.url);
+    let token = t.path().join("ci.token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let push = |ca: Option<&Path>| {
+        let mut c = nixcache();
+        c.env_remove("SSL_CERT_FILE").env_remove("NIX_SSL_CERT_FILE");
+        if let Some(ca) = ca {
+            c.env("NIX_SSL_CERT_FILE", ca);
+        }
+        c.args(["push", "-q", "-k", SECRET, "--upload-token-file"])
+            .arg(&token)
+            .args(["--dest", &server.url, &f.top])
+            .output()
+            .unwrap()
+    };
+    // A certificate no authority this side trusts signed: refused, nothing sent.
+    let out = push(None);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("certificate"), "{}", stderr(&out));
+    assert_eq!(narinfos(&cache), 0);
+    let out = push(Some(&ca));
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Reads need a token: none is 401; Nix with a netrc file restores.
+    let curl = |auth: Option<&str>| {
+        let mut c = Command::new("curl");
+        c.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"]).arg(&ca);
+        if let Some(a) = auth {
+            c.args(["-H", &format!("Authorization: Bearer {a}")]);
+        }
+        ok(c.arg(format!("{}/nix-cache-info", server.url)))
+    };
+    assert_eq!(curl(None), "401");
+    assert_eq!(curl(Some("wrong")), "401");
+    assert_eq!(curl(Some("reader-token-42")), "200");
+    let netrc = t.path().join("netrc");
+    std::fs::write(&netrc, "machine 127.0.0.1 login nix password reader-token-42\n").unwrap();
+    let root = t.path().join("root");
+    let mut c = restore_cmd(&server.url, &root, PUBLIC, &[&f.top]);
+    ok(c.env("NIX_SSL_CERT_FILE", &ca).arg("--option").arg("netrc-file").arg(&netrc));
+    assert_restored_identical(&root, &f.closure);
+}

@@ -18,10 +18,37 @@ pub struct Http {
     authorization: Option<String>,
 }
 
+/// The certificate authorities to trust instead of the built-in ones, as Nix takes them:
+/// the PEM file `NIX_SSL_CERT_FILE` (or `SSL_CERT_FILE`) names.
+fn custom_roots(base: &str) -> Result<Option<ureq::tls::RootCerts>, RemoteError> {
+    let set = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    let Some(file) = set("NIX_SSL_CERT_FILE").or_else(|| set("SSL_CERT_FILE")) else {
+        return Ok(None);
+    };
+    let bad = |reason: String| RemoteError::Transport { url: base.to_owned(), reason };
+    let pem =
+        std::fs::read(&file).map_err(|e| bad(format!("cannot read {}: {e}", file.to_string_lossy())))?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        if let Ok(ureq::tls::PemItem::Certificate(c)) = item {
+            certs.push(c);
+        }
+    }
+    if certs.is_empty() {
+        return Err(bad(format!("{} holds no PEM certificate", file.to_string_lossy())));
+    }
+    Ok(Some(ureq::tls::RootCerts::new_with_certs(&certs)))
+}
+
 impl Http {
-    pub fn new(base: &str, auth: Option<Auth>) -> Http {
+    pub fn new(base: &str, auth: Option<Auth>) -> Result<Http, RemoteError> {
+        let mut tls = ureq::tls::TlsConfig::builder();
+        if let Some(roots) = custom_roots(base)? {
+            tls = tls.root_certs(roots);
+        }
         let agent = ureq::Agent::new_with_config(
             ureq::config::Config::builder()
+                .tls_config(tls.build())
                 .http_status_as_error(false)
                 .timeout_connect(Some(Duration::from_secs(10)))
                 // A receiver checks a NAR (decompresses and hashes it) before it answers a
@@ -40,7 +67,7 @@ impl Http {
                 format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair))
             }
         });
-        Http { agent, base: base.to_owned(), authorization }
+        Ok(Http { agent, base: base.to_owned(), authorization })
     }
 
     fn once(&self, verb: Verb, rel: &str, body: &Body<'_>, limit: u64) -> Result<Answer, ureq::Error> {
@@ -99,11 +126,21 @@ impl Transport for Http {
             let r = self.once(verb, rel, &body, limit);
             let again = match &r {
                 Ok(a) => retry::retryable(a.status) && a.status != 507,
-                Err(_) => true,
+                // A certificate or a URL that is wrong stays wrong.
+                // (rustls's refusal of a certificate comes as an I/O error of kind InvalidData.)
+                Err(ureq::Error::Io(e)) => e.kind() != std::io::ErrorKind::InvalidData,
+                Err(e) => matches!(e, ureq::Error::Timeout(_) | ureq::Error::ConnectionFailed),
             };
             if !again || attempt >= retry::ATTEMPTS {
-                return r
-                    .map_err(|e| RemoteError::Transport { url: self.base.clone(), reason: e.to_string() });
+                return r.map_err(|e| {
+                    let mut reason = e.to_string();
+                    if reason.contains("certificate") {
+                        reason.push_str(
+                            " (to trust the authority that signed the server's certificate, set NIX_SSL_CERT_FILE to its PEM file, as for Nix)",
+                        );
+                    }
+                    RemoteError::Transport { url: self.base.clone(), reason }
+                });
             }
             std::thread::sleep(retry::pause(attempt));
             attempt += 1;

@@ -117,7 +117,7 @@ impl RemoteBackend {
     /// Connects: for SSH, starts the receiver on the far side and waits until it is ready.
     pub fn connect(dest: &RemoteDest) -> Result<RemoteBackend, StorageError> {
         let transport: Arc<dyn Transport> = match &dest.url {
-            RemoteUrl::Http(base) => Arc::new(http::Http::new(base, dest.auth.clone())),
+            RemoteUrl::Http(base) => Arc::new(http::Http::new(base, dest.auth.clone())?),
             RemoteUrl::Ssh { .. } => Arc::new(ssh::Ssh::start(dest)?),
         };
         Ok(RemoteBackend {
