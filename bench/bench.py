@@ -19,6 +19,7 @@ for its closure to be filled with zstd and with xz.
 Usage: bench/run [--scale medium] [--runs 3] [--compressions xz,zstd,none] [--many 10000]
                  [--files 200000] [--s3 xz,zstd]
        bench/run --serve [--scale medium] [--runs 3] [--serve-secs 5]
+       bench/run --remote [--scale medium] [--runs 3] [--link-rate 1mbps] [--link-runs 1] [--many 10000]
 """
 import argparse
 import os
@@ -628,6 +629,12 @@ def main():
     ap.add_argument("--serve-secs", type=int, default=5, help="seconds of each wrk load")
     ap.add_argument("--huge", default="", help="only one huge path, with these compressions (zstd,xz)")
     ap.add_argument("--huge-gib", type=int, default=5, help="GiB of sparse file in the huge path")
+    ap.add_argument("--remote", action="store_true",
+                    help="only pushes to another machine: over ssh, over http, push + rsync, nix copy --to http "
+                         "(a network namespace on the far side of a veth link, then that link limited by tc)")
+    ap.add_argument("--remote-compression", default="xz", help="with --remote: the compression")
+    ap.add_argument("--link-rate", default="1mbps", help="with --remote: the limited link's rate (tc's units: mbps is MB/s)")
+    ap.add_argument("--link-runs", type=int, default=1, help="with --remote: runs over the limited link")
     ap.add_argument("--partial", action="store_true",
                     help="only partial caches: what --skip-signed-by and --skip-upstream leave out "
                          "(signs the closure's dependencies in the Nix database with a throwaway key)")
@@ -646,6 +653,12 @@ def main():
     if a.huge:
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as work:
             bench_huge(a, work)
+        return
+    if a.remote:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from remote import bench_remote
+        with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as work:
+            bench_remote(a, work, NIXCACHE, ENV, path, nar, MANY_NIX)
         return
     if a.partial:
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as work:

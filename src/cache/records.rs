@@ -120,6 +120,11 @@ impl Cache {
         Ok(rel)
     }
 
+    /// The bytes sent to a remote cache so far ([`crate::storage::Shared::bytes_sent`]).
+    pub fn bytes_sent(&self) -> Option<u64> {
+        self.shared().and_then(|s| s.bytes_sent())
+    }
+
     /// Learns at once what the cache holds of these paths, recording nothing ([`crate::storage::Shared::look_ahead`]).
     pub fn look_ahead(&self, hash_parts: &[&str]) -> Result<(), CacheError> {
         if let Some(s) = self.shared() {

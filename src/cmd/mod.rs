@@ -249,7 +249,15 @@ pub(crate) fn parse_public_key_arg(arg: &str) -> anyhow::Result<crate::signing::
 pub fn say_requests(cache: &crate::cache::Cache) {
     let requests = cache.requests();
     if !requests.is_empty() {
-        crate::elog!("{}", crate::storage::requests_summary(&requests));
+        match cache.bytes_sent() {
+            Some(sent) => crate::elog!(
+                "{}; {} sent to {}",
+                crate::storage::requests_summary(&requests),
+                crate::progress::bytes(sent),
+                cache.describe()
+            ),
+            None => crate::elog!("{}", crate::storage::requests_summary(&requests)),
+        }
     }
     if let Some((file, n)) = cache.copies_used()
         && n > 0

@@ -35,8 +35,8 @@ fn netrc_files() -> Vec<PathBuf> {
 }
 
 /// `--dest` as the push connects to it: `--remote-program` applied, and for http(s):// the
-/// credentials (`--upload-token-file`, else the host's entry in a netrc file). Refuses what a
-/// push over the link cannot do yet.
+/// credentials (`--upload-token-file`, else the host's entry in a netrc file). Refuses
+/// `--repair`, which reads the NARs there.
 pub fn resolve(args: &PushArgs) -> anyhow::Result<Dest> {
     let dest = args.dest_with_uploads();
     let Dest::Remote(r) = &dest else {
@@ -48,21 +48,12 @@ pub fn resolve(args: &PushArgs) -> anyhow::Result<Dest> {
         }
         return Ok(dest);
     };
-    let unsupported = if args.repair {
-        Some(
-            "--repair reads the NARs in the cache: run it where the cache is (ssh HOST nixcache push --repair --dest DIR ...)",
-        )
-    } else if !args.skip_signed_by.is_empty() || !args.skip_upstream.is_empty() || !args.exclude.is_empty() {
-        Some(
-            "partial-cache options (--skip-signed-by, --skip-upstream, --exclude) are not taken over the link yet: push the partial cache where it is, or push the whole closure",
-        )
-    } else if args.index_debug_info {
-        Some("--index-debug-info is not taken over the link yet: run the push where the cache is")
-    } else {
-        None
-    };
-    if let Some(why) = unsupported {
-        return Err(Usage(format!("{why}; --dest {}", r.url)).into());
+    if args.repair {
+        return Err(Usage(format!(
+            "--repair reads the NARs in the cache: run it where the cache is (ssh HOST nixcache push --repair --dest DIR ...), not over the link to {}",
+            r.url
+        ))
+        .into());
     }
     let auth = match &r.url {
         RemoteUrl::Ssh { .. } if args.upload_token_file.is_some() => {

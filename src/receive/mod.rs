@@ -62,7 +62,7 @@ pub struct ReceiveConfig {
 #[derive(Debug, Error)]
 pub enum Refused {
     #[error(
-        "{0} is not a file a cache takes uploads of (nix-cache-info, <hash>.narinfo, <hash>.ls, nar/<filehash>.nar[.ext])"
+        "{0} is not a file a cache takes uploads of (nix-cache-info, <hash>.narinfo, <hash>.ls, nar/<filehash>.nar[.ext], debuginfo/<build-id>.debug, .nixcache/upstreams.<id>)"
     )]
     NotAnUpload(String),
     #[error("the upload is larger than the receiver's limit of {limit} bytes (--max-upload-size)")]
@@ -132,6 +132,15 @@ pub enum Upload {
         name: String,
         file_hash: String,
     },
+    /// `debuginfo/<build-id>.debug`: where a debug file's NAR member is (JSON).
+    DebugInfo {
+        rel: String,
+    },
+    /// `.nixcache/upstreams.<time>-<id>`: a partial push's record of what it leaves to
+    /// upstreams (written before the narinfos that rely on it).
+    Upstreams {
+        rel: String,
+    },
 }
 
 impl Upload {
@@ -154,10 +163,24 @@ impl Upload {
                     && known.contains(&format!(".{ext}").as_str());
                 ok.then(|| Upload::Nar { name: name.to_owned(), file_hash: file_hash.to_owned() })
             }
+            FileKind::DebugInfo => {
+                let id = rel.strip_prefix("debuginfo/")?.strip_suffix(".debug")?;
+                let ok = !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_hexdigit());
+                ok.then(|| Upload::DebugInfo { rel: rel.to_owned() })
+            }
+            FileKind::State => {
+                let name = rel.strip_prefix(".nixcache/")?.strip_prefix(layout::UPSTREAMS_PREFIX)?;
+                let ok = !name.is_empty()
+                    && name.len() <= 64
+                    && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+                ok.then(|| Upload::Upstreams { rel: rel.to_owned() })
+            }
             _ => None,
         }
     }
 }
+
+pub use crate::storage::remote::wire::UPSTREAMS_REQUEST;
 
 /// Receives uploads into the cache directory `dir`.
 pub struct Receiver {
@@ -270,14 +293,45 @@ impl Receiver {
         }
     }
 
-    /// A NAR listing (`<hash>.ls`): JSON, at most [`crate::cache::TEXT_LIMIT`] bytes, written in place.
+    /// A NAR listing (`<hash>.ls`): a JSON object, at most [`crate::cache::TEXT_LIMIT`] bytes,
+    /// written in place. Only its outline is checked: Nix writes file names as their bytes (a
+    /// listing need not be UTF-8), and a deep tree nests deeper than a JSON parser goes.
     pub fn put_listing(&self, hash: &str, body: &[u8]) -> Result<(), Refused> {
-        if serde_json::from_slice::<serde_json::Value>(body).is_err() {
+        if !(body.trim_ascii().starts_with(b"{") && body.trim_ascii().ends_with(b"}")) {
             return Err(Refused::BadNarInfo(format!("{hash}.ls is not JSON")));
         }
         let cache = self.locked()?;
         cache.write_atomic(&layout::listing_name(hash), body)?;
         Ok(())
+    }
+
+    /// A debug-info link (`debuginfo/<build-id>.debug`): a JSON object, written in place.
+    pub fn put_debuginfo(&self, rel: &str, body: &[u8]) -> Result<(), Refused> {
+        if !serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| v.is_object()) {
+            return Err(Refused::BadNarInfo(format!("{rel} is not a JSON object")));
+        }
+        let mut cache = self.locked()?;
+        cache.create_subdir("debuginfo")?;
+        cache.write_atomic(rel, body)?;
+        Ok(())
+    }
+
+    /// An upstreams record: taken when it parses, written under its own name (records are
+    /// never rewritten: each push that adds to the policy writes one).
+    pub fn put_upstreams(&self, rel: &str, body: &[u8]) -> Result<(), Refused> {
+        let text =
+            std::str::from_utf8(body).map_err(|_| Refused::BadNarInfo(format!("{rel} is not text")))?;
+        text.parse::<crate::upstream::Upstreams>()
+            .map_err(|e| Refused::BadNarInfo(format!("{rel} does not parse: {e}")))?;
+        let mut cache = self.locked()?;
+        cache.create_subdir(layout::STATE_DIR)?;
+        cache.write_atomic(rel, body)?;
+        Ok(())
+    }
+
+    /// The cache's upstream records, merged: what a partial push reads before it decides.
+    pub fn upstreams(&self) -> Result<String, Refused> {
+        Ok(Cache::open(self.dir.as_path())?.upstreams()?.to_string())
     }
 
     /// Checks a narinfo sent to `<hash>.narinfo` with everything it names, and publishes it

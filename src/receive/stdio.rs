@@ -83,6 +83,13 @@ fn answer(
                 Err(e) => refused(&e),
             })
         }
+        Verb::Get if rel == super::UPSTREAMS_REQUEST => {
+            skip(r, head.len)?;
+            Ok(match receiver.upstreams() {
+                Ok(text) => (200, None, text.into_bytes()),
+                Err(e) => refused(&e),
+            })
+        }
         Verb::Get | Verb::Head => {
             skip(r, head.len)?;
             // What a pusher reads: nix-cache-info, narinfos, listings; never a NAR.
@@ -150,6 +157,8 @@ fn put(receiver: &Receiver, rel: &str, len: u64, r: &mut impl BufRead) -> io::Re
                 Upload::CacheInfo => receiver.put_cache_info(&buf).map(|()| String::new()),
                 Upload::Listing { hash } => receiver.put_listing(&hash, &buf).map(|()| String::new()),
                 Upload::NarInfo { hash } => receiver.put_narinfo(&hash, &buf),
+                Upload::DebugInfo { rel } => receiver.put_debuginfo(&rel, &buf).map(|()| String::new()),
+                Upload::Upstreams { rel } => receiver.put_upstreams(&rel, &buf).map(|()| String::new()),
                 Upload::Nar { .. } => unreachable!("taken above"),
             }
         }

@@ -229,6 +229,10 @@ async fn handle(shared: &Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) 
         upload::put(shared, req).await
     } else if req.method() == Method::POST && req.uri().path() == crate::storage::remote::wire::HAVE_PATH {
         upload::have(shared, req).await
+    } else if req.method() == Method::GET
+        && req.uri().path().strip_prefix('/') == Some(crate::receive::UPSTREAMS_REQUEST)
+    {
+        upload::upstreams(shared, req).await
     } else if !may_read(shared, &req) {
         upload::unauthorized("reads")
     } else {

@@ -149,6 +149,25 @@ pub(super) async fn have(shared: &Arc<Shared>, req: Request<Incoming>) -> Respon
     }
 }
 
+/// Answers `GET /_nixcache/v1/upstreams` from a pusher with a token: the cache's upstream
+/// records, merged, which a partial push reads before it decides.
+pub(super) async fn upstreams(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    if let Some(r) = not_allowed(shared, &req) {
+        return r;
+    }
+    let shared = shared.clone();
+    let answered = tokio::task::spawn_blocking(move || {
+        let Some(uploads) = &shared.uploads else { unreachable!("uploads are on") };
+        uploads.receiver.upstreams()
+    })
+    .await;
+    match answered {
+        Ok(Ok(text)) => status(StatusCode::OK, &text),
+        Ok(Err(e)) => refused(&e),
+        Err(_) => status(StatusCode::INTERNAL_SERVER_ERROR, "the records could not be read\n"),
+    }
+}
+
 /// Answers a PUT.
 pub(super) async fn put(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     if let Some(r) = not_allowed(shared, &req) {
@@ -156,7 +175,13 @@ pub(super) async fn put(shared: &Arc<Shared>, req: Request<Incoming>) -> Respons
     }
     let Some(uploads) = &shared.uploads else { unreachable!("uploads are on") };
     let path = req.uri().path().to_owned();
-    let Some(upload) = files::target(&path).and_then(|t| Upload::of(&t.rel)) else {
+    // nixcache's own state is no file a client reads (files::target refuses dot names): only
+    // an upstreams record, by its strict name.
+    let upload = match path.strip_prefix("/.nixcache/") {
+        Some(_) => Upload::of(&path[1..]).filter(|u| matches!(u, Upload::Upstreams { .. })),
+        None => files::target(&path).and_then(|t| Upload::of(&t.rel)),
+    };
+    let Some(upload) = upload else {
         return refused(&Refused::NotAnUpload(path));
     };
     let declared = req
@@ -194,6 +219,8 @@ pub(super) async fn put(shared: &Arc<Shared>, req: Request<Incoming>) -> Respons
                     Upload::CacheInfo => r.put_cache_info(&buf).map(|()| String::new()),
                     Upload::Listing { hash } => r.put_listing(&hash, &buf).map(|()| String::new()),
                     Upload::NarInfo { hash } => r.put_narinfo(&hash, &buf),
+                    Upload::DebugInfo { rel } => r.put_debuginfo(&rel, &buf).map(|()| String::new()),
+                    Upload::Upstreams { rel } => r.put_upstreams(&rel, &buf).map(|()| String::new()),
                     Upload::Nar { .. } => unreachable!("taken above"),
                 }
             })

@@ -1,16 +1,17 @@
-//! Where a cache's files live: a directory ([`dir`]) or an S3-compatible bucket ([`s3`]),
-//! behind one interface, [`Backend`]. Push, verify, sign and gc work on a [`Cache`], which
+//! Where a cache's files live: a directory ([`dir`]), an S3-compatible bucket ([`s3`]), or a
+//! directory on another machine behind a receiver there ([`remote`]), behind one interface,
+//! [`Backend`]. Push, verify, sign and gc work on a [`Cache`], which
 //! holds the cache's rules (names, narinfos, `nix-cache-info`); a backend only stores, lists
 //! and fetches bytes under cache-relative names (`x.narinfo`, `nar/y.nar.xz`).
 //!
-//! What differs between the two is said here once:
+//! What differs between them is said here once:
 //!
-//! | | directory | bucket |
-//! |---|---|---|
-//! | a new file | temporary name, fsync, rename | one PUT, or a multipart upload to a temporary key and a server-side copy |
-//! | durable | after fsync of file and directory | when the server answers |
-//! | writers | one at a time (a file lock) | no lock: content-addressed NARs make races harmless |
-//! | gc's record of a push | the narinfo's modification time | a push record object |
+//! | | directory | bucket | remote |
+//! |---|---|---|---|
+//! | a new file | temporary name, fsync, rename | one PUT, or a multipart upload to a temporary key and a server-side copy | a PUT (over HTTP, or framed over SSH); the receiver checks it, then does what a directory does |
+//! | durable | after fsync of file and directory | when the server answers | when the receiver answers |
+//! | writers | one at a time (a file lock) | no lock: content-addressed NARs make races harmless | the receiver takes the directory's lock for each publish |
+//! | gc's record of a push | the narinfo's modification time | a push record object | the narinfo's time, touched by the receiver when the push asks what it has |
 //!
 //! [`Cache`]: crate::cache::Cache
 
@@ -386,9 +387,11 @@ pub trait Backend: Send + Sync {
     }
 }
 
-/// The protocol of storage whose writers do not exclude each other and whose files have no
-/// times a push can set (a bucket): push records stand in for narinfo times, gc says it is
-/// deleting, lookups are answered from one listing, and requests are counted.
+/// The protocol of storage that is not a directory on this machine. A bucket: writers do not
+/// exclude each other and its files have no times a push can set, so push records stand in
+/// for narinfo times, gc says it is deleting, and lookups are answered from one listing. A
+/// remote cache: one "have" answer stands in for the records and the lookups. Both count
+/// their requests.
 pub trait Shared {
     /// Records, before a push looks at the cache, the narinfo hash parts it names (where
     /// modification times cannot be touched). Returns the record's name, if one was written.
@@ -436,6 +439,11 @@ pub trait Shared {
 
     /// Where the copies are kept and how many reads they answered, when they are.
     fn copies_used(&self) -> Option<(PathBuf, u64)>;
+
+    /// The bytes of request bodies sent so far, where they cross a link (a remote cache).
+    fn bytes_sent(&self) -> Option<u64> {
+        None
+    }
 
     /// Learns at once what the cache holds of these store paths, without recording a push
     /// (a dry run): a remote cache answers in one request what would take one per path.

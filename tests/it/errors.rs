@@ -161,7 +161,7 @@ fn unreadable_file_is_named() {
 }
 
 /// Unmounts on drop.
-struct Unmount<'a>(&'a Path);
+pub struct Unmount<'a>(&'a Path);
 
 impl Drop for Unmount<'_> {
     fn drop(&mut self) {
@@ -170,7 +170,7 @@ impl Drop for Unmount<'_> {
 }
 
 /// Mounts a tmpfs of `size` on the directory `dir` until the guard is dropped.
-fn small_disk<'a>(dir: &'a Path, size: &str) -> Unmount<'a> {
+pub fn small_disk<'a>(dir: &'a Path, size: &str) -> Unmount<'a> {
     ok(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir));
     Unmount(dir)
 }

@@ -135,6 +135,8 @@ fn install_puts_nixcache_where_the_hardened_units_run_it() {
         "nixcache-gc.timer",
         "nixcache-serve.socket",
         "nixcache-serve.service",
+        "nixcache-receive.socket",
+        "nixcache-receive.service",
         "nixcache-spool.service",
         "nixcache-spool.path",
         "nixcache-spool.timer",
@@ -159,6 +161,7 @@ fn install_puts_nixcache_where_the_hardened_units_run_it() {
         ("nixcache-gc.service", 3.0),
         ("nixcache-spool.service", 3.0),
         ("nixcache-serve.service", 2.0),
+        ("nixcache-receive.service", 2.0),
     ] {
         let out = ok(Command::new("systemd-analyze")
             .args(["security", "--offline=yes"])

@@ -14,6 +14,7 @@
 
 pub mod http;
 mod location;
+mod outgoing;
 pub mod ssh;
 pub mod wire;
 
@@ -21,7 +22,7 @@ pub use location::{Auth, RemoteDest, RemoteUrl};
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Seek, Write};
+use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
@@ -101,6 +102,9 @@ pub trait Transport: Send + Sync {
     fn send(&self, verb: Verb, rel: &str, body: Body<'_>, limit: u64) -> Result<Answer, RemoteError>;
 }
 
+/// The name the receiver's merged upstream records are read under.
+const MERGED_RECORDS: &str = ".nixcache/upstreams.merged";
+
 /// What the "have" answer said of a file: its size and (a narinfo) its text; `None`: not there.
 type Known = Option<(u64, Option<Vec<u8>>)>;
 
@@ -110,7 +114,15 @@ pub struct RemoteBackend {
     transport: Arc<dyn Transport>,
     /// What the "have" answer said, per cache-relative name.
     known: Mutex<HashMap<String, Known>>,
-    counts: Arc<Mutex<HashMap<&'static str, Requests>>>,
+    counts: Arc<Counts>,
+    uploaders: Arc<outgoing::Uploaders>,
+}
+
+/// Requests made, by kind, and the bytes of the bodies sent.
+#[derive(Default)]
+struct Counts {
+    requests: Mutex<HashMap<&'static str, Requests>>,
+    sent: std::sync::atomic::AtomicU64,
 }
 
 impl RemoteBackend {
@@ -120,11 +132,17 @@ impl RemoteBackend {
             RemoteUrl::Http(base) => Arc::new(http::Http::new(base, dest.auth.clone())?),
             RemoteUrl::Ssh { .. } => Arc::new(ssh::Ssh::start(dest)?),
         };
+        let counts = Arc::new(Counts::default());
+        // Over ssh one stream carries everything: two uploads keep it busy while the receiver
+        // answers one. Over HTTP, connections of their own.
+        let n = if matches!(dest.url, RemoteUrl::Ssh { .. }) { 2 } else { 4 };
+        let uploaders = Arc::new(outgoing::Uploaders::start(n, &transport, &counts, &dest.url.to_string()));
         Ok(RemoteBackend {
             dest: dest.clone(),
             transport,
             known: Mutex::new(HashMap::new()),
-            counts: Arc::new(Mutex::new(HashMap::new())),
+            counts,
+            uploaders,
         })
     }
 
@@ -183,13 +201,14 @@ impl RemoteBackend {
 
 fn send_counted(
     transport: &dyn Transport,
-    counts: &Mutex<HashMap<&'static str, Requests>>,
+    counts: &Counts,
     verb: Verb,
     rel: &str,
     body: Body<'_>,
     limit: u64,
 ) -> Result<Answer, RemoteError> {
     let started = Instant::now();
+    counts.sent.fetch_add(body.len(), std::sync::atomic::Ordering::Relaxed);
     let r = transport.send(verb, rel, body, limit);
     let kind = match verb {
         Verb::Get => "get",
@@ -197,7 +216,7 @@ fn send_counted(
         Verb::Put => "put",
         Verb::Have => "have",
     };
-    let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
+    let mut c = counts.requests.lock().unwrap_or_else(|e| e.into_inner());
     let e = c.entry(kind).or_default();
     e.count += 1;
     e.time += started.elapsed();
@@ -224,7 +243,7 @@ fn refused(url: &str, what: &str, a: Answer) -> Result<Answer, RemoteError> {
 
 fn put(
     transport: &dyn Transport,
-    counts: &Mutex<HashMap<&'static str, Requests>>,
+    counts: &Counts,
     url: &str,
     rel: &str,
     body: Body<'_>,
@@ -277,9 +296,33 @@ impl Backend for RemoteBackend {
         8
     }
 
-    /// Not listed over the link: what a push needs comes from the "have" answer.
-    fn list(&self, _sub: &str) -> Result<Vec<Meta>, StorageError> {
-        Ok(Vec::new())
+    /// Not listed over the link: what a push needs comes from the "have" answer. But for
+    /// `.nixcache/`, whose upstream records a receiver sends merged, as one file.
+    fn list(&self, sub: &str) -> Result<Vec<Meta>, StorageError> {
+        if sub != crate::layout::STATE_DIR {
+            return Ok(Vec::new());
+        }
+        let a = self.send(Verb::Get, wire::UPSTREAMS_REQUEST, Body::Empty, 64 << 20)?;
+        if matches!(a.status, 403..=405) {
+            // Not nixcache: no records to read.
+            return Ok(Vec::new());
+        }
+        let a = refused(&self.url(), "its upstream records", a)?;
+        if a.body.is_empty() {
+            return Ok(Vec::new());
+        }
+        let size = a.body.len() as u64;
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(MERGED_RECORDS.into(), Some((size, Some(a.body))));
+        Ok(vec![Meta {
+            name: MERGED_RECORDS.into(),
+            size,
+            modified: SystemTime::now(),
+            not_regular: None,
+            etag: None,
+        }])
     }
 
     fn stat(&self, rel: &str) -> Result<Option<Meta>, FileProblem> {
@@ -344,13 +387,7 @@ impl Backend for RemoteBackend {
             path: std::env::temp_dir(),
             source,
         })?;
-        Ok(Box::new(Outgoing {
-            file,
-            len: 0,
-            transport: self.transport.clone(),
-            counts: self.counts.clone(),
-            url: self.url(),
-        }))
+        Ok(Box::new(outgoing::Outgoing { file, len: 0, uploaders: self.uploaders.clone() }))
     }
 
     fn stage(&self, rel: &str, data: &[u8], _modified: Option<SystemTime>) -> Result<Staged, StorageError> {
@@ -446,7 +483,7 @@ impl Shared for RemoteBackend {
     }
 
     fn requests(&self) -> HashMap<&'static str, Requests> {
-        self.counts.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.counts.requests.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn keep_copies(&self, _dir: &std::path::Path) -> Result<(), super::s3::CopiesError> {
@@ -457,42 +494,12 @@ impl Shared for RemoteBackend {
         None
     }
 
+    fn bytes_sent(&self) -> Option<u64> {
+        Some(self.counts.sent.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     fn look_ahead(&self, hash_parts: &[&str]) -> Result<(), StorageError> {
         self.ask_have(hash_parts, false).map(drop)
-    }
-}
-
-/// A NAR on its way: written to a temporary file here, sent when it is named.
-struct Outgoing {
-    file: File,
-    len: u64,
-    transport: Arc<dyn Transport>,
-    counts: Arc<Mutex<HashMap<&'static str, Requests>>>,
-    url: String,
-}
-
-impl Write for Outgoing {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.write(buf)?;
-        self.len += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
-    }
-}
-
-impl NewFile for Outgoing {
-    /// Sends the NAR now; the receiver keeps it out of sight until its narinfo comes.
-    fn stage(mut self: Box<Self>, dest: &str) -> Result<Staged, StorageError> {
-        self.file.flush().and_then(|()| self.file.rewind()).map_err(|source| StorageError::Io {
-            action: "read back",
-            path: std::env::temp_dir(),
-            source,
-        })?;
-        put(&*self.transport, &self.counts, &self.url, dest, Body::File(&self.file, self.len))?;
-        Ok(Staged::new(dest, None, || Ok(())))
     }
 }
 

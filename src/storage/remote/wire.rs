@@ -31,6 +31,10 @@ pub const GREETING: &str = "nixcache-receive 1";
 /// The HTTP path of the "have" request on a nixcache server (POST, JSON body).
 pub const HAVE_PATH: &str = "/_nixcache/v1/have";
 
+/// What a pusher GETs to read the cache's upstream records, merged (over HTTP with the upload
+/// token): a partial push reads them before it decides.
+pub const UPSTREAMS_REQUEST: &str = "_nixcache/v1/upstreams";
+
 /// Hash parts asked about in one "have" request, at most.
 pub const HAVE_BATCH: usize = 10_000;
 
