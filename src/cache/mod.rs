@@ -189,6 +189,11 @@ impl Cache {
         Ok(self.backend.lock(true, None, &mut on_wait)?)
     }
 
+    /// Whether committing a file waits on a link ([`Backend::commits_wait`]).
+    pub fn commits_wait(&self) -> bool {
+        self.backend.commits_wait()
+    }
+
     /// Whether writers exclude each other (a directory's lock).
     pub fn exclusive(&self) -> bool {
         self.backend.exclusive()

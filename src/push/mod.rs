@@ -197,13 +197,15 @@ pub fn push(
     let xz = (opts.compression == Compression::Xz).then(|| xz::Params::new(opts.level as u32).ok()).flatten();
     let mut order: Vec<usize> = (0..infos.len()).collect();
     order.sort_by(|&a, &b| infos[b].nar_size.cmp(&infos[a].nar_size).then(a.cmp(&b)));
+    // Where commits wait on a link, a thread of its own publishes, and `jobs` workers compress.
+    let background = cache.commits_wait();
     let run = Run {
         store,
         cache,
         infos,
         opts,
         progress,
-        publisher: Publisher::new(cache, progress, infos, opts.index_debug_info),
+        publisher: Publisher::new(cache, progress, infos, opts.index_debug_info, background),
         queue: Queue::new(order.into_iter().enumerate().map(|(rank, path)| {
             let blocked = xz.is_some_and(|p| p.may_store(infos[path].nar_size));
             let bytes = if blocked { u64::MAX } else { infos[path].nar_size };
@@ -214,25 +216,39 @@ pub fn push(
         finished: AtomicUsize::new(0),
         said_full: AtomicBool::new(false),
     };
+    let working = AtomicUsize::new(jobs);
     let worker = || {
         while let Some(unit) = run.queue.next() {
             run.unit(unit);
             run.queue.done();
         }
+        if working.fetch_sub(1, Ordering::AcqRel) == 1 {
+            run.publisher.workers_done();
+        }
     };
     match rayon::ThreadPoolBuilder::new()
-        .num_threads(jobs)
+        .num_threads(jobs + usize::from(background))
         .stack_size(32 << 20)
         .thread_name(|i| format!("nixcache-push-{i}"))
         .build()
     {
         Ok(pool) => pool.scope(|s| {
+            if background {
+                s.spawn(|_| run.publisher.run_in_background(|failed| run.report(failed)));
+            }
             for _ in 0..jobs {
                 s.spawn(|_| worker());
             }
         }),
-        // No threads to be had: do the work here.
-        Err(_) => worker(),
+        // No threads to be had: do the work here, then what is left to publish.
+        Err(_) => {
+            for _ in 0..jobs {
+                worker();
+            }
+            if background {
+                run.publisher.run_in_background(|failed| run.report(failed));
+            }
+        }
     }
     run.publisher.finish()
 }
@@ -312,6 +328,13 @@ impl Run<'_> {
             Ok(done) => self.publisher.complete(i, done),
             Err(e) => vec![(i, e)],
         };
+        self.report(failed);
+        let d = self.finished.fetch_add(1, Ordering::Relaxed) + 1;
+        self.progress.path_done(d, self.infos.len());
+    }
+
+    /// Says why paths failed (a full disk once) and records them.
+    fn report(&self, failed: Vec<(usize, PushError)>) {
         for (k, e) in failed {
             // A full disk is said once; the summary says how much space is missing.
             if !e.is_cache_full() || !self.said_full.swap(true, Ordering::Relaxed) {
@@ -323,8 +346,6 @@ impl Run<'_> {
             }
             self.publisher.fail(k, e);
         }
-        let d = self.finished.fetch_add(1, Ordering::Relaxed) + 1;
-        self.progress.path_done(d, self.infos.len());
     }
 
     /// Skips, signs or lists a path the cache has; otherwise says what writing it will be.

@@ -18,6 +18,10 @@ use crate::store_path::StorePath;
 /// refers to them is published. A batch of many small paths waits for the disk a few times,
 /// not twice per path. One thread publishes at a time; paths that finish meanwhile go into
 /// its next batch.
+///
+/// Where a commit waits on a link (a remote cache: each NAR's upload, each narinfo's check on
+/// the receiver), publishing runs on a thread of its own ([`Publisher::run_in_background`]),
+/// so no worker stops compressing to wait for the link.
 pub(super) struct Publisher<'a> {
     pub(super) cache: &'a Cache,
     /// Each path is said as its narinfo is published.
@@ -28,6 +32,9 @@ pub(super) struct Publisher<'a> {
     /// Whether side files go to `debuginfo/`, which then needs syncing too.
     pub(super) debuginfo: bool,
     pub(super) state: Mutex<PubState>,
+    /// Publishing runs on a thread of its own, woken here.
+    pub(super) background: bool,
+    pub(super) wake: std::sync::Condvar,
 }
 
 /// A path's share of a batch: its NAR and side files, then its narinfo (none if skipped).
@@ -46,6 +53,8 @@ pub(super) struct PubState {
     published: Vec<bool>,
     /// A thread is publishing; others leave their paths to it.
     publishing: bool,
+    /// The workers have all finished (with a background publisher: nothing more will come).
+    workers_done: bool,
     report: PushReport,
 }
 
@@ -55,6 +64,7 @@ impl<'a> Publisher<'a> {
         progress: &'a Progress,
         infos: &'a [PathInfo],
         debuginfo: bool,
+        background: bool,
     ) -> Self {
         let index: HashMap<&StorePath, usize> = infos.iter().enumerate().map(|(i, p)| (&p.path, i)).collect();
         let mut referrers = vec![Vec::new(); infos.len()];
@@ -68,7 +78,17 @@ impl<'a> Publisher<'a> {
             }
         }
         let state = PubState { published: vec![false; infos.len()], unpublished_refs, ..Default::default() };
-        Publisher { cache, progress, infos, index, referrers, debuginfo, state: Mutex::new(state) }
+        Publisher {
+            cache,
+            progress,
+            infos,
+            index,
+            referrers,
+            debuginfo,
+            state: Mutex::new(state),
+            background,
+            wake: std::sync::Condvar::new(),
+        }
     }
 
     /// Records a finished path and publishes what is ready, unless another thread is
@@ -80,9 +100,18 @@ impl<'a> Publisher<'a> {
         if st.unpublished_refs[i] == 0 {
             st.ready.push(i);
         }
+        if self.background {
+            self.wake.notify_one();
+            return Vec::new();
+        }
         if st.publishing {
             return Vec::new();
         }
+        self.publish_ready(st)
+    }
+
+    /// Publishes until nothing is ready, from `st` (locked), then lets go of the lock.
+    fn publish_ready<'s>(&'s self, mut st: std::sync::MutexGuard<'s, PubState>) -> Vec<(usize, PushError)> {
         st.publishing = true;
         let mut failed = Vec::new();
         loop {
@@ -208,6 +237,28 @@ impl<'a> Publisher<'a> {
             Err(e) => results.into_iter().map(sync_failed(e)).collect(),
             Ok(()) => results,
         }
+    }
+
+    /// The background publisher: publishes what becomes ready until the workers are done and
+    /// nothing is left, handing what failed to `report`.
+    pub(super) fn run_in_background(&self, report: impl Fn(Vec<(usize, PushError)>)) {
+        loop {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            while st.ready.is_empty() && !st.workers_done {
+                st = self.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            if st.ready.is_empty() {
+                return;
+            }
+            report(self.publish_ready(st));
+        }
+    }
+
+    /// Says the workers have finished: a background publisher ends once it has published
+    /// what is ready.
+    pub(super) fn workers_done(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).workers_done = true;
+        self.wake.notify_all();
     }
 
     pub(super) fn fail(&self, i: usize, e: PushError) {

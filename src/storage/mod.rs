@@ -282,6 +282,12 @@ pub trait Backend: Send + Sync {
     /// finds, since no other writer is running.
     fn exclusive(&self) -> bool;
 
+    /// Whether committing a file waits on a link (a remote cache: the upload's answer): then a
+    /// push publishes on a thread of its own, and no worker waits.
+    fn commits_wait(&self) -> bool {
+        false
+    }
+
     /// How many staged files are best committed at once: one where a commit is a rename, more
     /// where it is a request to a server.
     fn commits_at_once(&self) -> usize {

@@ -296,6 +296,10 @@ impl Backend for RemoteBackend {
         8
     }
 
+    fn commits_wait(&self) -> bool {
+        true
+    }
+
     /// Not listed over the link: what a push needs comes from the "have" answer. But for
     /// `.nixcache/`, whose upstream records a receiver sends merged, as one file.
     fn list(&self, sub: &str) -> Result<Vec<Meta>, StorageError> {
