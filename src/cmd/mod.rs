@@ -244,6 +244,24 @@ pub(crate) fn parse_public_key_arg(arg: &str) -> anyhow::Result<crate::signing::
     text.parse().with_context(|| format!("{arg} does not hold a Nix public key"))
 }
 
+/// What a receiver (`serve --upload-token-file`, `receive`) takes: the trusted keys parsed
+/// (each NAME:BASE64 or a file holding one), its own secret keys read.
+pub(crate) fn receive_config(
+    trusted: &[String],
+    secret_keys: &[PathBuf],
+    allow_unsigned: bool,
+    max_upload: Option<u64>,
+    lock_timeout: std::time::Duration,
+) -> anyhow::Result<crate::receive::ReceiveConfig> {
+    Ok(crate::receive::ReceiveConfig {
+        trusted: trusted.iter().map(|k| parse_public_key_arg(k)).collect::<anyhow::Result<Vec<_>>>()?,
+        allow_unsigned,
+        keys: secret_keys.iter().map(|p| read_secret_key(p)).collect::<anyhow::Result<Vec<_>>>()?,
+        max_upload: max_upload.unwrap_or(crate::receive::DEFAULT_MAX_UPLOAD),
+        lock_timeout,
+    })
+}
+
 /// Says what requests a command made to a bucket (nothing for a directory), and how many
 /// narinfos were read from the copies kept on this machine instead.
 pub fn say_requests(cache: &crate::cache::Cache) {

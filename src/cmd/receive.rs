@@ -6,7 +6,7 @@ use anyhow::Context;
 use super::Usage;
 use crate::cache::Cache;
 use crate::cli::ReceiveArgs;
-use crate::receive::{DEFAULT_MAX_UPLOAD, ReceiveConfig, Receiver};
+use crate::receive::Receiver;
 use crate::storage::Dest;
 
 pub fn run(args: &ReceiveArgs) -> anyhow::Result<bool> {
@@ -16,22 +16,16 @@ pub fn run(args: &ReceiveArgs) -> anyhow::Result<bool> {
         );
     };
     super::check_dest(&args.dest, &[])?;
-    let trusted = args
-        .trusted_public_keys
-        .iter()
-        .map(|k| super::parse_public_key_arg(k))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let keys =
-        args.secret_keys.iter().map(|p| super::read_secret_key(p)).collect::<anyhow::Result<Vec<_>>>()?;
+    // Without a trusted key, the SSH login is what lets a pusher in.
+    let config = super::receive_config(
+        &args.trusted_public_keys,
+        &args.secret_keys,
+        args.trusted_public_keys.is_empty(),
+        args.max_upload_size,
+        args.lock_timeout,
+    )?;
     // A push may start a cache: the directory is made as a local push makes it.
     Cache::create(dir.as_path())?;
-    let config = ReceiveConfig {
-        allow_unsigned: trusted.is_empty(),
-        trusted,
-        keys,
-        max_upload: args.max_upload_size.unwrap_or(DEFAULT_MAX_UPLOAD),
-        lock_timeout: args.lock_timeout,
-    };
     let receiver = Receiver::open(dir, config)
         .with_context(|| format!("cannot prepare {} for uploads", dir.display()))?;
     crate::receive::stdio::run(&receiver, std::io::stdin().lock(), std::io::stdout().lock())

@@ -175,20 +175,13 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<bool> {
 /// the trusted keys.
 fn uploads(args: &ServeArgs, dir: &Path, file: &Path) -> anyhow::Result<crate::serve::upload::Uploads> {
     let tokens = read_token_file(file)?;
-    let trusted = args
-        .trusted_public_keys
-        .iter()
-        .map(|k| super::parse_public_key_arg(k))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let keys =
-        args.secret_keys.iter().map(|p| super::read_secret_key(p)).collect::<anyhow::Result<Vec<_>>>()?;
-    let config = crate::receive::ReceiveConfig {
-        trusted,
-        allow_unsigned: args.allow_unsigned_uploads,
-        keys,
-        max_upload: args.max_upload_size.unwrap_or(crate::receive::DEFAULT_MAX_UPLOAD),
-        lock_timeout: args.lock_timeout,
-    };
+    let config = super::receive_config(
+        &args.trusted_public_keys,
+        &args.secret_keys,
+        args.allow_unsigned_uploads,
+        args.max_upload_size,
+        args.lock_timeout,
+    )?;
     let receiver = crate::receive::Receiver::open(dir, config)
         .with_context(|| format!("cannot prepare {} for uploads", dir.display()))?;
     Ok(crate::serve::upload::Uploads { tokens: crate::serve::upload::Tokens(tokens), receiver })

@@ -305,6 +305,19 @@ impl Receiver {
         Ok(())
     }
 
+    /// Takes an upload other than a NAR (whose body is read whole first, at most
+    /// [`crate::cache::TEXT_LIMIT`] bytes). Returns the store path published, for a narinfo.
+    pub fn put_small(&self, upload: Upload, body: &[u8]) -> Result<Option<String>, Refused> {
+        match upload {
+            Upload::CacheInfo => self.put_cache_info(body).map(|()| None),
+            Upload::Listing { hash } => self.put_listing(&hash, body).map(|()| None),
+            Upload::NarInfo { hash } => self.put_narinfo(&hash, body).map(Some),
+            Upload::DebugInfo { rel } => self.put_debuginfo(&rel, body).map(|()| None),
+            Upload::Upstreams { rel } => self.put_upstreams(&rel, body).map(|()| None),
+            Upload::Nar { name, .. } => Err(Refused::NotAnUpload(format!("nar/{name} (a NAR is streamed)"))),
+        }
+    }
+
     /// A debug-info link (`debuginfo/<build-id>.debug`): a JSON object, written in place.
     pub fn put_debuginfo(&self, rel: &str, body: &[u8]) -> Result<(), Refused> {
         if !serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| v.is_object()) {

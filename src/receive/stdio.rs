@@ -147,20 +147,13 @@ fn put(receiver: &Receiver, rel: &str, len: u64, r: &mut impl BufRead) -> io::Re
                     return Ok(refused(&e));
                 }
             }
-            nar.finish().map(|()| String::new())
+            nar.finish().map(|()| None)
         }
         small => {
             let Some(buf) = body(r, len, TEXT_LIMIT)? else {
                 return Ok(refused(&Refused::TooLarge { limit: TEXT_LIMIT }));
             };
-            match small {
-                Upload::CacheInfo => receiver.put_cache_info(&buf).map(|()| String::new()),
-                Upload::Listing { hash } => receiver.put_listing(&hash, &buf).map(|()| String::new()),
-                Upload::NarInfo { hash } => receiver.put_narinfo(&hash, &buf),
-                Upload::DebugInfo { rel } => receiver.put_debuginfo(&rel, &buf).map(|()| String::new()),
-                Upload::Upstreams { rel } => receiver.put_upstreams(&rel, &buf).map(|()| String::new()),
-                Upload::Nar { .. } => unreachable!("taken above"),
-            }
+            receiver.put_small(small, &buf)
         }
     };
     Ok(match result {

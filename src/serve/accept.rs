@@ -1,7 +1,6 @@
 //! Accepting connections: plain HTTP, or HTTPS after a TLS handshake ([`super::tls`]).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,13 +40,21 @@ pub(super) async fn accept(
         };
         said_full = false;
         let _ = stream.set_nodelay(true);
-        let (shared, graceful) = (shared.clone(), graceful.clone());
         let open = trim::Connection::opened();
+        // Watched from here, before its task runs: a shutdown from now on waits for it. The
+        // task holds no handle on the shutdown itself, which the last accept loop takes.
+        let watcher = graceful.watcher();
+        let shared = shared.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let shared = shared.clone();
+            async move { Ok::<_, Infallible>(handle(&shared, req, peer).await) }
+        });
         match &tls {
             None => {
-                let stream = WriteTimeout::new(stream, timeout);
+                let stream = TokioIo::new(WriteTimeout::new(stream, timeout));
+                let conn = watcher.watch(http1(timeout).serve_connection(stream, service));
                 tokio::spawn(async move {
-                    serve(stream, shared, peer, timeout, &graceful).await;
+                    let _ = conn.await;
                     drop(open);
                 });
             }
@@ -57,7 +64,9 @@ pub(super) async fn accept(
                 let handshake = tls.accept(WriteTimeout::new(stream, timeout));
                 tokio::spawn(async move {
                     if let Ok(Ok(stream)) = tokio::time::timeout(timeout, handshake).await {
-                        serve(stream, shared, peer, timeout, &graceful).await;
+                        let _ = watcher
+                            .watch(http1(timeout).serve_connection(TokioIo::new(stream), service))
+                            .await;
                     }
                     drop(open);
                 });
@@ -66,25 +75,10 @@ pub(super) async fn accept(
     }
 }
 
-/// HTTP/1 on an accepted connection (plain, or TLS once the handshake is done), until it
-/// closes; a graceful shutdown lets its response under way finish.
-async fn serve<S>(
-    stream: S,
-    shared: Arc<Shared>,
-    peer: SocketAddr,
-    timeout: Duration,
-    graceful: &hyper_util::server::graceful::GracefulShutdown,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let service = hyper::service::service_fn(move |req| {
-        let shared = shared.clone();
-        async move { Ok::<_, Infallible>(handle(&shared, req, peer).await) }
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(timeout)
-        .max_buf_size(MAX_HEAD)
-        .serve_connection(TokioIo::new(stream), service);
-    let _ = graceful.watch(conn).await;
+/// How every connection speaks HTTP/1: idle connections and slow request heads cut off after
+/// the timeout, request heads of at most [`MAX_HEAD`].
+fn http1(timeout: Duration) -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new()).header_read_timeout(timeout).max_buf_size(MAX_HEAD);
+    b
 }

@@ -199,7 +199,7 @@ pub(super) async fn put(shared: &Arc<Shared>, req: Request<Incoming>) -> Respons
             if let Err(e) = each_piece(&mut body, declared, |piece| nar.write(piece)).await {
                 return refused(&e);
             }
-            tokio::task::spawn_blocking(move || nar.finish().map(|()| String::new())).await
+            tokio::task::spawn_blocking(move || nar.finish().map(|()| None)).await
         }
         small => {
             let mut buf = Vec::new();
@@ -214,23 +214,15 @@ pub(super) async fn put(shared: &Arc<Shared>, req: Request<Incoming>) -> Respons
             let shared = shared.clone();
             tokio::task::spawn_blocking(move || {
                 let Some(uploads) = &shared.uploads else { unreachable!("uploads are on") };
-                let r = &uploads.receiver;
-                match small {
-                    Upload::CacheInfo => r.put_cache_info(&buf).map(|()| String::new()),
-                    Upload::Listing { hash } => r.put_listing(&hash, &buf).map(|()| String::new()),
-                    Upload::NarInfo { hash } => r.put_narinfo(&hash, &buf),
-                    Upload::DebugInfo { rel } => r.put_debuginfo(&rel, &buf).map(|()| String::new()),
-                    Upload::Upstreams { rel } => r.put_upstreams(&rel, &buf).map(|()| String::new()),
-                    Upload::Nar { .. } => unreachable!("taken above"),
-                }
+                uploads.receiver.put_small(small, &buf)
             })
             .await
         }
     };
     match result {
         Ok(Ok(published)) => {
-            if !published.is_empty() {
-                crate::elog!("received {published}");
+            if let Some(p) = published {
+                crate::elog!("received {p}");
             }
             status(StatusCode::CREATED, "")
         }

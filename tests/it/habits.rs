@@ -24,7 +24,7 @@ fn file_urls_and_nix_push_flags() {
     for (dest, says) in [
         ("gs://bucket/prefix", "gs:// is not supported"),
         ("s3://bucket/prefix?compression=zstd", "`compression` is a Nix store setting"),
-        ("https://cache.example.org", "give that directory"),
+        ("https://cache.example.org/?compression=xz", "reads no settings from the URL"),
         ("file:///tmp/x?compression=zstd", "reads no settings from the URL"),
     ] {
         let out = fails(nixcache().args(["push", "--dest", dest, tree]));
