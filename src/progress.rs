@@ -140,6 +140,8 @@ pub struct Progress {
     mode: Mode,
     multi: MultiProgress,
     total: Option<ProgressBar>,
+    /// Paths done and in all, and a note said after them (what crossed a link).
+    paths: std::sync::Mutex<(usize, usize, String)>,
     /// In lines mode, a path still being read says how far it got this often.
     every: Duration,
 }
@@ -172,7 +174,13 @@ impl Progress {
             bar.enable_steady_tick(Duration::from_millis(200));
             bar
         });
-        Progress { mode, multi, total, every: progress_interval() }
+        Progress {
+            mode,
+            multi,
+            total,
+            paths: std::sync::Mutex::new((0, total_paths, String::new())),
+            every: progress_interval(),
+        }
     }
 
     pub fn mode(&self) -> Mode {
@@ -232,8 +240,23 @@ impl Progress {
 
     /// Counts one finished path in the overall bar.
     pub fn path_done(&self, done: usize, of: usize) {
+        let mut p = self.paths.lock().unwrap_or_else(|e| e.into_inner());
+        (p.0, p.1) = (done, of);
+        self.show(&p);
+    }
+
+    /// Says `note` after the paths on the overall bar (say, the bytes a push has sent over a
+    /// link so far), until the next note.
+    pub fn note(&self, note: String) {
+        let mut p = self.paths.lock().unwrap_or_else(|e| e.into_inner());
+        p.2 = note;
+        self.show(&p);
+    }
+
+    fn show(&self, p: &(usize, usize, String)) {
         if let Some(t) = &self.total {
-            t.set_message(format!("{done}/{of} paths"));
+            let note = if p.2.is_empty() { String::new() } else { format!("; {}", p.2) };
+            t.set_message(format!("{}/{} paths{note}", p.0, p.1));
         }
     }
 

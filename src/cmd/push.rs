@@ -159,6 +159,33 @@ fn read_paths(input: impl BufRead) -> std::io::Result<Vec<std::path::PathBuf>> {
     Ok(paths)
 }
 
+/// Runs `work`; meanwhile, for a remote cache and on a terminal, the overall bar says what has
+/// crossed the link and how fast (it counts NAR bytes compressed, which run ahead of a slow
+/// link).
+fn with_link_progress<T>(cache: &Cache, progress: &Progress, work: impl FnOnce() -> T) -> T {
+    if cache.bytes_sent().is_none() || progress.mode() != Mode::Bars {
+        return work();
+    }
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let (started, mut last) = (Instant::now(), (Instant::now(), 0u64));
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(250));
+                let sent = cache.bytes_sent().unwrap_or(0);
+                let rate = (sent - last.1) as f64 / last.0.elapsed().as_secs_f64().max(0.001);
+                if last.0.elapsed() >= std::time::Duration::from_secs(2) || started.elapsed().as_secs() < 2 {
+                    last = (Instant::now(), sent);
+                }
+                progress.note(format!("sent {} ({}/s)", progress::bytes(sent), progress::bytes(rate as u64)));
+            }
+        });
+        let result = work();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        result
+    })
+}
+
 /// nix-serve's default: ahead of cache.nixos.org (40) on clients that use both.
 pub(crate) const DEFAULT_PRIORITY: u32 = 30;
 
@@ -292,7 +319,8 @@ pub fn run(args: &PushArgs) -> anyhow::Result<bool> {
         nar_listing: args.nar_listing,
         index_debug_info: args.index_debug_info,
     };
-    let mut report = push(&store.location(), &cache, &infos, &opts, &progress);
+    let mut report =
+        with_link_progress(&cache, &progress, || push(&store.location(), &cache, &infos, &opts, &progress));
     progress.finish();
     let write_cache_info = || {
         cache.ensure_cache_info(store.store_dir(), args.want_mass_query(), args.priority, DEFAULT_PRIORITY)

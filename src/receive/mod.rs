@@ -62,7 +62,7 @@ pub struct ReceiveConfig {
 #[derive(Debug, Error)]
 pub enum Refused {
     #[error(
-        "{0} is not a file a cache takes uploads of (nix-cache-info, <hash>.narinfo, <hash>.ls, nar/<filehash>.nar[.ext], debuginfo/<build-id>.debug, .nixcache/upstreams.<id>)"
+        "{0} is not a file a cache takes uploads of (nix-cache-info, <hash>.narinfo, <hash>.ls, nar/<filehash>.nar[.ext], debuginfo/<build-id>.debug, log/<drv>, realisations/<id>.doi, .nixcache/upstreams.<id>)"
     )]
     NotAnUpload(String),
     #[error("the upload is larger than the receiver's limit of {limit} bytes (--max-upload-size)")]
@@ -136,6 +136,14 @@ pub enum Upload {
     DebugInfo {
         rel: String,
     },
+    /// `log/<drv name>`: a build log (`nix store copy-log --to`).
+    Log {
+        rel: String,
+    },
+    /// `realisations/<drv output>.doi`: a realisation of a content-addressed derivation (JSON).
+    Realisation {
+        rel: String,
+    },
     /// `.nixcache/upstreams.<time>-<id>`: a partial push's record of what it leaves to
     /// upstreams (written before the narinfos that rely on it).
     Upstreams {
@@ -168,6 +176,15 @@ impl Upload {
                 let ok = !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_hexdigit());
                 ok.then(|| Upload::DebugInfo { rel: rel.to_owned() })
             }
+            FileKind::Log => {
+                let name = rel.strip_prefix("log/")?;
+                plain_name(name, b"+._?=-").then(|| Upload::Log { rel: rel.to_owned() })
+            }
+            FileKind::Realisation => {
+                let name = rel.strip_prefix("realisations/")?;
+                let ok = plain_name(name, b"+._?=-:!") && name.ends_with(".doi");
+                ok.then(|| Upload::Realisation { rel: rel.to_owned() })
+            }
             FileKind::State => {
                 let name = rel.strip_prefix(".nixcache/")?.strip_prefix(layout::UPSTREAMS_PREFIX)?;
                 let ok = !name.is_empty()
@@ -178,6 +195,26 @@ impl Upload {
             _ => None,
         }
     }
+
+    /// The largest body this upload may have: a build log's, or a small file's.
+    pub fn limit(&self) -> u64 {
+        match self {
+            Upload::Log { .. } => LOG_LIMIT,
+            _ => crate::cache::TEXT_LIMIT,
+        }
+    }
+}
+
+/// The largest build log taken.
+pub const LOG_LIMIT: u64 = 64 << 20;
+
+/// A name of one path component: not empty, not hidden, at most 255 bytes, of letters,
+/// digits and `extra`.
+fn plain_name(name: &str, extra: &[u8]) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name.len() <= 255
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || extra.contains(&b))
 }
 
 pub use crate::storage::remote::wire::UPSTREAMS_REQUEST;
@@ -314,8 +351,23 @@ impl Receiver {
             Upload::NarInfo { hash } => self.put_narinfo(&hash, body).map(Some),
             Upload::DebugInfo { rel } => self.put_debuginfo(&rel, body).map(|()| None),
             Upload::Upstreams { rel } => self.put_upstreams(&rel, body).map(|()| None),
+            Upload::Log { rel } => self.put_side("log", &rel, body).map(|()| None),
+            Upload::Realisation { rel } => {
+                if !serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| v.is_object()) {
+                    return Err(Refused::BadNarInfo(format!("{rel} is not a JSON object")));
+                }
+                self.put_side("realisations", &rel, body).map(|()| None)
+            }
             Upload::Nar { name, .. } => Err(Refused::NotAnUpload(format!("nar/{name} (a NAR is streamed)"))),
         }
+    }
+
+    /// A file of `sub` (a build log, a realisation), written in place under the lock.
+    fn put_side(&self, sub: &'static str, rel: &str, body: &[u8]) -> Result<(), Refused> {
+        let mut cache = self.locked()?;
+        cache.create_subdir(sub)?;
+        cache.write_atomic(rel, body)?;
+        Ok(())
     }
 
     /// A debug-info link (`debuginfo/<build-id>.debug`): a JSON object, written in place.
@@ -552,7 +604,28 @@ mod tests {
             Upload::of(&format!("nar/{f}.nar.xz")),
             Some(Upload::Nar { name: format!("{f}.nar.xz"), file_hash: f.into() })
         );
-        for no in [format!("nar/{f}.tar"), "nar/x.nar".into(), "log/x".into(), format!("nar/{h}.nar")] {
+        assert_eq!(Upload::of("log/abc-hello.drv"), Some(Upload::Log { rel: "log/abc-hello.drv".into() }));
+        let doi = "realisations/sha256:1b8m!out.doi";
+        assert_eq!(Upload::of(doi), Some(Upload::Realisation { rel: doi.into() }));
+        let record = ".nixcache/upstreams.1765000000000-0a1b2c3d";
+        assert_eq!(Upload::of(record), Some(Upload::Upstreams { rel: record.into() }));
+        assert_eq!(
+            Upload::of("debuginfo/0a1b.debug"),
+            Some(Upload::DebugInfo { rel: "debuginfo/0a1b.debug".into() })
+        );
+        for no in [
+            format!("nar/{f}.tar"),
+            "nar/x.nar".into(),
+            format!("nar/{h}.nar"),
+            "log/.hidden".into(),
+            "log/a/b".into(),
+            "log/a b".into(),
+            "realisations/x.json".into(),
+            "debuginfo/xyz.debug".into(),
+            ".nixcache/incoming/x".into(),
+            ".nixcache/upstreams.a/b".into(),
+            ".nixcache.lock".into(),
+        ] {
             assert_eq!(Upload::of(&no), None, "{no}");
         }
         assert_eq!(Refused::TooLarge { limit: 1 }.status(), 413);

@@ -6,7 +6,7 @@
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 
 use super::{Receiver, Refused, Upload};
-use crate::cache::{Cache, TEXT_LIMIT};
+use crate::cache::Cache;
 use crate::layout::FileKind;
 use crate::storage::remote::wire::{self, HaveRequest, RequestHead, Verb};
 
@@ -150,8 +150,9 @@ fn put(receiver: &Receiver, rel: &str, len: u64, r: &mut impl BufRead) -> io::Re
             nar.finish().map(|()| None)
         }
         small => {
-            let Some(buf) = body(r, len, TEXT_LIMIT)? else {
-                return Ok(refused(&Refused::TooLarge { limit: TEXT_LIMIT }));
+            let limit = small.limit();
+            let Some(buf) = body(r, len, limit)? else {
+                return Ok(refused(&Refused::TooLarge { limit }));
             };
             receiver.put_small(small, &buf)
         }

@@ -11,7 +11,6 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
 use super::{Body, Shared, files, status};
-use crate::cache::TEXT_LIMIT;
 use crate::receive::{Receiver, Refused, Upload};
 use crate::storage::remote::wire::HaveRequest;
 
@@ -203,10 +202,11 @@ pub(super) async fn put(shared: &Arc<Shared>, req: Request<Incoming>) -> Respons
         }
         small => {
             let mut buf = Vec::new();
+            let limit = small.limit();
             let read = each_piece(&mut body, declared, |piece| {
                 buf.extend_from_slice(piece);
-                let too_large = buf.len() as u64 > TEXT_LIMIT;
-                if too_large { Err(Refused::TooLarge { limit: TEXT_LIMIT }) } else { Ok(()) }
+                let too_large = buf.len() as u64 > limit;
+                if too_large { Err(Refused::TooLarge { limit }) } else { Ok(()) }
             });
             if let Err(e) = read.await {
                 return refused(&e);

@@ -160,10 +160,14 @@ fn bad_uploads_are_refused_and_leave_the_cache_as_it_was() {
     refused(&format!("/{}", top_ni.url), &other, 400, "not to the hash its name says");
     // A narinfo sent under another path's name.
     refused(&format!("/{}.narinfo", hash_part(refs[0])), &top_file, 400, "StorePath's hash part");
-    // Outside the cache's layout, encoded or not; and a kind of file not taken.
-    for path in
-        ["/nar/..%2Fx.narinfo", "/../x.narinfo", "/%2e%2e/nix-cache-info", "/.nixcache/incoming/x", "/log/x"]
-    {
+    // Outside the cache's layout, encoded or not; and a name no kind of upload has.
+    for path in [
+        "/nar/..%2Fx.narinfo",
+        "/../x.narinfo",
+        "/%2e%2e/nix-cache-info",
+        "/.nixcache/incoming/x",
+        "/realisations/x.json",
+    ] {
         refused(path, &top_file, 403, "is not a file a cache takes uploads of");
     }
     // Over the size limit.
@@ -226,4 +230,37 @@ fn bad_uploads_are_refused_and_leave_the_cache_as_it_was() {
     assert!(out.status.success(), "{}", stderr(&out));
     ok(nixcache().args(["verify", "--trusted-public-key", PUBLIC, "--dest"]).arg(&cache));
     restore(&server.url, &t.path().join("root"), &[top]);
+}
+
+#[test]
+fn build_logs_go_up_with_nix_store_copy_log_and_nix_reads_them_back() {
+    let t = tmp();
+    let salt = format!("{:?}", std::time::SystemTime::now());
+    let expr = format!(
+        r#"derivation {{ name = "logged"; system = builtins.currentSystem; builder = "/bin/sh"; args = ["-c" "echo 'a line of the build log {salt}'; echo done > $out"]; }}"#
+    );
+    let path = ok(nix_cmd("nix-build").args(["--no-out-link", "--expr", &expr])).trim().to_owned();
+    let cache = t.path().join("cache");
+    let (server, netrc) = receiver(&cache, t.path(), &["--trusted-public-key", PUBLIC]);
+    let out = nix_copy_to(&server, Some(&netrc), &[&path]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut c = nix_cmd("nix");
+    c.args(["store", "copy-log", "--to", &server.url, "--option", "netrc-file"]).arg(&netrc).arg(&path);
+    ok(&mut c);
+    let logs: Vec<_> = std::fs::read_dir(cache.join("log")).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    assert!(std::fs::read_to_string(&logs[0]).unwrap().contains(&salt));
+    let mut c = nix_cmd("nix");
+    c.env("XDG_CACHE_HOME", t.path().join("xdg")).args(["log", "--store", &server.url, &path]);
+    assert!(ok(&mut c).contains(&format!("a line of the build log {salt}")));
+    // Without the token: 401, and no log written.
+    let (code, _) = put(&server, "/log/x-other.drv", &logs[0], None);
+    assert_eq!(code, 401);
+    let (code, _) = put(&server, "/log/x-other.drv", &logs[0], Some(&bearer()));
+    assert_eq!(code, 201);
+    let (code, _) = put(&server, "/log/..%2Fx.drv", &logs[0], Some(&bearer()));
+    assert_eq!(code, 403);
+    let (code, said) = put(&server, "/realisations/sha256:00!out.doi", &logs[0], Some(&bearer()));
+    assert_eq!(code, 400, "{said}");
+    assert!(said.contains("is not a JSON object"), "{said}");
 }
