@@ -184,6 +184,8 @@ def bench_remote(a, work, nixcache, env, path, nar, many_nix):
         tools = [("nixcache ssh://", ssh_push), ("nixcache http://", http_push),
                  ("push + rsync over ssh", rsync), ("nix copy --to http://", nix_copy)]
         for rate, runs in (("", a.runs), (a.link_rate, a.link_runs)):
+            if runs == 0:
+                continue
             limit(rate)
             what = f"limited by tc to {rate} (tc: mbps is MB/s)" if rate else "at full speed (veth, no limit)"
             print()

@@ -20,6 +20,40 @@ pub fn decoded_nar(compression: Compression, file: impl Read, file_size: u64) ->
     Ok((nar_size, nar_hash))
 }
 
+/// [`decoded_nar`] of an xz file on up to `threads` threads (liblzma decodes the blocks of a
+/// multi-block file at once; nixcache and Nix's parallel compression write such files): what
+/// a receiver checks an upload with, one NAR at a time, so the check of a large NAR does not
+/// run on one core. `None` where the threaded decoder cannot say (not xz, one thread, or it
+/// failed: a file of several concatenated streams, say): the caller asks [`decoded_nar`].
+pub fn decoded_nar_threaded(
+    compression: Compression,
+    file: impl Read,
+    file_size: u64,
+    threads: u32,
+) -> Option<(u64, NixHash)> {
+    if compression != Compression::Xz || threads < 2 || file_size < (1 << 20) {
+        return None;
+    }
+    let stream = liblzma::stream::MtStreamBuilder::new()
+        .threads(threads)
+        // Fewer threads rather than more than this much memory (a block's input and output
+        // per thread); and no limit that would fail a file.
+        .memlimit_threading(512 << 20)
+        .memlimit_stop(u64::MAX)
+        .decoder()
+        .ok()?;
+    let mut decoder =
+        liblzma::bufread::XzDecoder::new_stream(BufReader::with_capacity(1 << 20, file), stream);
+    let mut nar = HashingWriter::new(io::sink());
+    io::copy(&mut decoder, &mut nar).ok()?;
+    // Without `CONCATENATED` the decoder stops after one stream: what follows is not known.
+    if decoder.total_in() != file_size {
+        return None;
+    }
+    let (_, nar_size, nar_hash) = nar.finish();
+    Some((nar_size, nar_hash))
+}
+
 /// A file that could not be read as it is: its kind of problem and what to do.
 pub fn file_problem(e: &FileProblem) -> (&'static str, String) {
     let kind = match e {
@@ -99,4 +133,50 @@ pub fn check_nar(
         problem("nar-hash", format!("its NAR hashes to {nar_hash}, the narinfo says {}", ni.nar_hash));
     }
     nar_size
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_threaded_check_agrees_and_declines_what_it_cannot_vouch_for() {
+        // 6 MiB that compress little, in 1 MiB blocks: a file the threads share.
+        let mut data = Vec::with_capacity(6 << 20);
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        while data.len() < 6 << 20 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            data.extend_from_slice(&x.to_le_bytes()[..3]);
+            data.extend_from_slice(b"nix");
+        }
+        let stream = liblzma::stream::MtStreamBuilder::new()
+            .threads(2)
+            .block_size(1 << 20)
+            .preset(1)
+            .encoder()
+            .unwrap();
+        let mut xz = Vec::new();
+        io::copy(&mut liblzma::read::XzEncoder::new_stream(&data[..], stream), &mut xz).unwrap();
+        assert!(xz.len() > 1 << 20, "{}", xz.len());
+        let one = decoded_nar(Compression::Xz, &xz[..], xz.len() as u64).unwrap();
+        assert_eq!(decoded_nar_threaded(Compression::Xz, &xz[..], xz.len() as u64, 2), Some(one));
+        assert_eq!(one.0, data.len() as u64);
+        // Two streams one after the other: one thread reads both; the threaded one declines.
+        let mut two = xz.clone();
+        two.extend_from_slice(&xz);
+        let both = decoded_nar(Compression::Xz, &two[..], two.len() as u64).unwrap();
+        assert_eq!(both.0, 2 * data.len() as u64);
+        assert_eq!(decoded_nar_threaded(Compression::Xz, &two[..], two.len() as u64, 2), None);
+        // Not xz, one thread, a small file: not its to say.
+        assert_eq!(decoded_nar_threaded(Compression::Zstd, &xz[..], xz.len() as u64, 2), None);
+        assert_eq!(decoded_nar_threaded(Compression::Xz, &xz[..], xz.len() as u64, 1), None);
+        // A corrupt file: declined, and the one-thread check says what is wrong.
+        let mut bad = xz.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0xff;
+        assert_eq!(decoded_nar_threaded(Compression::Xz, &bad[..], bad.len() as u64, 2), None);
+        assert!(decoded_nar(Compression::Xz, &bad[..], bad.len() as u64).is_err());
+    }
 }
