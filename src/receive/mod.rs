@@ -254,9 +254,7 @@ impl Receiver {
             Upload::Upstreams { rel } => self.put_upstreams(&rel, body).map(|()| None),
             Upload::Log { rel } => self.put_side("log", &rel, body).map(|()| None),
             Upload::Realisation { rel } => {
-                if !serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| v.is_object()) {
-                    return Err(Refused::BadNarInfo(format!("{rel} is not a JSON object")));
-                }
+                json_object(&rel, body)?;
                 self.put_side("realisations", &rel, body).map(|()| None)
             }
             Upload::Nar { name, .. } => Err(Refused::NotAnUpload(format!("nar/{name} (a NAR is streamed)"))),
@@ -273,13 +271,8 @@ impl Receiver {
 
     /// A debug-info link (`debuginfo/<build-id>.debug`): a JSON object, written in place.
     pub fn put_debuginfo(&self, rel: &str, body: &[u8]) -> Result<(), Refused> {
-        if !serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| v.is_object()) {
-            return Err(Refused::BadNarInfo(format!("{rel} is not a JSON object")));
-        }
-        let mut cache = self.locked()?;
-        cache.create_subdir("debuginfo")?;
-        cache.write_atomic(rel, body)?;
-        Ok(())
+        json_object(rel, body)?;
+        self.put_side("debuginfo", rel, body)
     }
 
     /// An upstreams record: taken when it parses, written under its own name (records are
@@ -289,10 +282,7 @@ impl Receiver {
             std::str::from_utf8(body).map_err(|_| Refused::BadNarInfo(format!("{rel} is not text")))?;
         text.parse::<crate::upstream::Upstreams>()
             .map_err(|e| Refused::BadNarInfo(format!("{rel} does not parse: {e}")))?;
-        let mut cache = self.locked()?;
-        cache.create_subdir(layout::STATE_DIR)?;
-        cache.write_atomic(rel, body)?;
-        Ok(())
+        self.put_side(layout::STATE_DIR, rel, body)
     }
 
     /// The cache's upstream records, merged: what a partial push reads before it decides.
@@ -422,6 +412,15 @@ impl Receiver {
             e => Refused::Cache(e),
         })?;
         Ok(cache)
+    }
+}
+
+/// Refuses a body that is not one JSON object (a debug-info link, a realisation).
+fn json_object(rel: &str, body: &[u8]) -> Result<(), Refused> {
+    if serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| v.is_object()) {
+        Ok(())
+    } else {
+        Err(Refused::BadNarInfo(format!("{rel} is not a JSON object")))
     }
 }
 

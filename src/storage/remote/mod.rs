@@ -227,17 +227,21 @@ fn send_counted(
 fn refused(url: &str, what: &str, a: Answer) -> Result<Answer, RemoteError> {
     match a.status {
         200..=299 => Ok(a),
-        401 => Err(RemoteError::Unauthorized {
+        _ => Err(failure(url, what, &a)),
+    }
+}
+
+/// What an answer that is not a success says.
+fn failure(url: &str, what: &str, a: &Answer) -> RemoteError {
+    match a.status {
+        401 => RemoteError::Unauthorized {
             url: url.to_owned(),
             host: url::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default(),
-        }),
-        405 | 501 => Err(RemoteError::NoUploads { url: url.to_owned(), status: a.status }),
-        status => Err(RemoteError::Refused {
-            url: url.to_owned(),
-            what: what.to_owned(),
-            status,
-            message: a.message(),
-        }),
+        },
+        405 | 501 => RemoteError::NoUploads { url: url.to_owned(), status: a.status },
+        status => {
+            RemoteError::Refused { url: url.to_owned(), what: what.to_owned(), status, message: a.message() }
+        }
     }
 }
 
@@ -339,11 +343,7 @@ impl Backend for RemoteBackend {
                 match a.status {
                     404 | 410 => None,
                     200..=299 => Some(a.size.unwrap_or(0)),
-                    _ => {
-                        return Err(FileProblem::Io(io::Error::other(
-                            refused(&self.url(), rel, a).err().expect("an error"),
-                        )));
-                    }
+                    _ => return Err(FileProblem::Io(io::Error::other(failure(&self.url(), rel, &a)))),
                 }
             }
         };
@@ -374,9 +374,7 @@ impl Backend for RemoteBackend {
             }
             200..=299 => Ok(Some(a.body)),
             413 => Err(FileProblem::TooLarge { size: limit + 1, limit }),
-            _ => {
-                Err(FileProblem::Io(io::Error::other(refused(&self.url(), rel, a).err().expect("an error"))))
-            }
+            _ => Err(FileProblem::Io(io::Error::other(failure(&self.url(), rel, &a)))),
         }
     }
 
@@ -386,11 +384,7 @@ impl Backend for RemoteBackend {
     }
 
     fn create(&self, _sub: &str, _suffix: &str) -> Result<Box<dyn NewFile>, StorageError> {
-        let file = tempfile::tempfile().map_err(|source| StorageError::Io {
-            action: "create a temporary file in",
-            path: std::env::temp_dir(),
-            source,
-        })?;
+        let file = self.scratch()?;
         Ok(Box::new(outgoing::Outgoing { file, len: 0, uploaders: self.uploaders.clone() }))
     }
 
